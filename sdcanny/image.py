@@ -1,0 +1,46 @@
+"""Image pre-processing exactly as lllyasviel/ControlNet's annotator.util and CannyDetector."""
+import cv2
+import numpy as np
+
+
+def validate_image(image) -> None:
+    """process() takes what cv2.imread returns: an H x W x 3 uint8 array."""
+    if image is None:
+        raise ValueError("input_image is None (cv2.imread returns None for an unreadable file)")
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"input_image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"input_image must be uint8, got {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"input_image must be H x W x 3 (colour), got shape {image.shape}; convert "
+                         "grayscale or RGBA first, e.g. cv2.cvtColor(img, cv2.COLOR_GRAY2BGR / COLOR_BGRA2BGR)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"input_image is empty: shape {image.shape}")
+
+
+def hwc3(x: np.ndarray) -> np.ndarray:
+    """A single-channel map (H x W or H x W x 1) repeated to 3 channels; 3 channels unchanged."""
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.shape[2] == 3:
+        return x
+    if x.shape[2] == 1:
+        return np.concatenate([x, x, x], axis=2)
+    raise ValueError(f"expected 1 or 3 channels, got shape {x.shape}")
+
+
+def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Short side to `resolution`, both sides rounded to multiples of 64; Lanczos when enlarging,
+    area when shrinking (and when the scale is exactly 1)."""
+    h, w = image.shape[:2]
+    k = float(resolution) / min(h, w)
+    new_h = int(np.round(h * k / 64.0)) * 64
+    new_w = int(np.round(w * k / 64.0)) * 64
+    if new_h == 0 or new_w == 0:
+        raise ValueError(f"image_resolution {resolution} gives an empty image for input {h}x{w}")
+    interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
+    return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+
+
+def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndarray:
+    return cv2.Canny(image, low_threshold, high_threshold)

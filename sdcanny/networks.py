@@ -1,0 +1,493 @@
+"""The four networks of SD1.5 + ControlNet 1.0, read top to bottom.
+
+Module attribute names follow the checkpoint's keys, so each network loads with
+`load_state_dict(strict=True)` once its prefix is stripped:
+
+    cond_stage_model.transformer.*   -> ClipTextModel
+    model.diffusion_model.*          -> UNet (adds the ControlNet's residuals)
+    control_model.*                  -> ControlNet
+    first_stage_model.{post_quant_conv,decoder}.* -> VAEDecoder
+
+The maths follows lllyasviel/ControlNet (ldm/, cldm/) and HF transformers' CLIPTextModel:
+the same normalisation epsilons, activation functions and order of operations, so that the
+fp32 result matches the original to rounding. No TensorRT, no checkpoint I/O in this file.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ClipConfig, UNetConfig, VAEConfig
+
+# A finite stand-in for -inf in the CLIP causal mask: exp() of it underflows to exactly 0 in
+# fp32 and fp16, and unlike -inf it cannot turn into NaN (-inf - -inf) in a fused fp16 kernel.
+CAUSAL_MASK_VALUE = -1e4
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP ViT-L/14 text transformer (HF CLIPTextModel layout, last_hidden_state output)
+# ----------------------------------------------------------------------------------------------
+
+class ClipAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu
+
+
+class ClipLayer(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width)
+        self.self_attn = ClipAttention(width, heads)
+        self.layer_norm2 = nn.LayerNorm(width)
+        self.mlp = ClipMLP(width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipLayer(cfg.width, cfg.heads) for _ in range(cfg.layers))
+
+
+class ClipTextModel(nn.Module):
+    """tokens (B, 77) int -> context (B, 77, width): HF CLIPTextModel's last_hidden_state.
+    Attribute names follow the checkpoint (`cond_stage_model.transformer.{embeddings,encoder,
+    final_layer_norm}`); the loader also accepts the `transformer.text_model.*` spelling."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.embeddings = ClipEmbeddings(cfg)
+        self.encoder = ClipEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1]
+        x = self.embeddings.token_embedding(tokens) + self.embeddings.position_embedding.weight[:n]
+        mask = torch.full((n, n), CAUSAL_MASK_VALUE, dtype=x.dtype, device=x.device).triu(1)
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.final_layer_norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks shared by the UNet and the ControlNet (ldm/modules/diffusionmodules/openaimodel.py)
+# ----------------------------------------------------------------------------------------------
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding, cosine half first, as in ldm's util.timestep_embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+class TimeEmbed(nn.Sequential):
+    """time_embed.0 / time_embed.2: Linear, SiLU, Linear."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(nn.Linear(cfg.model_channels, cfg.time_embed_dim), nn.SiLU(),
+                         nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, out_channels: int, emb_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Identity(),  # 2: dropout
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim), nn.Identity())  # 1: dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = self.attn1(h, h) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm = group_norm(channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, heads)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        return self.proj_out(t.transpose(1, 2).reshape(b, c, h, w)) + x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """Runs a block's layers in order, handing each the inputs it takes."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+def encoder_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
+    """The UNet's input_blocks (also the ControlNet's copy) and the channels each one outputs."""
+    ch = cfg.model_channels
+    blocks = [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+    channels = [ch]
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, mult * cfg.model_channels, cfg.time_embed_dim)]
+            ch = mult * cfg.model_channels
+            if level in cfg.attention_levels:
+                layers.append(SpatialTransformer(ch, cfg.context_dim, cfg.num_heads))
+            blocks.append(TimestepEmbedSequential(*layers))
+            channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            channels.append(ch)
+    return nn.ModuleList(blocks), channels
+
+
+def middle_block(cfg: UNetConfig) -> TimestepEmbedSequential:
+    ch = cfg.model_channels * cfg.channel_mult[-1]
+    return TimestepEmbedSequential(ResBlock(ch, ch, cfg.time_embed_dim),
+                                   SpatialTransformer(ch, cfg.context_dim, cfg.num_heads),
+                                   ResBlock(ch, ch, cfg.time_embed_dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet (ControlledUnetModel) and ControlNet (cldm/cldm.py)
+# ----------------------------------------------------------------------------------------------
+
+class UNet(nn.Module):
+    """Noise prediction; `controls` (13 residuals, already scaled) is added like ControlledUnetModel:
+    the last residual to the middle block's output, the others to the skip connections as they
+    are popped in reverse order. `controls=None` is the plain UNet."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = TimeEmbed(cfg)
+        self.input_blocks, skip_channels = encoder_blocks(cfg)
+        self.middle_block = middle_block(cfg)
+        self.output_blocks = nn.ModuleList()
+        ch = skip_channels[-1]
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                out_ch = mult * cfg.model_channels
+                layers = [ResBlock(ch + skip_channels.pop(), out_ch, cfg.time_embed_dim)]
+                ch = out_ch
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg.context_dim, cfg.num_heads))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                controls: list[torch.Tensor] | None = None) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        if controls is not None:
+            controls = list(controls)
+            h = h + controls.pop()
+        for block in self.output_blocks:
+            skip = skips.pop()
+            if controls is not None:
+                skip = skip + controls.pop()
+            h = block(torch.cat([h, skip], dim=1), emb, context)
+        return self.out(h)
+
+
+class HintBlock(nn.Sequential):
+    """input_hint_block: eight 3x3 convs with SiLU between, three of stride 2 (the image is 8x the
+    latent), then the zero-initialised conv to model_channels."""
+
+    def __init__(self, cfg: UNetConfig):
+        c1, c2, c3, c4 = cfg.hint_block_channels
+        convs = [(cfg.hint_channels, c1, 1), (c1, c1, 1), (c1, c2, 2), (c2, c2, 1),
+                 (c2, c3, 2), (c3, c3, 1), (c3, c4, 2)]
+        layers = []
+        for cin, cout, stride in convs:
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.SiLU()]
+        layers.append(nn.Conv2d(c4, cfg.model_channels, 3, padding=1))
+        super().__init__(*layers)
+
+
+class ControlNet(nn.Module):
+    """Returns the 13 control residuals (unscaled). The hint block depends on the image only, so it
+    is a separate call (`embed_hint`) that the sampler makes once per image; the original runs it
+    at every step with the same result."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = TimeEmbed(cfg)
+        self.input_hint_block = HintBlock(cfg)
+        self.input_blocks, channels = encoder_blocks(cfg)
+        self.zero_convs = nn.ModuleList(TimestepEmbedSequential(nn.Conv2d(c, c, 1)) for c in channels)
+        self.middle_block = middle_block(cfg)
+        ch = channels[-1]
+        self.middle_block_out = TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
+
+    def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        return self.input_hint_block(hint)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                hint_features: torch.Tensor) -> list[torch.Tensor]:
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
+        outs = []
+        h = x
+        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = block(h, emb, context)
+            if i == 0:
+                h = h + hint_features
+            outs.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        outs.append(self.middle_block_out(h, emb, context))
+        return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE decoder (ldm/modules/diffusionmodules/model.py Decoder, attn_resolutions [])
+# ----------------------------------------------------------------------------------------------
+
+def vae_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class VAEResnetBlock(nn.Module):
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = vae_norm(channels)
+        self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.norm2 = vae_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return shortcut + h
+
+
+class VAEAttnBlock(nn.Module):
+    """Single-head self-attention over pixels with 1x1-conv projections."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = vae_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n = self.norm(x)
+        q, k, v = (p(n).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class VAEMid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = VAEResnetBlock(channels, channels)
+        self.attn_1 = VAEAttnBlock(channels)
+        self.block_2 = VAEResnetBlock(channels, channels)
+
+
+class VAEUpLevel(nn.Module):
+    def __init__(self, channels: int, out_channels: int, num_blocks: int, upsample: bool):
+        super().__init__()
+        self.block = nn.ModuleList(VAEResnetBlock(channels if i == 0 else out_channels, out_channels)
+                                   for i in range(num_blocks))
+        self.attn = nn.ModuleList()  # attn_resolutions is empty in SD1.5's VAE
+        if upsample:
+            self.upsample = Upsample(out_channels)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = VAEMid(ch)
+        levels = []
+        for level in reversed(range(len(cfg.ch_mult))):
+            out_ch = cfg.ch * cfg.ch_mult[level]
+            levels.append(VAEUpLevel(ch, out_ch, cfg.num_res_blocks + 1, upsample=level != 0))
+            ch = out_ch
+        self.up = nn.ModuleList(reversed(levels))  # indexed by level, run from the deepest
+        self.norm_out = vae_norm(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAEDecoder(nn.Module):
+    """Scaled latents (B, 4, h, w) -> image in [-1, 1] (B, 3, 8h, 8w)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv((1.0 / self.scale_factor) * latents))  # as decode_first_stage
+
+
+# ----------------------------------------------------------------------------------------------
+# The union model: ControlNet + UNet as one module, one evaluation per denoising step
+# ----------------------------------------------------------------------------------------------
+
+class UnionModel(nn.Module):
+    """eps = UNet(x, t, context, scale_i * ControlNet_i(x, t, context, hint)) for a batch in which
+    each sample has its own context and 13 control scales (B, 13). Classifier-free guidance runs
+    both branches as one batch [cond, uncond]; a sample with all scales 0 gets exactly the plain
+    UNet (each residual adds 0), which is how guess mode's unconditional branch runs here."""
+
+    def __init__(self, controlnet: ControlNet, unet: UNet):
+        super().__init__()
+        self.controlnet = controlnet
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                hint_features: torch.Tensor, control_scales: torch.Tensor) -> torch.Tensor:
+        controls = self.controlnet(x, timesteps, context, hint_features)
+        controls = [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
+        return self.unet(x, timesteps, context, controls)

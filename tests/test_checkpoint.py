@@ -1,0 +1,115 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdcanny.checkpoint import (PARTS, CheckpointError, build_networks, dropped_reason, load_networks,
+                                read_state_dict)
+from sdcanny.config import SD15, TINY
+from sdcanny.synthetic import checkpoint_shapes, write_checkpoint
+
+# Every key of the original control_sd15_canny.pth with its shape (copied from the project brief).
+ORIGINAL_KEYS = json.loads((Path(__file__).parent / "data" / "cldm_v15_keys.json").read_text())
+
+
+def test_full_size_networks_match_original_keys_minus_dropped():
+    with torch.device("meta"):
+        nets = build_networks(SD15)
+    ours = {PARTS[n] + k: list(v.shape) for n, m in nets.items() for k, v in m.state_dict().items()}
+    used = {k: v for k, v in ORIGINAL_KEYS.items() if dropped_reason(k) is None}
+    assert ours == used
+    dropped = set(ORIGINAL_KEYS) - set(used)
+    # 12 schedule buffers, logvar, quant_conv weight and bias, the VAE encoder
+    assert len(dropped) == 12 + 1 + 2 + sum(k.startswith("first_stage_model.encoder.") for k in ORIGINAL_KEYS)
+
+
+def test_synthetic_full_size_key_set_is_the_original():
+    assert {k: list(v) for k, v in checkpoint_shapes(SD15).items()} == ORIGINAL_KEYS
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_round_trip(tiny_state, tmp_path, suffix):
+    path = tmp_path / f"tiny{suffix}"
+    write_checkpoint(tiny_state, path)
+    nets = load_networks(path, TINY)
+    for name, prefix in PARTS.items():
+        for key, value in getattr(nets, name).state_dict().items():
+            assert torch.equal(value, tiny_state[prefix + key]), prefix + key
+    assert set(nets.dropped) == {k for k in tiny_state if dropped_reason(k)}
+
+
+def test_plain_state_dict_and_nested_clip_spelling_load(tiny_state, tmp_path):
+    """Older transformers nest CLIP under text_model. and store position_ids; both are accepted."""
+    prefix, nested = PARTS["clip"], PARTS["clip"] + "text_model."
+    state = {(nested + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tiny_state.items()}
+    state[nested + "embeddings.position_ids"] = torch.arange(77)[None]
+    torch.save(state, tmp_path / "plain.pth")  # no {"state_dict": ...} wrapper
+    nets = load_networks(tmp_path / "plain.pth", TINY)
+    key = "embeddings.token_embedding.weight"
+    assert torch.equal(nets.clip.state_dict()[key], tiny_state[prefix + key])
+    assert nested + "embeddings.position_ids" in nets.dropped
+
+
+def _save_modified(tiny_state, tmp_path, edit) -> Path:
+    state = dict(tiny_state)
+    edit(state)
+    path = tmp_path / "edited.pth"
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def test_missing_key_is_named(tiny_state, tmp_path):
+    key = "control_model.zero_convs.3.0.weight"
+    path = _save_modified(tiny_state, tmp_path, lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match="missing keys: " + key.replace(".", r"\.")):
+        load_networks(path, TINY)
+
+
+def test_unexpected_key_is_named(tiny_state, tmp_path):
+    path = _save_modified(tiny_state, tmp_path, lambda s: s.update({"model.diffusion_model.extra.weight": torch.ones(1)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: model\.diffusion_model\.extra\.weight"):
+        load_networks(path, TINY)
+
+
+def test_wrong_shape_is_named(tiny_state, tmp_path):
+    key = "model.diffusion_model.out.2.bias"
+    path = _save_modified(tiny_state, tmp_path, lambda s: s.update({key: torch.zeros(5)}))
+    with pytest.raises(CheckpointError, match=r"wrong shapes.*out\.2\.bias \(5,\) != \(4,\)"):
+        load_networks(path, TINY)
+
+
+def test_full_size_checkpoint_is_rejected_by_tiny_config(tmp_path):
+    """A checkpoint of one architecture loaded as another fails on shapes, not silently."""
+    shapes = checkpoint_shapes(TINY)
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(320, 4, 3, 3)
+    from sdcanny.synthetic import schedule_buffers
+    state.update(schedule_buffers(TINY))
+    torch.save(state, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"input_blocks\.0\.0\.weight \(320, 4, 3, 3\)"):
+        load_networks(tmp_path / "c.pth", TINY)
+
+
+def test_different_noise_schedule_is_rejected(tiny_state, tmp_path):
+    path = _save_modified(tiny_state, tmp_path, lambda s: s.update({"alphas_cumprod": s["alphas_cumprod"] * 0.99}))
+    with pytest.raises(CheckpointError, match="alphas_cumprod"):
+        load_networks(path, TINY)
+
+
+def test_truncated_file_gives_clear_error(tiny_checkpoint, tmp_path):
+    data = tiny_checkpoint.read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        read_state_dict(tmp_path / "cut.pth")
+
+
+def test_garbage_file_gives_clear_error(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="corrupted or truncated"):
+        read_state_dict(tmp_path / "junk.safetensors")
+
+
+def test_missing_file_says_where_and_how(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python3 -m sdcanny.synthetic"):
+        read_state_dict(tmp_path / "control_sd15_canny.pth")

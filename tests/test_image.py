@@ -1,0 +1,69 @@
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from sdcanny.image import canny, hwc3, resize_image, validate_image
+
+
+def bgr(rgb):
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+def test_resize_shapes_on_real_photos():
+    assert resize_image(bgr(skimage.data.chelsea()), 256).shape == (256, 384, 3)  # 300x451 -> 256x384.9
+    assert resize_image(bgr(skimage.data.astronaut()), 256).shape == (256, 256, 3)
+    assert resize_image(bgr(skimage.data.coffee()), 512).shape == (512, 768, 3)  # 400x600, enlarged
+    assert resize_image(bgr(skimage.data.rocket()), 100).shape == (128, 128, 3)  # 427x640 -> 100x149.9 -> 2x64, 2x64
+
+
+def test_halving_with_area_interpolation_is_the_2x2_block_mean():
+    img = bgr(skimage.data.astronaut())  # 512 x 512
+    out = resize_image(img, 256).astype(np.float64)
+    block_mean = img.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
+    assert np.abs(out - block_mean).max() <= 0.5 + 1e-9
+
+
+def test_scale_one_keeps_the_image_and_enlarging_uses_lanczos():
+    img = bgr(skimage.data.coffee())[:256, :384]
+    assert np.array_equal(resize_image(img, 256), img)
+    small = img[:128, :192]
+    up = resize_image(small, 256)
+    assert np.array_equal(up, cv2.resize(small, (384, 256), interpolation=cv2.INTER_LANCZOS4))
+    assert not np.array_equal(up, cv2.resize(small, (384, 256), interpolation=cv2.INTER_LINEAR))
+
+
+def test_canny_on_a_step_edge_and_a_real_photo():
+    flat = np.full((64, 64, 3), 90, np.uint8)
+    assert canny(flat, 100, 200).max() == 0
+    step = flat.copy()
+    step[:, 32:] = 250
+    edges = canny(step, 100, 200)
+    cols = np.nonzero(edges.any(axis=0))[0]
+    assert set(np.unique(edges)) == {0, 255} and cols.min() >= 30 and cols.max() <= 33
+    assert edges[2:-2].any(axis=1).all()  # one edge pixel in every inner row
+    photo = canny(resize_image(bgr(skimage.data.chelsea()), 256), 100, 200)
+    assert photo.shape == (256, 384) and set(np.unique(photo)) == {0, 255}
+    assert 0.01 < (photo > 0).mean() < 0.3
+    assert (canny(resize_image(bgr(skimage.data.chelsea()), 256), 50, 100) > 0).sum() > (photo > 0).sum()
+
+
+def test_hwc3():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    out = hwc3(gray)
+    assert out.shape == (3, 4, 3) and all(np.array_equal(out[..., c], gray) for c in range(3))
+    colour = np.zeros((2, 2, 3), np.uint8)
+    assert hwc3(colour) is colour
+
+
+@pytest.mark.parametrize("image, message", [
+    (None, "None"),
+    ([[1, 2]], "numpy array"),
+    (np.zeros((8, 8, 3), np.float32), "uint8"),
+    (np.zeros((8, 8), np.uint8), "H x W x 3"),
+    (np.zeros((8, 8, 4), np.uint8), "H x W x 3"),
+    (np.zeros((0, 8, 3), np.uint8), "empty"),
+])
+def test_validate_image(image, message):
+    with pytest.raises(ValueError, match=message):
+        validate_image(image)

@@ -1,0 +1,37 @@
+import torch
+
+from sdcanny.checkpoint import load_networks
+from sdcanny.config import TINY
+from sdcanny.networks import UnionModel
+
+
+def test_union_equals_separate_controlnet_and_unet_calls(tiny_checkpoint):
+    nets = load_networks(tiny_checkpoint, TINY)
+    union = UnionModel(nets.controlnet, nets.unet)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([951, 951])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    hint = torch.rand(2, 3, 64, 64, generator=g)
+    scales = torch.tensor([[0.825 ** (12 - i) for i in range(13)], [0.0] * 13])
+    with torch.no_grad():
+        feats = nets.controlnet.embed_hint(hint)
+        got = union(x, t, ctx, feats, scales)
+        controls = nets.controlnet(x[:1], t[:1], ctx[:1], feats[:1])
+        cond = nets.unet(x[:1], t[:1], ctx[:1], [c * s for c, s in zip(controls, scales[0].tolist())])
+        uncond = nets.unet(x[1:], t[1:], ctx[1:])  # scales 0: the plain UNet, as guess mode's uncond
+    torch.testing.assert_close(got, torch.cat([cond, uncond]), rtol=1e-5, atol=1e-5)
+    assert (cond - nets.unet(x[:1], t[:1], ctx[:1])).abs().max() > 1e-3  # the control matters
+
+
+def test_clip_is_causal(tiny_checkpoint):
+    clip = load_networks(tiny_checkpoint, TINY).clip
+    tokens = torch.full((2, 77), 49407)
+    tokens[:, 0] = 49406
+    tokens[0, 1:4] = torch.tensor([320, 3329, 49407])
+    tokens[1, 1:4] = torch.tensor([320, 1929, 49407])  # differs from position 2 on
+    with torch.no_grad():
+        out = clip(tokens)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, :2], out[1, :2])
+    assert (out[0, 2:] - out[1, 2:]).abs().max() > 1e-3

@@ -1,0 +1,83 @@
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from canny2image_TRT import hackathon
+
+A_PROMPT = "best quality, extremely detailed"
+N_PROMPT = "longbody, lowres, bad anatomy, bad hands, missing fingers"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    h = hackathon(backend="reference", checkpoint=tiny_checkpoint, config="tiny", device="cpu")
+    h.initialize()
+    return h
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return cv2.resize(cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR), (128, 64))
+
+
+def run(h, img, seed=2946901, **kw):
+    args = dict(prompt="a cat", a_prompt=A_PROMPT, n_prompt=N_PROMPT, num_samples=1, image_resolution=64,
+                ddim_steps=4, guess_mode=False, strength=1.0, scale=9.0, seed=seed, eta=0.0,
+                low_threshold=100, high_threshold=200)
+    args.update(kw)
+    return h.process(img, **args)
+
+
+def test_deterministic_for_a_seed_and_different_for_another(tiny, photo):
+    first, again, other = run(tiny, photo), run(tiny, photo), run(tiny, photo, seed=7)
+    assert len(first) == 1 and first[0].shape == (64, 128, 3) and first[0].dtype == np.uint8
+    assert np.array_equal(first[0], again[0])
+    assert np.abs(first[0].astype(int) - other[0]).mean() > 1
+
+
+def test_every_input_changes_the_image(tiny, photo):
+    """Prompt, negative prompt, hint, strength and guess mode each reach the networks."""
+    base = run(tiny, photo)[0].astype(int)
+    for change in (dict(prompt="a dog"), dict(n_prompt="blurry"), dict(strength=0.5),
+                   dict(guess_mode=True), dict(low_threshold=20, high_threshold=40), dict(scale=3.0),
+                   dict(eta=0.5)):
+        assert np.abs(run(tiny, photo, **change)[0] - base).mean() > 0.5, change
+
+
+def test_num_samples_gives_independent_images(tiny, photo):
+    images = run(tiny, photo, num_samples=2)
+    assert len(images) == 2 and all(i.shape == (64, 128, 3) for i in images)
+    assert not np.array_equal(images[0], images[1])  # different noise per sample
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(input_image=None), "None"),
+    (dict(input_image=np.zeros((64, 64, 3), np.float32)), "uint8"),
+    (dict(input_image=np.zeros((64, 64), np.uint8)), "H x W x 3"),
+    (dict(input_image=np.zeros((64, 64, 4), np.uint8)), "H x W x 3"),
+    (dict(input_image=np.zeros((0, 64, 3), np.uint8)), "empty"),
+    (dict(prompt=3), "prompt must be a string"),
+    (dict(n_prompt=None), "n_prompt must be a string"),
+    (dict(ddim_steps=0), "ddim_steps"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(num_samples=1.5), "num_samples"),
+    (dict(image_resolution=8), "image_resolution"),
+    (dict(low_threshold=200, high_threshold=100), "threshold"),
+])
+def test_bad_input_raises_value_error(tiny, photo, change, message):
+    img = change.pop("input_image", photo)
+    with pytest.raises(ValueError, match=message):
+        run(tiny, img, **change)
+
+
+def test_unknown_backend_and_config_raise():
+    with pytest.raises(ValueError, match="unknown back-end"):
+        hackathon(backend="onnx")
+    with pytest.raises(ValueError, match="unknown config"):
+        hackathon(config="sdxl")
+
+
+def test_process_before_initialize_raises(photo):
+    with pytest.raises(RuntimeError, match="initialize"):
+        run(hackathon(backend="reference"), photo)
