@@ -44,4 +44,8 @@ def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | 
         from .reference import ReferenceBackend
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return ReferenceBackend(load_networks(checkpoint, cfg), dev)
+    if name == "torch":
+        from .checkpoint import load_networks
+        from .fast import FastTorchBackend
+        return FastTorchBackend(load_networks(checkpoint, cfg), device or "cuda")
     raise ValueError(f"the {name} back-end is not implemented yet")

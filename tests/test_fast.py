@@ -1,0 +1,89 @@
+"""The fast back-end computes what the reference computes; on the CPU in fp32 with graphs and
+compilation off, on the GPU in fp16 with CUDA graphs (those tests skip without CUDA)."""
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from sdcanny.checkpoint import load_networks
+from sdcanny.config import TINY
+from sdcanny.fast import FastTorchBackend, guided_ddim_step, step_table
+from sdcanny.networks import UnionModel
+from sdcanny.pipeline import Canny2Image
+from sdcanny.reference import ReferenceBackend
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
+
+
+def photo():
+    return cv2.resize(cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR), (128, 64))
+
+
+def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", **kw):
+    args = dict(prompt="a cup", a_prompt="best quality", n_prompt="lowres", num_samples=1, image_resolution=64,
+                ddim_steps=5, guess_mode=False, strength=1.0, scale=9.0, seed=11, eta=0.0,
+                low_threshold=100, high_threshold=200)
+    args.update(kw)
+    ref = Canny2Image(ReferenceBackend(load_networks(tiny_checkpoint, TINY), ref_device), TINY)
+    fast_kw = dict(dtype=torch.float32, compile=False) if fast_device == "cpu" else {}
+    fast = Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), fast_device, **fast_kw), TINY)
+    out_ref = ref.process(photo(), **args)
+    out_fast = fast.process(photo(), **args)
+    return ref.backend.last_latents, fast.backend.last_latents, out_ref, out_fast
+
+
+@pytest.mark.parametrize("kw", [{}, dict(guess_mode=True, strength=0.7), dict(eta=0.6, num_samples=2)])
+def test_fast_pipeline_equals_reference_in_fp32(tiny_checkpoint, kw):
+    lat_ref, lat_fast, img_ref, img_fast = generate_both(tiny_checkpoint, **kw)
+    torch.testing.assert_close(lat_fast, lat_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(img_ref, img_fast):
+        assert np.abs(a.astype(int) - b).max() <= 1
+
+
+def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
+    nets = load_networks(tiny_checkpoint, TINY)
+    union = UnionModel(nets.controlnet, nets.unet)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = nets.controlnet.embed_hint(torch.rand(1, 3, 64, 64, generator=g)).repeat(2, 1, 1, 1)
+    scales = torch.full((2, 13), 0.8)
+    from sdcanny.config import ScheduleConfig
+    from sdcanny.ddim import ddim_step, make_schedule
+    sched = make_schedule(ScheduleConfig(), 20, 0.0)
+    i = 13
+    with torch.no_grad():
+        got = guided_ddim_step(union, x, step_table(sched)[i], ctx, feats, scales, torch.tensor(7.5), None)
+        t = sched.timesteps[i:i + 1]
+        e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
+        e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
+        want = ddim_step(x, e_u + 7.5 * (e_c - e_u), sched.alphas[i], sched.alphas_prev[i], sched.sigmas[i],
+                         sched.sqrt_one_minus_alphas[i], None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_gpu_graph_replay_equals_eager(tiny_checkpoint):
+    request_args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64,
+                        ddim_steps=6, guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3,
+                        low_threshold=100, high_threshold=200)
+    outs = []
+    for graphs in (False, True):
+        backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=False, cuda_graphs=graphs)
+        pipe = Canny2Image(backend, TINY)
+        pipe.process(photo(), **request_args)  # first call captures
+        outs.append((pipe.process(photo(), **request_args)[0], backend.last_latents.clone()))
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
+    assert np.array_equal(outs[0][0], outs[1][0])
+
+
+@needs_cuda
+@pytest.mark.parametrize("kw", [{}, dict(guess_mode=True)])
+def test_gpu_fp16_is_close_to_fp32_reference(tiny_checkpoint, kw):
+    lat_ref, lat_fast, img_ref, img_fast = generate_both(tiny_checkpoint, "cuda", "cuda", **kw)
+    assert torch.isfinite(lat_fast).all()
+    rel = ((lat_fast.float() - lat_ref).norm() / lat_ref.norm()).item()
+    assert rel < 0.01, rel
+    mse = np.mean((img_ref[0].astype(np.float64) - img_fast[0]) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 35
