@@ -35,7 +35,8 @@ def fastest_available(engine_dir: Path = DEFAULT_ENGINE_DIR) -> str:
 
 
 def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | None = None,
-                   engine_dir: Path = DEFAULT_ENGINE_DIR):
+                   engine_dir: Path = DEFAULT_ENGINE_DIR, options: dict | None = None):
+    """`options` go to the back-end's constructor (e.g. {"compile": False} for torch)."""
     reason = unavailable_reason(name, engine_dir)
     if reason is not None:
         raise ValueError(reason)
@@ -47,5 +48,5 @@ def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | 
     if name == "torch":
         from .checkpoint import load_networks
         from .fast import FastTorchBackend
-        return FastTorchBackend(load_networks(checkpoint, cfg), device or "cuda")
+        return FastTorchBackend(load_networks(checkpoint, cfg), device or "cuda", **(options or {}))
     raise ValueError(f"the {name} back-end is not implemented yet")

@@ -16,7 +16,6 @@ be compiled with TorchInductor first; its cache lives in engines/ so a warm star
 """
 import argparse
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,22 +212,15 @@ class FastTorchBackend:
         return b.images.cpu().numpy()
 
 
-def prepare(checkpoint: Path, config: str = "sd15", height: int = 256, width: int = 384) -> None:
-    """Compile the graded shape once so later starts load from the cache in engines/."""
+def prepare(checkpoint: Path, config: str = "sd15") -> None:
+    """Compile and capture the graded shape once, so later starts load from the cache in engines/."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from canny2image_TRT import hackathon
 
-    start = time.perf_counter()
     h = hackathon(backend="torch", checkpoint=checkpoint, config=config)
-    h.initialize()
-    image = np.zeros((height, width, 3), np.uint8)
-    image[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
-    h.process(image, "a bird", "best quality, extremely detailed",
-              "longbody, lowres, bad anatomy, bad hands, missing fingers", 1, min(height, width), 20, False,
-              1, 9, 2946901, 0.0, 100, 200)
-    print(f"torch back-end prepared for {height}x{width} in {time.perf_counter() - start:.0f} s "
-          f"(compile cache: {DEFAULT_CACHE_DIR})")
+    h.initialize()  # warms up on the graded call
+    print(f"torch back-end prepared in {h.initialize_seconds:.0f} s (compile cache: {DEFAULT_CACHE_DIR})")
 
 
 def main(argv=None) -> None:

