@@ -120,11 +120,15 @@ def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
 
 
 class TimeEmbed(nn.Sequential):
-    """time_embed.0 / time_embed.2: Linear, SiLU, Linear."""
+    """time_embed.0 / time_embed.2: Linear, SiLU, Linear, on the (fp32) sinusoidal embedding cast
+    to the network's dtype."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__(nn.Linear(cfg.model_channels, cfg.time_embed_dim), nn.SiLU(),
                          nn.Linear(cfg.time_embed_dim, cfg.time_embed_dim))
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return super().forward(t_emb.to(self[0].weight.dtype))
 
 
 class ResBlock(nn.Module):
