@@ -26,7 +26,7 @@ def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", **kw):
                 low_threshold=100, high_threshold=200)
     args.update(kw)
     ref = Canny2Image(ReferenceBackend(load_networks(tiny_checkpoint, TINY), ref_device), TINY)
-    fast_kw = dict(dtype=torch.float32, compile=False) if fast_device == "cpu" else {}
+    fast_kw = dict(dtype=torch.float32, compile=False) if fast_device == "cpu" else dict(compile=False)
     fast = Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), fast_device, **fast_kw), TINY)
     out_ref = ref.process(photo(), **args)
     out_fast = fast.process(photo(), **args)
