@@ -44,6 +44,23 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
     return out
 
 
+VARIANTS = {"eager": None, "compiled": "default", "autotuned": "max-autotune"}
+
+
+def profile_fast(checkpoint: Path, images: dict, compile_mode, out: Path) -> None:
+    """Top CUDA kernels of one process() call (graph replays included), to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+    h = hackathon(backend="torch", checkpoint=checkpoint, backend_options={"compile": compile_mode})
+    h.initialize()
+    img = next(iter(images.values()))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        h.process(img, *GRADED_ARGS)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    (out / "profile.txt").write_text(table)
+    print(table[:6000])
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
@@ -80,11 +97,23 @@ def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | Non
                                 total=h.pipeline.last_timings["total"] * 1000))
         stages = {k: float(np.median([s[k] for s in samples])) for k in samples[0]}
         backend.time_stages = False
+    img = next(iter(images.values()))
+    request_ms = {}
+    for threads in (torch.get_num_threads(), 1):  # CPU-side front end, to see thread overhead
+        torch.set_num_threads(threads)
+        samples = []
+        for _ in range(20):
+            start = time.perf_counter()
+            h.pipeline.request(img, *GRADED_ARGS)
+            samples.append((time.perf_counter() - start) * 1000)
+        request_ms[threads] = float(np.median(samples))
+    torch.set_num_threads(max(request_ms))
+    print(f"front end (request()) median ms by torch thread count: {request_ms}", flush=True)
     ms = np.array([r["ms"] for r in rows.values()])
     result = {"backend": name, "options": {k: str(v) for k, v in kw.items()},
               "initialize_s": h.initialize_seconds, "median_ms": float(np.median(ms)),
               "p90_ms": float(np.percentile(ms, 90)), "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-              "stages_ms": stages, "rows": rows}
+              "stages_ms": stages, "request_ms_by_threads": request_ms, "rows": rows}
     del h, backend
     torch.cuda.empty_cache()
     return result
@@ -131,7 +160,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("models/control_sd15_canny.pth"))
     ap.add_argument("--make-checkpoint", action="store_true", help="write a synthetic sd15 one if missing")
     ap.add_argument("--images", type=int, default=12)
-    ap.add_argument("--variants", default="eager,compiled", help="fast back-end variants: eager, compiled")
+    ap.add_argument("--variants", default="eager,compiled", help=f"fast back-end variants: {', '.join(VARIANTS)}; "
+                    "a variant named twice shows the warm-cache initialize() the second time")
+    ap.add_argument("--profile", action="store_true", help="kernel table of one process() of the last variant")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     args = ap.parse_args()
@@ -155,9 +186,11 @@ def main() -> None:
     print(summary(results, meta), flush=True)
     for variant in args.variants.split(","):
         results.append(run_backend("torch", args.checkpoint, images, results[0],
-                                   backend_options={"compile": variant == "compiled"}))
+                                   backend_options={"compile": VARIANTS[variant]}))
         save(results, meta, args.out)
         print(summary(results, meta), flush=True)
+    if args.profile:
+        profile_fast(args.checkpoint, images, VARIANTS[args.variants.split(",")[-1]], args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def fastest_available(engine_dir: Path = DEFAULT_ENGINE_DIR) -> str:
 
 def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | None = None,
                    engine_dir: Path = DEFAULT_ENGINE_DIR, options: dict | None = None):
-    """`options` go to the back-end's constructor (e.g. {"compile": False} for torch)."""
+    """`options` go to the back-end's constructor (e.g. {"compile": None} for an eager torch back-end)."""
     reason = unavailable_reason(name, engine_dir)
     if reason is not None:
         raise ValueError(reason)
@@ -49,4 +49,7 @@ def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | 
         from .checkpoint import load_networks
         from .fast import FastTorchBackend
         return FastTorchBackend(load_networks(checkpoint, cfg), device or "cuda", **(options or {}))
+    if name == "trt":
+        from .trt_backend import TrtBackend
+        return TrtBackend(cfg, engine_dir, device, **(options or {}))
     raise ValueError(f"the {name} back-end is not implemented yet")

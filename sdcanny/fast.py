@@ -80,8 +80,14 @@ class Buffers:
 class FastTorchBackend:
     name = "torch"
 
+    COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}  # we capture graphs ourselves
+
     def __init__(self, networks: Networks, device: str = "cuda", dtype: torch.dtype = torch.float16,
-                 compile: bool = True, cuda_graphs: bool = True, cache_dir: Path | None = DEFAULT_CACHE_DIR):
+                 compile: str | None = "default", cuda_graphs: bool = True,
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR):
+        """`compile`: None (eager), "default" or "max-autotune" (TorchInductor modes)."""
+        if compile not in (None, *self.COMPILE_MODES):
+            raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -92,13 +98,15 @@ class FastTorchBackend:
         if self.device.type == "cuda":  # cuDNN's fp16 convolutions are fastest in NHWC
             self.union.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # shapes are static: time the algorithms once
         self.step_fn = guided_ddim_step
         self.decode_fn = self._decode
-        if compile:
+        if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
-            self.step_fn = torch.compile(guided_ddim_step, fullgraph=True, dynamic=False)
-            self.decode_fn = torch.compile(self._decode, fullgraph=True, dynamic=False)
+            options = dict(fullgraph=True, dynamic=False, mode=self.COMPILE_MODES[compile])
+            self.step_fn = torch.compile(guided_ddim_step, **options)
+            self.decode_fn = torch.compile(self._decode, **options)
         self.runs: dict[tuple, tuple[Buffers, list]] = {}
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
         self.last_stage_ms: dict[str, float] = {}

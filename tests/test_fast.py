@@ -26,7 +26,7 @@ def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", **kw):
                 low_threshold=100, high_threshold=200)
     args.update(kw)
     ref = Canny2Image(ReferenceBackend(load_networks(tiny_checkpoint, TINY), ref_device), TINY)
-    fast_kw = dict(dtype=torch.float32, compile=False) if fast_device == "cpu" else dict(compile=False)
+    fast_kw = dict(dtype=torch.float32, compile=None) if fast_device == "cpu" else dict(compile=None)
     fast = Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), fast_device, **fast_kw), TINY)
     out_ref = ref.process(photo(), **args)
     out_fast = fast.process(photo(), **args)
@@ -70,7 +70,7 @@ def test_gpu_graph_replay_equals_eager(tiny_checkpoint):
                         low_threshold=100, high_threshold=200)
     outs = []
     for graphs in (False, True):
-        backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=False, cuda_graphs=graphs)
+        backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None, cuda_graphs=graphs)
         pipe = Canny2Image(backend, TINY)
         pipe.process(photo(), **request_args)  # first call captures
         outs.append((pipe.process(photo(), **request_args)[0], backend.last_latents.clone()))
