@@ -3,6 +3,7 @@
 The schedule tensors are float32 like the original's `torch.full(..., alphas[index])`; sigma is
 formed in float64 (the original mixes numpy float64 and torch float32 there) and then rounded.
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,7 @@ def ddim_timesteps(steps: int, num_train_steps: int = 1000) -> np.ndarray:
     return t
 
 
+@functools.lru_cache(maxsize=16)  # the same few (steps, eta) pairs come back call after call
 def make_schedule(schedule: ScheduleConfig, steps: int, eta: float) -> DDIMSchedule:
     ac = alphas_cumprod(schedule)
     t = ddim_timesteps(steps, schedule.timesteps)

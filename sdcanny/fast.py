@@ -80,7 +80,10 @@ class Buffers:
 class FastTorchBackend:
     name = "torch"
 
-    COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}  # we capture graphs ourselves
+    # TorchInductor options per compile mode. 1x1 convolutions (zero convs, attention projections,
+    # skip connections) run as plain matrix products; CUDA graphs are captured here, not by inductor.
+    COMPILE_MODES = {"default": {"conv_1x1_as_mm": True},
+                     "max-autotune": {"conv_1x1_as_mm": True, "max_autotune": True, "triton.cudagraphs": False}}
 
     def __init__(self, networks: Networks, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
@@ -104,7 +107,7 @@ class FastTorchBackend:
         if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
-            options = dict(fullgraph=True, dynamic=False, mode=self.COMPILE_MODES[compile])
+            options = dict(fullgraph=True, dynamic=False, options=self.COMPILE_MODES[compile])
             self.step_fn = torch.compile(guided_ddim_step, **options)
             self.decode_fn = torch.compile(self._decode, **options)
         self.runs: dict[tuple, tuple[Buffers, list]] = {}
