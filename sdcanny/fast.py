@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import Networks
 from .ddim import ddim_step
-from .networks import UnionModel
+from .networks import BasicTransformerBlock, UnionModel
 from .pipeline import GenerationRequest
 from .reference import to_uint8_hwc
 
@@ -97,6 +97,9 @@ class FastTorchBackend:
         nets = networks.to(self.device, dtype)
         self.clip = nets.clip
         self.union = UnionModel(nets.controlnet, nets.unet)
+        for module in self.union.modules():
+            if isinstance(module, BasicTransformerBlock):
+                module.fuse_projections()
         self.vae = nets.vae
         if self.device.type == "cuda":  # cuDNN's fp16 convolutions are fastest in NHWC
             self.union.to(memory_format=torch.channels_last)

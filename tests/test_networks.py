@@ -35,3 +35,20 @@ def test_clip_is_causal(tiny_checkpoint):
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[0, :2], out[1, :2])
     assert (out[0, 2:] - out[1, 2:]).abs().max() > 1e-3
+
+
+def test_fused_attention_projections_compute_the_same(tiny_checkpoint):
+    from sdcanny.networks import BasicTransformerBlock
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([501, 501])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    with torch.no_grad():
+        before = nets.unet(x, t, ctx)
+        blocks = [m for m in nets.unet.modules() if isinstance(m, BasicTransformerBlock)]
+        for block in blocks:
+            block.fuse_projections()
+        after = nets.unet(x, t, ctx)
+    assert blocks and all(b.attn1.fused_weight.shape[0] == 3 * b.attn1.to_q.out_features for b in blocks)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert "attn1.fused_weight" not in "".join(nets.unet.state_dict())  # checkpoint layout unchanged
