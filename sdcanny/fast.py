@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import Networks
 from .ddim import ddim_step
-from .networks import BasicTransformerBlock, UnionModel
+from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls
 from .pipeline import GenerationRequest
 from .reference import to_uint8_hwc
 
@@ -46,19 +46,43 @@ def step_table(schedule) -> torch.Tensor:
     return table
 
 
-def guided_ddim_step(union: UnionModel, x: torch.Tensor, step: torch.Tensor, context: torch.Tensor,
-                     hint_features: torch.Tensor, control_scales: torch.Tensor, guidance: torch.Tensor,
-                     noise: torch.Tensor | None) -> torch.Tensor:
-    """One sampler step with both guidance branches as one batch: rows [:N] conditional, [N:]
-    unconditional. The union model runs in its own dtype; guidance and the update in x's (fp32).
-    `step` is a row of `step_table`."""
-    dtype = next(union.parameters()).dtype
-    x2 = torch.cat([x, x]).to(dtype)
-    t = step[0].expand(x2.shape[0])
-    eps = union(x2, t, context, hint_features, control_scales).to(x.dtype)
+# One sampler step in three parts. The ControlNet and the UNet's encoder half both read only x,
+# t and the context, so on a GPU they run on two streams at once (each alone leaves most of the
+# chip idle at these small latents); the UNet's decoder half then adds the residuals, and the
+# guidance and the DDIM update follow in fp32. Rows [:N] are the conditional branch, [N:] the
+# unconditional one; `step` is a row of `step_table`.
+
+def control_residuals(controlnet: ControlNet, x2: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                      hint_features: torch.Tensor, control_scales: torch.Tensor) -> list[torch.Tensor]:
+    return scale_controls(controlnet(x2, t, context, hint_features), control_scales)
+
+
+def unet_encode(unet: UNet, x2: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+    return unet.encode(x2, t, context)
+
+
+def unet_decode_and_step(unet: UNet, h, skips, emb, context, controls, x: torch.Tensor, step: torch.Tensor,
+                         guidance: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    eps = unet.decode(h, skips, emb, context, controls).to(x.dtype)
     e_cond, e_uncond = eps.chunk(2)
     e_t = e_uncond + guidance * (e_cond - e_uncond)
     return ddim_step(x, e_t, step[1], step[2], step[3], step[4], noise)
+
+
+def step_inputs(x: torch.Tensor, step: torch.Tensor, dtype: torch.dtype):
+    """[x, x] in the network dtype and the timestep for both branches."""
+    x2 = torch.cat([x, x]).to(dtype)
+    return x2, step[0].expand(x2.shape[0])
+
+
+def guided_ddim_step(union: UnionModel, x: torch.Tensor, step: torch.Tensor, context: torch.Tensor,
+                     hint_features: torch.Tensor, control_scales: torch.Tensor, guidance: torch.Tensor,
+                     noise: torch.Tensor | None) -> torch.Tensor:
+    """The three parts in sequence (what the streams compute, on one stream)."""
+    x2, t = step_inputs(x, step, next(union.parameters()).dtype)
+    controls = control_residuals(union.controlnet, x2, t, context, hint_features, control_scales)
+    h, skips, emb = unet_encode(union.unet, x2, t, context)
+    return unet_decode_and_step(union.unet, h, skips, emb, context, controls, x, step, guidance, noise)
 
 
 @dataclass
@@ -105,13 +129,14 @@ class FastTorchBackend:
             self.union.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True  # shapes are static: time the algorithms once
-        self.step_fn = guided_ddim_step
+        self.parts = (control_residuals, unet_encode, unet_decode_and_step)
         self.decode_fn = self._decode
+        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
             options = dict(fullgraph=True, dynamic=False, options=self.COMPILE_MODES[compile])
-            self.step_fn = torch.compile(guided_ddim_step, **options)
+            self.parts = tuple(torch.compile(fn, **options) for fn in self.parts)
             self.decode_fn = torch.compile(self._decode, **options)
         self.runs: dict[tuple, tuple[Buffers, list]] = {}
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
@@ -128,10 +153,23 @@ class FastTorchBackend:
     def _loop(self, b: Buffers) -> None:
         x = b.x_init
         for i in reversed(range(len(b.steps))):
-            noise = b.step_noise[i] if b.step_noise is not None else None
-            x = self.step_fn(self.union, x, b.steps[i], b.context, b.hint_features, b.control_scales,
-                             b.guidance, noise)
+            x = self._step(b, x, b.steps[i], b.step_noise[i] if b.step_noise is not None else None)
         b.latents = x
+
+    def _step(self, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        control_fn, encode_fn, decode_fn = self.parts
+        x2, t = step_inputs(x, step, self.dtype)
+        if self.side_stream is None:
+            controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
+        else:  # fork: the ControlNet on the side stream, the UNet encoder here; join before decoding
+            main = torch.cuda.current_stream(self.device)
+            self.side_stream.wait_stream(main)
+            with torch.cuda.stream(self.side_stream):
+                controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
+        h, skips, emb = encode_fn(self.union.unet, x2, t, b.context)
+        if self.side_stream is not None:
+            main.wait_stream(self.side_stream)
+        return decode_fn(self.union.unet, h, skips, emb, b.context, controls, x, step, b.guidance, noise)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae(latents.to(self.dtype).contiguous(memory_format=torch.channels_last)

@@ -327,13 +327,22 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 controls: list[torch.Tensor] | None = None) -> torch.Tensor:
+        return self.decode(*self.encode(x, timesteps, context), context, controls)
+
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
+        """The input blocks and the middle block: (h, skips, emb). Independent of the ControlNet,
+        so the fast back-end runs it concurrently with the ControlNet."""
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        return self.middle_block(h, emb, context), skips, emb
+
+    def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
+               controls: list[torch.Tensor] | None = None) -> torch.Tensor:
+        skips = list(skips)
         if controls is not None:
             controls = list(controls)
             h = h + controls.pop()
@@ -512,6 +521,10 @@ class UnionModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 hint_features: torch.Tensor, control_scales: torch.Tensor) -> torch.Tensor:
-        controls = self.controlnet(x, timesteps, context, hint_features)
-        controls = [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
+        controls = scale_controls(self.controlnet(x, timesteps, context, hint_features), control_scales)
         return self.unet(x, timesteps, context, controls)
+
+
+def scale_controls(controls: list[torch.Tensor], control_scales: torch.Tensor) -> list[torch.Tensor]:
+    """Residual i of sample b times control_scales[b, i]."""
+    return [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
