@@ -13,7 +13,7 @@ from .checkpoint import alphas_cumprod
 from .config import ScheduleConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (it holds tensors)
 class DDIMSchedule:
     timesteps: torch.Tensor  # int64 (S,), ascending: 1, 51, ..., 951 for 20 steps
     alphas: torch.Tensor  # float32 (S,): alphas_cumprod[t]
