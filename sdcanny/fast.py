@@ -142,6 +142,7 @@ class FastTorchBackend:
             self.decode_fn = torch.compile(self._decode, **options)
         self.runs: dict[tuple, tuple[Buffers, list]] = {}
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
+        self.step_callback = None  # optional f(i, x) after step i (0 = noisiest); runs the loop uncaptured
         self.last_stage_ms: dict[str, float] = {}
         self.last_latents: torch.Tensor | None = None
 
@@ -154,8 +155,10 @@ class FastTorchBackend:
 
     def _loop(self, b: Buffers) -> None:
         x = b.x_init
-        for i in reversed(range(len(b.steps))):
+        for n, i in enumerate(reversed(range(len(b.steps)))):
             x = self._step(b, x, b.steps[i], b.step_noise[i] if b.step_noise is not None else None)
+            if self.step_callback is not None:
+                self.step_callback(n, x)
         b.latents = x
 
     def _step(self, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -252,7 +255,8 @@ class FastTorchBackend:
         b, graphs = self._runner(request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
-        stages = [g.replay for g in graphs] if graphs is not None else self._stage_fns(b)
+        captured = graphs is not None and self.step_callback is None
+        stages = [g.replay for g in graphs] if captured else self._stage_fns(b)
         if self.time_stages and self.device.type == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
             events[0].record()

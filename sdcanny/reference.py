@@ -29,6 +29,8 @@ class ReferenceBackend:
     def __init__(self, networks: Networks, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.nets = networks.to(self.device, torch.float32)
+        self.last_latents: torch.Tensor | None = None
+        self.step_callback = None  # optional f(i, x): latents after step i (0 = noisiest), for diagnostics
 
     def noise_prediction(self, x, t, context, hint_features, scales):
         """ControlLDM.apply_model: hint_features None means no control (guess-mode uncond)."""
@@ -45,7 +47,7 @@ class ReferenceBackend:
         hint_features = nets.controlnet.embed_hint(request.hint.to(dev))
         uncond_hint = None if request.guess_mode else hint_features
         n = request.num_samples
-        for index, step in sched.sampling_order():
+        for i, (index, step) in enumerate(sched.sampling_order()):
             t = torch.full((n,), step, device=dev, dtype=torch.long)
             e_cond = self.noise_prediction(x, t, cond, hint_features, request.control_scales)
             e_uncond = self.noise_prediction(x, t, uncond, uncond_hint, request.control_scales)
@@ -54,5 +56,7 @@ class ReferenceBackend:
             noise = torch.randn(x.shape, device=dev)  # drawn every step, as the original does
             x = ddim_step(x, e_t, coef(sched.alphas), coef(sched.alphas_prev), coef(sched.sigmas),
                           coef(sched.sqrt_one_minus_alphas), noise)
+            if self.step_callback is not None:
+                self.step_callback(i, x)
         self.last_latents = x
         return to_uint8_hwc(nets.vae(x)).cpu().numpy()

@@ -87,3 +87,17 @@ def test_gpu_fp16_is_close_to_fp32_reference(tiny_checkpoint, kw):
     assert rel < 0.01, rel
     mse = np.mean((img_ref[0].astype(np.float64) - img_fast[0]) ** 2)
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 35
+
+
+def test_step_callbacks_see_the_same_trajectory(tiny_checkpoint):
+    """--step-error's hook: both back-ends report every step's latents, which agree in fp32."""
+    seen = {}
+    for name, backend in (("reference", ReferenceBackend(load_networks(tiny_checkpoint, TINY))),
+                          ("fast", FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                                    compile=None))):
+        steps = seen[name] = []
+        backend.step_callback = lambda i, x, steps=steps: steps.append((i, x.clone()))
+        Canny2Image(backend, TINY).process(photo(), "a cup", "", "", 1, 64, 4, False, 1.0, 9.0, 3, 0.0, 100, 200)
+    assert [i for i, _ in seen["reference"]] == [i for i, _ in seen["fast"]] == [0, 1, 2, 3]
+    for (_, a), (_, b) in zip(seen["reference"], seen["fast"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepares the fast back-ends: exports the ONNX graphs, then builds the TensorRT engines where
+# TensorRT is installed (otherwise prepares the PyTorch back-end instead). Re-runnable: current
+# ONNX files and engines are kept. Any failing step stops the script with a non-zero status.
+#
+#   bash preprocess.sh
+#   CHECKPOINT=/path/to.pth CONFIG=tiny ENGINE_DIR=/tmp/engines bash preprocess.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CHECKPOINT=${CHECKPOINT:-models/control_sd15_canny.pth}
+CONFIG=${CONFIG:-sd15}
+ENGINE_DIR=${ENGINE_DIR:-engines}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # many threads on a shared CPU are slower, not faster
+
+if [[ ! -f "$CHECKPOINT" ]]; then
+    echo "preprocess.sh: checkpoint $CHECKPOINT not found." >&2
+    echo "  Put the original ControlNet 1.0 canny checkpoint there, or make a synthetic one:" >&2
+    echo "    python3 -m sdcanny.synthetic --config $CONFIG --out $CHECKPOINT" >&2
+    exit 1
+fi
+
+echo "== [1/2] ONNX export ($CONFIG, $CHECKPOINT -> $ENGINE_DIR/)"
+python3 export_onnx.py --checkpoint "$CHECKPOINT" --config "$CONFIG" --engine-dir "$ENGINE_DIR"
+
+if python3 -c 'import tensorrt' 2>/dev/null; then
+    echo "== [2/2] TensorRT engines"
+    python3 build_engines.py --config "$CONFIG" --engine-dir "$ENGINE_DIR"
+else
+    echo "== [2/2] TensorRT is not installed (python3 -c 'import tensorrt' fails): preparing the torch back-end instead"
+    if python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        python3 -m sdcanny.fast --prepare --checkpoint "$CHECKPOINT" --config "$CONFIG"
+    else
+        echo "   no CUDA GPU visible: nothing to prepare for the torch back-end on this machine"
+    fi
+fi
+echo "== done"

@@ -1,0 +1,247 @@
+"""The one table of TensorRT engines: what export_onnx.py writes, what build_engines.py builds and
+what the trt back-end allocates buffers for.
+
+Each engine has static shapes (TensorRT picks its fastest kernels for exactly one shape) and a
+batch of 2, the guidance pair [cond, uncond] of one image. Shapes are functions of the image size
+(default the graded 256x384, latent 32x48) and of the model config, so the tiny test model uses
+the same table. Engines are fp32 at their inputs and outputs whatever their precision: TensorRT
+converts inside the engine, the caller never handles fp16.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from .config import ModelConfig
+
+DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 384
+GUIDANCE_BATCH = 2  # [cond, uncond]
+PRECISIONS = ("fp16", "fp32")
+ENGINE_NAMES = ("clip", "union", "vae")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Every size an engine's tensors are made of, for one model config and one image size."""
+    height: int  # image
+    width: int
+    latent_height: int
+    latent_width: int
+    latent_channels: int
+    hint_channels: int
+    tokens: int  # CLIP sequence length (77)
+    context_width: int  # CLIP width = the UNet's cross-attention context width (768)
+    controls: int  # control residuals (13)
+
+
+def dims(cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH) -> Dims:
+    # the latent goes through three 2x downsamplings in the UNet, so it must divide by 8 and the
+    # image by 8 * 8; process() rounds to multiples of 64 in the same way
+    multiple = cfg.vae.downsample_factor * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"image size {height}x{width} must be positive multiples of {multiple}")
+    f = cfg.vae.downsample_factor
+    return Dims(height=height, width=width, latent_height=height // f, latent_width=width // f,
+                latent_channels=cfg.unet.in_channels, hint_channels=cfg.unet.hint_channels,
+                tokens=cfg.clip.max_length, context_width=cfg.clip.width,
+                controls=cfg.unet.num_control_residuals)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy / torch dtype name: float32, int32, uint8
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str  # clip, union, vae
+    stem: str  # file name without suffix: clip, union_256x384, vae_256x384
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str  # fp16 or fp32
+    fp32_from: tuple[str, ...] = ()  # inputs whose own computations stay fp32 in an fp16 engine
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def onnx_path(self, engine_dir: Path) -> Path:
+        return Path(engine_dir) / f"{self.stem}.onnx"
+
+    def plan_path(self, engine_dir: Path) -> Path:
+        return Path(engine_dir) / f"{self.stem}.plan"
+
+    def build_record_path(self, engine_dir: Path) -> Path:
+        """JSON beside the .plan: the ONNX hash and build flags it was built from."""
+        return Path(engine_dir) / f"{self.stem}.plan.json"
+
+    def export_record_path(self, engine_dir: Path) -> Path:
+        """JSON beside the .onnx: what it was exported from."""
+        return Path(engine_dir) / f"{self.stem}.onnx.json"
+
+
+ShapeOf = Callable[[Dims], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One engine of the table, its shapes still functions of `Dims`."""
+    name: str
+    precision: str
+    per_image_size: bool  # False: one engine serves every image size (CLIP)
+    inputs: tuple[tuple[str, str, ShapeOf], ...]  # (tensor name, dtype, shape)
+    outputs: tuple[tuple[str, str, ShapeOf], ...]
+    fp32_from: tuple[str, ...] = ()
+
+
+B = GUIDANCE_BATCH
+TABLE = (
+    # once per image, ~1 ms even in fp32: it costs nothing to keep the text embedding exact
+    Row("clip", "fp32", per_image_size=False,
+        inputs=(("tokens", "int32", lambda d: (B, d.tokens)),),
+        outputs=(("context", "float32", lambda d: (B, d.tokens, d.context_width)),)),
+    # ControlNet + UNet, one evaluation per step: all but ~1% of the work
+    Row("union", "fp16", per_image_size=True,
+        inputs=(("latent", "float32", lambda d: (B, d.latent_channels, d.latent_height, d.latent_width)),
+                ("timestep", "int32", lambda d: (B,)),
+                ("context", "float32", lambda d: (B, d.tokens, d.context_width)),
+                ("hint", "float32", lambda d: (B, d.hint_channels, d.height, d.width)),
+                ("control_scales", "float32", lambda d: (B, d.controls))),
+        outputs=(("eps", "float32", lambda d: (B, d.latent_channels, d.latent_height, d.latent_width)),),
+        # the sinusoidal embedding takes cos/sin of t * freq for t up to 999: in fp16 that product
+        # is off by up to 0.25 rad. Everything computed from the timestep alone (the embedding and
+        # the time MLPs, a few vectors of batch 2) is kept fp32, as ldm does in PyTorch
+        fp32_from=("timestep",)),
+    # once per image, its post-processing to HWC uint8 fused in
+    Row("vae", "fp16", per_image_size=True,
+        inputs=(("latent", "float32", lambda d: (1, d.latent_channels, d.latent_height, d.latent_width)),),
+        outputs=(("image", "uint8", lambda d: (1, d.height, d.width, 3)),)),
+)
+ROWS = {row.name: row for row in TABLE}
+
+
+def engine_spec(name: str, cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+                precision: str | None = None) -> EngineSpec:
+    """The concrete spec of engine `name` for `cfg` at image size height x width."""
+    if name not in ROWS:
+        raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
+    row = ROWS[name]
+    precision = precision or row.precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    d = dims(cfg, height, width)
+    resolve = lambda items: tuple(TensorSpec(n, tuple(shape(d)), dtype) for n, dtype, shape in items)  # noqa: E731
+    stem = f"{name}_{height}x{width}" if row.per_image_size else name
+    return EngineSpec(name=name, stem=stem, inputs=resolve(row.inputs), outputs=resolve(row.outputs),
+                      precision=precision, fp32_from=row.fp32_from if precision == "fp16" else ())
+
+
+def engine_specs(cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
+                 precisions: dict[str, str] | None = None) -> dict[str, EngineSpec]:
+    """All three engines; `precisions` overrides the table's default per engine name."""
+    precisions = precisions or {}
+    unknown = set(precisions) - set(ENGINE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINE_NAMES)}")
+    return {name: engine_spec(name, cfg, height, width, precisions.get(name)) for name in ENGINE_NAMES}
+
+
+def parse_precisions(items: list[str]) -> dict[str, str]:
+    """Command-line overrides 'union=fp32' -> {'union': 'fp32'}."""
+    out = {}
+    for item in items:
+        name, sep, precision = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected ENGINE=PRECISION (e.g. vae=fp32), got {item!r}")
+        out[name] = precision
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Engine staleness: the JSON record beside each .plan (no TensorRT needed to read or compare it)
+# ----------------------------------------------------------------------------------------------
+
+DEFAULT_OPTIMIZATION_LEVEL = 5  # TensorRT's highest: longest build, fastest kernels
+
+
+def external_data_files(onnx_path: Path) -> list[Path]:
+    """The .onnx file and every external data file it references."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data
+                 if entry.key == "location"}
+    return [Path(onnx_path)] + [Path(onnx_path).parent / loc for loc in sorted(locations)]
+
+
+def file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def onnx_sha256(onnx_path: Path) -> str:
+    """Hash of the .onnx file and its external data: everything an engine built from it depends on."""
+    return file_sha256(external_data_files(onnx_path))
+
+
+def build_flags(spec: EngineSpec, tensorrt_version: str, gpu: str,
+                optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL) -> dict:
+    """Everything besides the ONNX file that decides what engine the builder makes."""
+    return {
+        "precision": spec.precision,
+        "fp32_from": list(spec.fp32_from),
+        "optimization_level": optimization_level,
+        "input_shapes": {t.name: list(t.shape) for t in spec.inputs},  # static profile: min = opt = max
+        "tensorrt_version": tensorrt_version,
+        "gpu": gpu,  # an engine only runs on the GPU model (and TensorRT version) it was built for
+    }
+
+
+def write_build_record(spec: EngineSpec, engine_dir: Path, onnx_hash: str, flags: dict, seconds: float) -> None:
+    record = {"onnx": spec.onnx_path(engine_dir).name, "onnx_sha256": onnx_hash, "flags": flags,
+              "build_seconds": round(seconds, 1)}
+    spec.build_record_path(engine_dir).write_text(json.dumps(record, indent=1))
+
+
+def read_build_record(spec: EngineSpec, engine_dir: Path) -> dict | None:
+    try:
+        record = json.loads(spec.build_record_path(engine_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def needs_rebuild(spec: EngineSpec, engine_dir: Path, flags: dict, onnx_hash: str | None = None) -> str | None:
+    """None if engine_dir holds a .plan built from the current .onnx with exactly `flags`, else the
+    reason to (re)build it. `onnx_hash` saves hashing the ONNX again where the caller has it."""
+    onnx_path, plan_path = spec.onnx_path(engine_dir), spec.plan_path(engine_dir)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path} does not exist: run `python3 export_onnx.py` first")
+    if not plan_path.is_file():
+        return f"{plan_path.name} does not exist"
+    record = read_build_record(spec, engine_dir)
+    if record is None:
+        return f"{spec.build_record_path(engine_dir).name} is missing or unreadable"
+    if record.get("onnx_sha256") != (onnx_hash or onnx_sha256(onnx_path)):
+        return f"{onnx_path.name} changed since the engine was built"
+    built = record.get("flags", {})
+    changed = [f"{key} {built.get(key)!r} -> {value!r}" for key, value in flags.items() if built.get(key) != value]
+    if changed:
+        return "build flags changed: " + "; ".join(changed)
+    return None
