@@ -34,7 +34,6 @@ DEFAULT_CACHE_DIR = Path("engines/torch_inductor_cache")
 
 # Per-step values packed in one fp32 row, so that every step passes the compiled function a
 # 32-byte-aligned view of the same shape (no recompilation, no re-capture per step).
-STEP_FIELDS = ("timestep", "alpha", "alpha_prev", "sigma", "sqrt_one_minus_alpha")
 STEP_ROW = 8
 
 
