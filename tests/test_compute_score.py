@@ -73,7 +73,10 @@ def test_full_run_over_two_builtin_images_writes_every_report_file(tiny_checkpoi
     assert speed["speedup_mean"] == pytest.approx(speed["against"]["mean_ms"] / speed["candidate"]["mean_ms"])
     assert report["mean"]["latency_ms"] == pytest.approx(np.mean([r["latency_ms"] for r in report["images"]]))
     assert f"verdict: {report['gates']['verdict']}" in stdout
-    assert report["gates"]["verdict"] == "INCOMPLETE" and report["gates"]["pd"]["pass"] is None  # no PD here
+    # no PD here, so never PASS; the latency gate depends on how loaded the machine is
+    latency_pass = report["gates"]["latency"]["pass"]
+    assert report["gates"]["pd"]["pass"] is None and latency_pass == (report["mean"]["latency_ms"] < 2600)
+    assert report["gates"]["verdict"] == ("INCOMPLETE" if latency_pass else "FAIL")
     assert sum(line.startswith("PD unavailable: ") for line in lines) == 1
     assert report["pd"]["reason"] in stdout
     assert report["candidate"]["peak_gpu_memory"] == "n/a (CPU)" and "peak GPU memory: n/a (CPU)" in stdout
