@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from canny2image_TRT import hackathon  # noqa: E402
+from sdcanny.metrics import psnr  # noqa: E402
 from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
@@ -59,11 +60,6 @@ def profile_fast(checkpoint: Path, images: dict, compile_mode, out: Path) -> Non
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
     (out / "profile.txt").write_text(table)
     print(table[:6000])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | None, **kw) -> dict:
