@@ -4,8 +4,13 @@ Per image the GPU work is three captured graphs, replayed back to back:
 
     encode  CLIP on [cond, uncond] tokens (batch 2N) and the ControlNet hint block (once per image)
     loop    every DDIM step: the union model (ControlNet + UNet) on [x, x] with per-sample control
-            scales, guidance e = e_u + s * (e_c - e_u), and the DDIM update in fp32
+            scales, guidance e = e_u + s * (e_c - e_u), and the DDIM update in fp32; within a step
+            the ControlNet runs on a second stream beside the UNet's encoder half
     decode  VAE decoder and the uint8 HWC conversion
+
+The networks are the checkpoint's, in fp16 and channels-last, with each transformer block's q/k/v
+(self-attention) and k/v (cross-attention) projections stacked into one matrix product.
+docs/benchmarks.md records what each of these bought on the H100.
 
 Graphs are captured on first use for each shape (num_samples, height, width, steps, eta > 0) and
 reused; the step inputs that vary per call (tokens, hint, noise, schedule coefficients, guidance
