@@ -13,6 +13,7 @@ import skimage.data
 
 from .checkpoint import DEFAULT_CHECKPOINT
 from .config import TINY
+from .pipeline import GRADED_CALL
 from .synthetic import synthetic_state_dict, write_checkpoint
 
 TINY_CHECKPOINT = Path("models/tiny.pth")
@@ -38,9 +39,7 @@ def main(argv=None) -> None:
     h = hackathon(backend=args.backend, checkpoint=checkpoint, config=config)
     h.initialize()
     image = cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR)
-    result = h.process(image, "a cat", "best quality, extremely detailed",
-                       "longbody, lowres, bad anatomy, bad hands, missing fingers",
-                       1, resolution, 20, False, 1, 9, 2946901, 0.0, 100, 200)[0]
+    result = h.process(image, **{**GRADED_CALL, "prompt": "a cat", "image_resolution": resolution})[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), np.concatenate([cv2.resize(image, result.shape[1::-1]), result], axis=1))
     timings = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in h.pipeline.last_timings.items())

@@ -20,6 +20,7 @@ be compiled with TorchInductor first; its cache lives in engines/ so a warm star
     python3 -m sdcanny.fast --prepare     # fill the compile cache at the graded shape (preprocess.sh)
 """
 import argparse
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 from .checkpoint import Networks
 from .ddim import ddim_step
 from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls
-from .pipeline import GenerationRequest
+from .pipeline import GenerationRequest, draw_noise
 from .reference import to_uint8_hwc
 
 DEFAULT_CACHE_DIR = Path("engines/torch_inductor_cache")
@@ -166,17 +167,18 @@ class FastTorchBackend:
         b.latents = x
 
     def _step(self, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """guided_ddim_step, with the ControlNet forked onto the side stream (on a GPU) while the UNet
+        encoder runs here; the two join before the decoder half."""
         control_fn, encode_fn, decode_fn = self.parts
         x2, t = step_inputs(x, step, self.dtype)
-        if self.side_stream is None:
-            controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
-        else:  # fork: the ControlNet on the side stream, the UNet encoder here; join before decoding
+        fork = self.side_stream is not None
+        if fork:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
-            with torch.cuda.stream(self.side_stream):
-                controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
+        with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
+            controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
         h, skips, emb = encode_fn(self.union.unet, x2, t, b.context)
-        if self.side_stream is not None:
+        if fork:
             main.wait_stream(self.side_stream)
         return decode_fn(self.union.unet, h, skips, emb, b.context, controls, x, step, b.guidance, noise)
 
@@ -195,7 +197,6 @@ class FastTorchBackend:
     def _new_buffers(self, request: GenerationRequest) -> Buffers:
         n, (_, _, h, w), steps = request.num_samples, request.hint.shape, len(request.schedule)
         dev, f32 = self.device, torch.float32
-        has_noise = bool((request.schedule.sigmas > 0).any())
         return Buffers(
             tokens=torch.zeros(2 * n, request.cond_tokens.shape[1], dtype=torch.long, device=dev),
             hint=torch.zeros(n, 3, h, w, dtype=f32, device=dev),
@@ -203,24 +204,21 @@ class FastTorchBackend:
             guidance=torch.zeros((), dtype=f32, device=dev),
             steps=torch.zeros(steps, STEP_ROW, dtype=f32, device=dev),
             x_init=torch.zeros(request.latent_shape, dtype=f32, device=dev),
-            step_noise=torch.zeros((steps, *request.latent_shape), dtype=f32, device=dev) if has_noise else None)
+            step_noise=torch.zeros((steps, *request.latent_shape), dtype=f32, device=dev) if request.has_step_noise else None)
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
-        """The reference's random numbers, in its order: the initial latents, then one per step,
-        starting from the noisiest (highest index)."""
-        b.x_init.copy_(torch.randn(request.latent_shape, device=self.device))
-        if b.step_noise is not None:
-            for i in reversed(range(len(request.schedule))):
-                b.step_noise[i].copy_(torch.randn(request.latent_shape, device=self.device))
+        x, step_noise = draw_noise(request, self.device)
+        b.x_init.copy_(x)
+        if step_noise is not None:
+            b.step_noise.copy_(step_noise)
 
     def _copy_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op
         on a 16-core host); each buffer then takes one host-to-device copy, with no dtype change."""
         b.tokens.copy_(torch.from_numpy(np.concatenate([request.cond_tokens.numpy(), request.uncond_tokens.numpy()])))
         b.hint.copy_(request.hint)
-        scales = np.asarray(request.control_scales, np.float32)
-        uncond = scales * 0 if request.guess_mode else scales  # guess mode: no control on the uncond branch
-        b.control_scales.copy_(torch.from_numpy(np.stack([scales] * request.num_samples + [uncond] * request.num_samples)))
+        rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
+        b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)))
         b.guidance.fill_(request.guidance_scale)
         b.steps.copy_(step_table(request.schedule))
 
@@ -248,7 +246,7 @@ class FastTorchBackend:
 
     def _runner(self, request: GenerationRequest) -> tuple[Buffers, list | None]:
         key = (request.num_samples, *request.hint.shape[2:], len(request.schedule),
-               bool((request.schedule.sigmas > 0).any()), request.cond_tokens.shape[1])
+               request.has_step_noise, request.cond_tokens.shape[1])
         if key not in self.runs:
             b = self._new_buffers(request)
             self._copy_inputs(b, request)  # warm-up and capture run on real inputs, zero noise

@@ -35,15 +35,14 @@ from .checkpoint import CheckpointError, DEFAULT_CHECKPOINT, missing_checkpoint_
 from .config import CONFIGS
 from .ddim import ddim_timesteps
 from .image import canny, hwc3, resize_image
+from .pipeline import GRADED_CALL
 
-# The hackathon's call: process(img, "a bird", A_PROMPT, N_PROMPT, 1, 256, 20, False, 1, 9, 2946901, 0.0, 100, 200)
-HACKATHON_PROMPT = "a bird"
-A_PROMPT = "best quality, extremely detailed"
-N_PROMPT = "longbody, lowres, bad anatomy, bad hands, missing fingers"
-GRADED = {"num_samples": 1, "image_resolution": 256, "ddim_steps": 20, "guess_mode": False, "strength": 1,
-          "scale": 9, "seed": 2946901, "eta": 0.0, "low_threshold": 100, "high_threshold": 200}
-PROCESS_ARGS = ("prompt", "a_prompt", "n_prompt", "num_samples", "image_resolution", "ddim_steps", "guess_mode",
-                "strength", "scale", "seed", "eta", "low_threshold", "high_threshold")
+# The hackathon's call (sdcanny.pipeline.GRADED_CALL), split into its prompts and the rest.
+HACKATHON_PROMPT = GRADED_CALL["prompt"]
+A_PROMPT = GRADED_CALL["a_prompt"]
+N_PROMPT = GRADED_CALL["n_prompt"]
+GRADED = {k: v for k, v in GRADED_CALL.items() if k not in ("prompt", "a_prompt", "n_prompt")}
+PROCESS_ARGS = tuple(GRADED_CALL)  # process()'s arguments after the image, in order
 
 # Real photographs bundled with scikit-image (no download), each with a fitting prompt.
 BUILTIN_IMAGES = (

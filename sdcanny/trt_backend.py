@@ -32,7 +32,7 @@ import torch
 from .config import ModelConfig
 from .ddim import ddim_step
 from .engine_specs import EngineSpec, build_flags, engine_spec, needs_rebuild, read_build_record
-from .pipeline import GenerationRequest
+from .pipeline import GenerationRequest, draw_noise
 
 
 def rebuild_command(height: int, width: int) -> str:
@@ -85,42 +85,25 @@ class LoopState:
                    contexts=empty(n, *context_shape), hints=empty(*request.hint.shape),
                    scales=empty(2, len(request.control_scales)), guidance=empty(),
                    timesteps=empty(steps, dtype=torch.int32), coefficients=empty(4, steps),
-                   step_noise=empty(steps, *request.latent_shape) if has_step_noise(request) else None)
+                   step_noise=empty(steps, *request.latent_shape) if request.has_step_noise else None)
 
     def load(self, request: GenerationRequest, x: torch.Tensor, step_noise: torch.Tensor | None,
              contexts: torch.Tensor) -> None:
         s = request.schedule
-        cond = torch.tensor(request.control_scales, dtype=torch.float32)
-        uncond = torch.zeros_like(cond) if request.guess_mode else cond
         self.x.copy_(x)
         if self.step_noise is not None:
             self.step_noise.copy_(step_noise)
         self.contexts.copy_(contexts)
         self.hints.copy_(request.hint)
-        self.scales.copy_(torch.stack([cond, uncond]))
+        self.scales.copy_(torch.from_numpy(request.control_scale_rows()))
         self.guidance.fill_(request.guidance_scale)
         self.timesteps.copy_(s.timesteps.to(torch.int32))
         self.coefficients.copy_(torch.stack([s.alphas, s.alphas_prev, s.sigmas, s.sqrt_one_minus_alphas]))
 
 
-def has_step_noise(request: GenerationRequest) -> bool:
-    """eta > 0. With eta = 0 the reference's per-step noise is multiplied by 0: not drawn here."""
-    return bool((request.schedule.sigmas > 0).any())
-
-
-def draw_noise(request: GenerationRequest, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reference's random numbers in its order: initial latents, then each step's noise from
-    the noisiest step down; returned indexed like the schedule."""
-    x = torch.randn(request.latent_shape, device=device)
-    if not has_step_noise(request):
-        return x, None
-    noise = {index: torch.randn(request.latent_shape, device=device) for index, _ in request.schedule.sampling_order()}
-    return x, torch.stack([noise[i] for i in range(len(request.schedule))])
-
-
 def _loop_key(request: GenerationRequest) -> tuple:
     """What fixes the work a captured loop does: batch, image size, step count, noise or not."""
-    return tuple(request.hint.shape), len(request.schedule), has_step_noise(request)
+    return tuple(request.hint.shape), len(request.schedule), request.has_step_noise
 
 
 def encode_prompts(clip, request: GenerationRequest, stream: int) -> torch.Tensor:

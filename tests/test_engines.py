@@ -233,7 +233,8 @@ def test_captured_loop_replays_like_the_eager_loop(tiny_checkpoint):
     from sdcanny.onnx_export import graph_module
     from sdcanny.pipeline import Canny2Image
     from sdcanny.reference import ReferenceBackend
-    from sdcanny.trt_backend import LoopRunner, LoopState, denoise, draw_noise
+    from sdcanny.pipeline import draw_noise
+    from sdcanny.trt_backend import LoopRunner, LoopState, denoise
     nets = load_networks(tiny_checkpoint, TINY).to("cuda")
     union = TorchUnionEngine(graph_module("union", nets), engine_spec("union", TINY, 128, 192), "cuda")
     pipeline = Canny2Image(ReferenceBackend(nets, "cuda"), TINY)  # for its request(): seeds, schedule, scales

@@ -258,7 +258,8 @@ class OnnxRuntimeEngine:
 @pytest.mark.parametrize("num_samples, eta, guess_mode", [(1, 0.0, False), (2, 0.5, True)])
 def test_trt_backend_loop_reproduces_the_reference(exported, specs, nets, num_samples, eta, guess_mode):
     from sdcanny.pipeline import Canny2Image
-    from sdcanny.trt_backend import LoopState, decode, denoise, draw_noise, encode_prompts
+    from sdcanny.pipeline import draw_noise
+    from sdcanny.trt_backend import LoopState, decode, denoise, encode_prompts
     engine_dir, _ = exported
     engines = {name: OnnxRuntimeEngine(spec, engine_dir) for name, spec in specs.items()}
     reference = ReferenceBackend(nets, "cpu")
