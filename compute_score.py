@@ -12,14 +12,16 @@ image and on average: latency, PD, PSNR, SSIM, and the hackathon's gates (mean P
 latency < 2600 ms); writes images, score.json, summary.md and contact_sheet.png to --out.
 Exit status: 0 on success (gates failing too, unless --strict: then 1), 2 on bad input.
 """
+from __future__ import annotations
+
 import argparse
 import shlex
 import sys
 from pathlib import Path
 
 from sdcanny.backends import BACKENDS
-from sdcanny.checkpoint import DEFAULT_CHECKPOINT
 from sdcanny.config import CONFIGS
+from sdcanny.paths import default_checkpoint
 from sdcanny.score import DEFAULT_CACHE_DIR, GRADED, ScoreError, ScoreOptions, run
 
 
@@ -38,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N images")
     ap.add_argument("--prompt", default=None,
                     help="prompt for every image (default: 'a bird' for --images, per-image for built-ins)")
-    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    ap.add_argument("--checkpoint", type=Path, default=default_checkpoint(), help="default: %(default)s")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="sd15", help="model config (default: sd15)")
     ap.add_argument("--resolution", type=int, default=GRADED["image_resolution"],
                     help=f"image_resolution (default: {GRADED['image_resolution']})")

@@ -1,11 +1,18 @@
-"""TensorRT 10 helpers: build an engine from an ONNX file, and run one with torch buffers.
+"""TensorRT helpers for 8.6, 10.x and 11.x: build an engine from an ONNX file, run one with torch buffers.
 
 This module knows nothing about the networks: it takes file paths, tensor names and shapes. It
-needs the `tensorrt` package (TensorRT 10.x; 11.x removed the FP16 builder flag it uses) and a
-CUDA GPU. NONE OF IT HAS EVER RUN AGAINST A REAL TENSORRT: the environment it was written in
-had no GPU and no TensorRT. docs/tensorrt.md lists each function and what to check first.
+needs the `tensorrt` package and a CUDA GPU. `FEATURES` (below) is the one place that decides what
+the running TensorRT offers; everything else asks it instead of comparing versions.
+
+NONE OF THIS HAS RUN AGAINST A REAL TENSORRT: no machine it was written on could install it. It is
+tested against a recording fake of the TensorRT objects whose names come from each version's
+real Python bindings (tests/fake_tensorrt.py, tests/data/tensorrt_api/); docs/tensorrt.md lists
+what to check first on a machine with TensorRT.
 """
+from __future__ import annotations
+
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorrt as trt
@@ -13,21 +20,64 @@ import torch
 
 LOGGER = trt.Logger(trt.Logger.WARNING)
 
-TORCH_DTYPES = {
-    trt.DataType.FLOAT: torch.float32,
-    trt.DataType.HALF: torch.float16,
-    trt.DataType.BF16: torch.bfloat16,
-    trt.DataType.INT64: torch.int64,
-    trt.DataType.INT32: torch.int32,
-    trt.DataType.INT8: torch.int8,
-    trt.DataType.UINT8: torch.uint8,
-    trt.DataType.BOOL: torch.bool,
-}
-_FLOAT_TYPES = (trt.DataType.FLOAT, trt.DataType.HALF)
+TYPINGS = ("weak", "strong")
+_TORCH_DTYPES = (("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16),
+                 ("INT64", torch.int64), ("INT32", torch.int32), ("INT8", torch.int8),
+                 ("UINT8", torch.uint8), ("BOOL", torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# What the running TensorRT offers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Features:
+    version: str
+    major: int
+    minor: int
+    # 8.x parses ONNX only into networks created with EXPLICIT_BATCH; 10 ignores the flag, 11 removed it
+    explicit_batch_flag: bool
+    # BuilderFlag.FP16 with per-layer precision (`ILayer.precision`, `set_output_type`): 8.6 and 10.x;
+    # TensorRT 11 removed both and builds only strongly typed networks
+    weak_typing: bool
+    # NetworkDefinitionCreationFlag.STRONGLY_TYPED: every tensor's type comes from the ONNX file (10+)
+    strong_typing: bool
+    # OnnxParserFlag.NATIVE_INSTANCENORM: InstanceNormalization (GroupNorm's export) as a TensorRT
+    # normalization layer rather than 8.6's default plugin
+    native_instancenorm: bool
+    torch_dtypes: dict  # trt.DataType -> torch dtype, for the members this version has
+
+    @property
+    def supported(self) -> bool:
+        return (self.major, self.minor) >= (8, 6)
+
+    def default_typing(self) -> str:
+        return "weak" if self.weak_typing else "strong"
+
+
+def detect_features(module=trt) -> Features:
+    major, minor = (int(x) for x in module.__version__.split(".")[:2])
+    flags = module.NetworkDefinitionCreationFlag
+    return Features(
+        version=module.__version__, major=major, minor=minor,
+        explicit_batch_flag=major < 10 and hasattr(flags, "EXPLICIT_BATCH"),
+        weak_typing=hasattr(module.BuilderFlag, "FP16") and hasattr(module.ILayer, "set_output_type"),
+        strong_typing=hasattr(flags, "STRONGLY_TYPED"),
+        native_instancenorm=hasattr(module, "OnnxParserFlag") and hasattr(module.OnnxParserFlag, "NATIVE_INSTANCENORM"),
+        torch_dtypes={getattr(module.DataType, name): dtype for name, dtype in _TORCH_DTYPES
+                      if hasattr(module.DataType, name)})
+
+
+FEATURES = detect_features()
+
+
+def require_supported() -> None:
+    if not FEATURES.supported:
+        raise RuntimeError(f"TensorRT {FEATURES.version} is installed; this project supports 8.6, 10.x and 11.x")
 
 
 def tensorrt_version() -> str:
-    return trt.__version__
+    return FEATURES.version
 
 
 def gpu_name(device: torch.device | str | None = None) -> str:
@@ -43,21 +93,28 @@ def log_verbose() -> None:
     LOGGER.min_severity = trt.Logger.VERBOSE
 
 
-def require_tensorrt_10() -> None:
-    if not trt.__version__.startswith("10."):
-        raise RuntimeError(f"TensorRT {trt.__version__} is installed; these engines are built with the TensorRT 10 "
-                           "builder API (weakly typed FP16, removed in 11.x): pip install 'tensorrt>=10,<11'")
-
-
 # ----------------------------------------------------------------------------------------------
 # Building
 # ----------------------------------------------------------------------------------------------
 
-def parse_onnx(builder: trt.Builder, onnx_path: Path) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
+def network_flags(strongly_typed: bool) -> int:
+    flags = 0
+    if FEATURES.explicit_batch_flag:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed:
+        if not FEATURES.strong_typing:
+            raise RuntimeError(f"TensorRT {FEATURES.version} has no strongly typed networks; use --typing weak")
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return flags
+
+
+def parse_onnx(builder, onnx_path: Path, strongly_typed: bool = False):
     """The network and its parser, which owns weights the network refers to: keep both alive
     until the build has finished."""
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network = builder.create_network(network_flags(strongly_typed))
     parser = trt.OnnxParser(network, LOGGER)
+    if FEATURES.native_instancenorm:
+        parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
     # parse_from_file (not parse(bytes)) so the parser finds external data beside the .onnx
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n  ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -65,8 +122,7 @@ def parse_onnx(builder: trt.Builder, onnx_path: Path) -> tuple[trt.INetworkDefin
     return network, parser
 
 
-def static_profile(builder: trt.Builder, network: trt.INetworkDefinition,
-                   input_shapes: dict[str, tuple[int, ...]]) -> trt.IOptimizationProfile | None:
+def static_profile(builder, network, input_shapes: dict[str, tuple[int, ...]]):
     """Checks every network input against the spec's shape (a mismatch is an error, not a silently
     different engine). The exported graphs are static, so this normally returns None; an input
     left dynamic gets min = opt = max = the spec's shape."""
@@ -85,32 +141,58 @@ def static_profile(builder: trt.Builder, network: trt.INetworkDefinition,
     return profile
 
 
-def keep_fp32(network: trt.INetworkDefinition, input_names: tuple[str, ...]) -> int:
-    """Pins to fp32 every float layer computed from `input_names` and constants alone (layers are
-    in topological order). Returns how many layers were pinned."""
+def _layers(network):
+    return [network.get_layer(i) for i in range(network.num_layers)]
+
+
+def _inputs(layer) -> list:
+    return [t for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None]
+
+
+def _outputs(layer) -> list:
+    return [layer.get_output(k) for k in range(layer.num_outputs)]
+
+
+def fp32_layers(network, input_names: tuple[str, ...], layer_types: tuple[str, ...] = ()) -> list:
+    """The float layers of a weakly typed fp16 network that must compute in fp32:
+    * every layer computed from `input_names` and constants alone (the timestep's sinusoidal
+      embedding and time MLPs). "Constant" is propagated: the parser puts a Shuffle (reshape)
+      between a Gemm's bias constant and its Add, and that Shuffle's output is as constant as its
+      input. Layers are in topological order, so one pass suffices;
+    * every layer whose type is named in `layer_types` (e.g. "NORMALIZATION")."""
     derived = {network.get_input(i).name for i in range(network.num_inputs)} & set(input_names)
-    constants: set[str] = set()
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        outputs = [layer.get_output(k) for k in range(layer.num_outputs)]
-        if layer.type == trt.LayerType.CONSTANT:
+    constants: set = set()
+    wanted_types = {getattr(trt.LayerType, name) for name in layer_types}
+    float_types = (trt.DataType.FLOAT, trt.DataType.HALF)
+    pinned = []
+    for layer in _layers(network):
+        inputs, outputs = _inputs(layer), _outputs(layer)
+        names = {t.name for t in inputs}
+        # a Constant layer (no inputs), one computed from constants alone, or a Shape layer (the
+        # shapes are static: its result is fixed when the engine is built)
+        if names <= constants or layer.type == trt.LayerType.SHAPE:
             constants.update(t.name for t in outputs)
             continue
-        inputs = [t for t in (layer.get_input(j) for j in range(layer.num_inputs)) if t is not None]
-        names = {t.name for t in inputs}
-        if not names & derived or not names <= derived | constants:
-            continue
-        derived.update(t.name for t in outputs)
-        if all(t.dtype in _FLOAT_TYPES for t in inputs + outputs):
-            layer.precision = trt.DataType.FLOAT
-            for k in range(layer.num_outputs):
-                layer.set_output_type(k, trt.DataType.FLOAT)
-            pinned += 1
+        from_inputs = bool(names & derived) and names <= derived | constants
+        if from_inputs:
+            derived.update(t.name for t in outputs)
+        # float results only (a Cast from the int timestep included); integer layers have no precision to pin
+        if (from_inputs or layer.type in wanted_types) and outputs and all(t.dtype in float_types for t in outputs):
+            pinned.append(layer)
     return pinned
 
 
-def load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITimingCache:
+def keep_fp32(network, input_names: tuple[str, ...], layer_types: tuple[str, ...] = ()) -> int:
+    """Pins `fp32_layers` to fp32 (precision and output types). Returns how many were pinned."""
+    layers = fp32_layers(network, input_names, layer_types)
+    for layer in layers:
+        layer.precision = trt.DataType.FLOAT
+        for k in range(layer.num_outputs):
+            layer.set_output_type(k, trt.DataType.FLOAT)
+    return len(layers)
+
+
+def load_timing_cache(config, path: Path | None):
     """The shared timing cache: kernel timings measured by earlier builds are not measured again."""
     data = Path(path).read_bytes() if path and Path(path).is_file() else b""
     cache = config.create_timing_cache(data)
@@ -121,29 +203,49 @@ def load_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> trt.ITim
     return cache
 
 
-def build_engine(onnx_path: Path, plan_path: Path, precision: str, optimization_level: int,
-                 input_shapes: dict[str, tuple[int, ...]], fp32_from: tuple[str, ...] = (),
-                 timing_cache: Path | None = None) -> float:
-    """Builds `plan_path` from `onnx_path` with a static profile; returns the build's seconds."""
-    require_tensorrt_10()
-    start = time.perf_counter()
-    builder = trt.Builder(LOGGER)
-    network, parser = parse_onnx(builder, onnx_path)
+@dataclass(frozen=True)
+class BuildOptions:
+    precision: str  # fp16 | fp32: what the engine computes in (strong typing: what the ONNX file holds)
+    typing: str  # weak | strong
+    optimization_level: int
+    input_shapes: dict
+    fp32_from: tuple = ()  # weak fp16: inputs whose own computations stay fp32
+    fp32_layer_types: tuple = ()  # weak fp16: layer types kept fp32 (e.g. NORMALIZATION)
+
+
+def configure(builder, network, options: BuildOptions):
+    """The builder config for `options` on this TensorRT; prints what it pinned."""
+    if options.precision not in ("fp16", "fp32") or options.typing not in TYPINGS:
+        raise ValueError(f"precision must be fp16 or fp32 and typing weak or strong, got {options}")
+    if options.typing == "weak" and not FEATURES.weak_typing:
+        raise RuntimeError(f"TensorRT {FEATURES.version} builds only strongly typed networks: export with "
+                           "`python3 export_onnx.py --typing strong` and build with --typing strong")
     config = builder.create_builder_config()
-    config.builder_optimization_level = optimization_level
-    profile = static_profile(builder, network, input_shapes)
+    config.builder_optimization_level = options.optimization_level
+    profile = static_profile(builder, network, options.input_shapes)
     if profile is not None:
         config.add_optimization_profile(profile)
-    if precision == "fp16":
+    if options.precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 rounds to 10 mantissa bits like fp16
+    elif options.typing == "weak":
         config.set_flag(trt.BuilderFlag.FP16)
-        pinned = keep_fp32(network, fp32_from) if fp32_from else 0
+        pinned = keep_fp32(network, options.fp32_from, options.fp32_layer_types)
         if pinned:
-            print(f"[build] {pinned} layers computed from {', '.join(fp32_from)} alone pinned to fp32")
+            kept = ", ".join([f"computed from {'/'.join(options.fp32_from)} alone"] * bool(options.fp32_from)
+                             + list(options.fp32_layer_types))
+            print(f"[build] {pinned} layers pinned to fp32 ({kept})")
             config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-    elif precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls round to 10 bits like fp16
-    else:
-        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+    # strong fp16: the types, fp32 islands included, are the ONNX file's; nothing to set
+    return config
+
+
+def build_engine(onnx_path: Path, plan_path: Path, options: BuildOptions, timing_cache: Path | None = None) -> float:
+    """Builds `plan_path` from `onnx_path`; returns the build's seconds."""
+    require_supported()
+    start = time.perf_counter()
+    builder = trt.Builder(LOGGER)
+    network, parser = parse_onnx(builder, onnx_path, strongly_typed=options.typing == "strong")
+    config = configure(builder, network, options)
     load_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     del parser  # held until here on purpose (see parse_onnx)
@@ -180,7 +282,7 @@ class Engine:
                                "another GPU? Rebuild it with build_engines.py")
         self.context = self.engine.create_execution_context()
         self.tensors: dict[str, torch.Tensor] = {}
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph = None
 
     @property
     def names(self) -> list[str]:
@@ -189,10 +291,15 @@ class Engine:
     def is_input(self, name: str) -> bool:
         return self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        dtype = self.engine.get_tensor_dtype(name)
+        if dtype not in FEATURES.torch_dtypes:
+            raise TypeError(f"{self.plan_path.name}: tensor {name} has TensorRT type {dtype}, which has no torch buffer here")
+        return FEATURES.torch_dtypes[dtype]
+
     def signature(self) -> dict[str, tuple[tuple[int, ...], torch.dtype, bool]]:
         """{name: (shape, torch dtype, is_input)} as the engine declares them."""
-        return {n: (tuple(self.engine.get_tensor_shape(n)), TORCH_DTYPES[self.engine.get_tensor_dtype(n)],
-                    self.is_input(n)) for n in self.names}
+        return {n: (tuple(self.engine.get_tensor_shape(n)), self.torch_dtype(n), self.is_input(n)) for n in self.names}
 
     def allocate(self, shapes: dict[str, tuple[int, ...]] | None = None, device: str = "cuda") -> None:
         """One buffer per I/O tensor, its address handed to the context. `shapes` fills in dynamic
@@ -205,8 +312,7 @@ class Engine:
                 shape = tuple(shapes[name])
                 if self.is_input(name) and not self.context.set_input_shape(name, shape):
                     raise ValueError(f"{self.plan_path.name}: shape {shape} is outside {name}'s profile")
-            dtype = TORCH_DTYPES[self.engine.get_tensor_dtype(name)]
-            self.tensors[name] = torch.empty(shape, dtype=dtype, device=device)
+            self.tensors[name] = torch.empty(shape, dtype=self.torch_dtype(name), device=device)
             self.context.set_tensor_address(name, self.tensors[name].data_ptr())
         self.graph = None
 
@@ -215,7 +321,7 @@ class Engine:
         if not self.context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT failed to enqueue {self.plan_path.name}")
 
-    def infer(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+    def infer(self, feed: dict[str, torch.Tensor], stream) -> dict[str, torch.Tensor]:
         """Copy `feed` into the input buffers, run, return the output buffers (valid until the next run)."""
         with torch.cuda.stream(stream):
             for name, value in feed.items():
@@ -223,7 +329,7 @@ class Engine:
             self.execute(stream.cuda_stream)
         return {n: t for n, t in self.tensors.items() if not self.is_input(n)}
 
-    def capture_graph(self, stream: torch.cuda.Stream) -> None:
+    def capture_graph(self, stream) -> None:
         """Record one inference as a CUDA graph, replayed by `replay()`. Runs the engine once first:
         TensorRT does deferred setup on its first enqueue, which must not land in the graph."""
         with torch.cuda.stream(stream):

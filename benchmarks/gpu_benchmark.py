@@ -8,6 +8,8 @@ memory, and fidelity against the reference images (PSNR, max abs pixel differenc
 relative L2, NaN/Inf). Writes benchmark.md and results.json to --out as it goes, so a run that
 is cut short still leaves its finished rows.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import platform
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from canny2image_TRT import hackathon  # noqa: E402
 from sdcanny.metrics import psnr  # noqa: E402
+from sdcanny.paths import default_checkpoint  # noqa: E402
 from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
@@ -153,7 +156,7 @@ def save(results: list[dict], meta: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("models/control_sd15_canny.pth"))
+    ap.add_argument("--checkpoint", type=Path, default=default_checkpoint())
     ap.add_argument("--make-checkpoint", action="store_true", help="write a synthetic sd15 one if missing")
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--variants", default="eager,compiled", help=f"fast back-end variants: {', '.join(VARIANTS)}; "

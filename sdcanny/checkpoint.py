@@ -5,6 +5,8 @@ in {"state_dict": ...}) whose keys start with the prefixes in `PARTS`. Every key
 to a network or is on the explicit `DROPPED` list below with the reason; anything else, and
 any missing or mis-shaped key, is an error that names the keys.
 """
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import compat
 from .config import ModelConfig, ScheduleConfig
 from .networks import ClipTextModel, ControlNet, UNet, VAEDecoder
-
-DEFAULT_CHECKPOINT = Path("models/control_sd15_canny.pth")
+from .optional import installed
+from .paths import DEFAULT_CHECKPOINT, DOCKER_CHECKPOINT
 
 # checkpoint prefix of each network
 PARTS = {
@@ -54,22 +57,27 @@ class CheckpointError(ValueError):
 
 def missing_checkpoint_message(path: Path) -> str:
     return (f"checkpoint not found: {path}\n"
-            f"  Put the original ControlNet 1.0 canny checkpoint there ({DEFAULT_CHECKPOINT}, from "
-            "lllyasviel/ControlNet on the HF hub), or make a seeded synthetic one in the same format:\n"
+            f"  Put the original ControlNet 1.0 canny checkpoint there (default {DEFAULT_CHECKPOINT}, or "
+            f"{DOCKER_CHECKPOINT} in the hackathon docker; from lllyasviel/ControlNet on the HF hub), "
+            "or make a seeded synthetic one in the same format:\n"
             f"    python3 -m sdcanny.synthetic --config sd15 --out {path}")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth/.ckpt (torch.load, weights only, memory-mapped) or .safetensors file."""
+    """Tensors of a .pth/.ckpt (torch.load, weights only, memory-mapped where possible) or
+    .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(missing_checkpoint_message(path))
+    if path.suffix == ".safetensors" and not installed("safetensors"):
+        raise CheckpointError(f"reading {path} needs the safetensors package (pip install safetensors), "
+                              "or a .pth copy of the checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = compat.torch_load(path)
     except Exception as exc:  # torch and safetensors raise many types for a damaged file
         raise CheckpointError(f"cannot read checkpoint {path} (corrupted or truncated?): "
                               f"{type(exc).__name__}: {exc}") from exc
@@ -169,12 +177,11 @@ class Networks:
 def load_networks(path: str | Path, cfg: ModelConfig) -> Networks:
     """All four networks in fp32 on the CPU, in eval mode, weights taken from `path`."""
     state = read_state_dict(path)
-    with torch.device("meta"):
+    with torch.device(compat.network_build_device()):
         nets = build_networks(cfg)
     expected = {n: {k: v.shape for k, v in m.state_dict().items()} for n, m in nets.items()}
     parts, dropped = split_state_dict(state, cfg, expected)
     for name, net in nets.items():
-        tensors = {k: v.to(torch.float32) for k, v in parts[name].items()}
-        net.load_state_dict(tensors, strict=True, assign=True)
+        compat.load_state_dict(net, {k: v.to(torch.float32) for k, v in parts[name].items()})
         net.eval().requires_grad_(False)
     return Networks(**nets, dropped=dropped)

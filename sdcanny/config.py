@@ -4,6 +4,8 @@
 same structure (four resolution levels, two res-blocks each, attention on the first three,
 13 control residuals) so that tests on a CPU run through exactly the code the full model uses.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 

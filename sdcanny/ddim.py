@@ -3,6 +3,8 @@
 The schedule tensors are float32 like the original's `torch.full(..., alphas[index])`; sigma is
 formed in float64 (the original mixes numpy float64 and torch float32 there) and then rounded.
 """
+from __future__ import annotations
+
 import functools
 from dataclasses import dataclass
 

@@ -3,32 +3,36 @@
 With models/control_sd15_canny.pth it runs the graded call on the fastest back-end; without it, it
 makes the tiny synthetic checkpoint and runs the same call at a small resolution on the CPU.
 """
+from __future__ import annotations
+
 import argparse
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
-import skimage.data
 
-from .checkpoint import DEFAULT_CHECKPOINT
 from .config import TINY
+from .image import stand_in_photo
+from .optional import optional
+from .paths import OUTPUTS_DIR, PROJECT_ROOT, default_checkpoint
 from .pipeline import GRADED_CALL
 from .synthetic import synthetic_state_dict, write_checkpoint
 
-TINY_CHECKPOINT = Path("models/tiny.pth")
+TINY_CHECKPOINT = PROJECT_ROOT / "models" / "tiny.pth"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default=None, help="reference | torch | trt (default: fastest available)")
-    ap.add_argument("--out", type=Path, default=Path("outputs/demo.png"))
+    ap.add_argument("--out", type=Path, default=OUTPUTS_DIR / "demo.png")
     args = ap.parse_args(argv)
 
-    if DEFAULT_CHECKPOINT.is_file():
-        checkpoint, config, resolution = DEFAULT_CHECKPOINT, "sd15", 256
+    checkpoint = default_checkpoint()
+    if checkpoint.is_file():
+        config, resolution = "sd15", 256
     else:
-        print(f"{DEFAULT_CHECKPOINT} not found: using the tiny synthetic checkpoint {TINY_CHECKPOINT}")
+        print(f"{checkpoint} not found: using the tiny synthetic checkpoint {TINY_CHECKPOINT}")
         if not TINY_CHECKPOINT.is_file():
             write_checkpoint(synthetic_state_dict(TINY, seed=0), TINY_CHECKPOINT)
         checkpoint, config, resolution = TINY_CHECKPOINT, "tiny", 64
@@ -38,7 +42,9 @@ def main(argv=None) -> None:
 
     h = hackathon(backend=args.backend, checkpoint=checkpoint, config=config)
     h.initialize()
-    image = cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR)
+    skimage_data = optional("skimage.data", "the demo uses a generated test pattern instead of its cat photo")
+    image = (cv2.cvtColor(skimage_data.chelsea(), cv2.COLOR_RGB2BGR) if skimage_data is not None
+             else stand_in_photo((300, 451, 3)))
     result = h.process(image, **{**GRADED_CALL, "prompt": "a cat", "image_resolution": resolution})[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), np.concatenate([cv2.resize(image, result.shape[1::-1]), result], axis=1))

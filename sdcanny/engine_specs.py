@@ -6,12 +6,22 @@ batch of 2, the guidance pair [cond, uncond] of one image. Shapes are functions 
 (default the graded 256x384, latent 32x48) and of the model config, so the tiny test model uses
 the same table. Engines are fp32 at their inputs and outputs whatever their precision: TensorRT
 converts inside the engine, the caller never handles fp16.
+
+Two ways to get an fp16 engine, one per TensorRT generation ("typing"):
+  weak    an fp32 ONNX graph, built with BuilderFlag.FP16; the layers that must stay fp32 are
+          pinned by the builder (TensorRT 8.6 and 10.x; 11 removed this)
+  strong  an fp16 ONNX graph with explicit fp32 islands (networks.to_mixed_precision), built as a
+          strongly typed network: the file decides every type (TensorRT 10.x and 11.x)
+`TARGETS` says which each TensorRT offers and which ONNX opset its parser takes.
 """
+from __future__ import annotations
+
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Tuple
 
 import onnx
 
@@ -20,7 +30,41 @@ from .config import ModelConfig
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 384
 GUIDANCE_BATCH = 2  # [cond, uncond]
 PRECISIONS = ("fp16", "fp32")
+TYPINGS = ("weak", "strong")
 ENGINE_NAMES = ("clip", "union", "vae")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one TensorRT generation takes: the highest ONNX opset its parser reads (8.6 stops at 17),
+    and the typings it builds, the first being its default."""
+    opset: int
+    typings: tuple
+
+
+TARGETS = {"8.6": Target(opset=17, typings=("weak",)),
+           "10": Target(opset=18, typings=("weak", "strong")),
+           "11": Target(opset=18, typings=("strong",))}
+DOCKER_TARGET = "8.6"  # the hackathon docker's TensorRT, and the default where none is installed
+
+
+def target_of(tensorrt_version: str) -> str:
+    """"8.6.1.6" -> "8.6", "10.13.3.9" -> "10", "11.4.0" -> "11"."""
+    major, minor = (int(x) for x in tensorrt_version.split(".")[:2])
+    if (major, minor) < (8, 6):
+        raise ValueError(f"TensorRT {tensorrt_version} is not supported: 8.6, 10.x or 11.x")
+    return "8.6" if major < 10 else str(min(major, 11))
+
+
+def installed_tensorrt_version() -> str | None:
+    """The installed TensorRT's version, or None. Imports tensorrt (a second or so) only when it is there."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt
+    except Exception:  # installed without its libraries (e.g. a bare bindings wheel): as good as absent
+        return None
+    return tensorrt.__version__
 
 
 @dataclass(frozen=True)
@@ -65,6 +109,12 @@ class EngineSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str  # fp16 or fp32
     fp32_from: tuple[str, ...] = ()  # inputs whose own computations stay fp32 in an fp16 engine
+    typing: str = "weak"  # see the module docstring
+
+    @property
+    def onnx_precision(self) -> str:
+        """fp16 only for a strongly typed fp16 engine; every other engine is built from fp32 ONNX."""
+        return "fp16" if self.typing == "strong" and self.precision == "fp16" else "fp32"
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -79,7 +129,8 @@ class EngineSpec:
         return [t.name for t in self.outputs]
 
     def onnx_path(self, engine_dir: Path) -> Path:
-        return Path(engine_dir) / f"{self.stem}.onnx"
+        suffix = ".fp16.onnx" if self.onnx_precision == "fp16" else ".onnx"
+        return Path(engine_dir) / f"{self.stem}{suffix}"
 
     def plan_path(self, engine_dir: Path) -> Path:
         return Path(engine_dir) / f"{self.stem}.plan"
@@ -90,10 +141,10 @@ class EngineSpec:
 
     def export_record_path(self, engine_dir: Path) -> Path:
         """JSON beside the .onnx: what it was exported from."""
-        return Path(engine_dir) / f"{self.stem}.onnx.json"
+        return self.onnx_path(engine_dir).with_name(self.onnx_path(engine_dir).name + ".json")
 
 
-ShapeOf = Callable[[Dims], tuple[int, ...]]
+ShapeOf = Callable[[Dims], Tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -134,8 +185,10 @@ ROWS = {row.name: row for row in TABLE}
 
 
 def engine_spec(name: str, cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                precision: str | None = None) -> EngineSpec:
+                precision: str | None = None, typing: str = "weak") -> EngineSpec:
     """The concrete spec of engine `name` for `cfg` at image size height x width."""
+    if typing not in TYPINGS:
+        raise ValueError(f"typing must be one of {TYPINGS}, got {typing!r}")
     if name not in ROWS:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINE_NAMES)}")
     row = ROWS[name]
@@ -145,18 +198,19 @@ def engine_spec(name: str, cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width
     d = dims(cfg, height, width)
     resolve = lambda items: tuple(TensorSpec(n, tuple(shape(d)), dtype) for n, dtype, shape in items)  # noqa: E731
     stem = f"{name}_{height}x{width}" if row.per_image_size else name
+    fp32_from = row.fp32_from if precision == "fp16" and typing == "weak" else ()  # strong: in the file
     return EngineSpec(name=name, stem=stem, inputs=resolve(row.inputs), outputs=resolve(row.outputs),
-                      precision=precision, fp32_from=row.fp32_from if precision == "fp16" else ())
+                      precision=precision, fp32_from=fp32_from, typing=typing)
 
 
 def engine_specs(cfg: ModelConfig, height: int = DEFAULT_HEIGHT, width: int = DEFAULT_WIDTH,
-                 precisions: dict[str, str] | None = None) -> dict[str, EngineSpec]:
+                 precisions: dict[str, str] | None = None, typing: str = "weak") -> dict[str, EngineSpec]:
     """All three engines; `precisions` overrides the table's default per engine name."""
     precisions = precisions or {}
     unknown = set(precisions) - set(ENGINE_NAMES)
     if unknown:
         raise ValueError(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINE_NAMES)}")
-    return {name: engine_spec(name, cfg, height, width, precisions.get(name)) for name in ENGINE_NAMES}
+    return {name: engine_spec(name, cfg, height, width, precisions.get(name), typing) for name in ENGINE_NAMES}
 
 
 def parse_precisions(items: list[str]) -> dict[str, str]:
@@ -205,6 +259,7 @@ def build_flags(spec: EngineSpec, tensorrt_version: str, gpu: str,
     """Everything besides the ONNX file that decides what engine the builder makes."""
     return {
         "precision": spec.precision,
+        "typing": spec.typing,
         "fp32_from": list(spec.fp32_from),
         "optimization_level": optimization_level,
         "input_shapes": {t.name: list(t.shape) for t in spec.inputs},  # static profile: min = opt = max
@@ -213,9 +268,15 @@ def build_flags(spec: EngineSpec, tensorrt_version: str, gpu: str,
     }
 
 
+def file_stats(paths: list[Path]) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns]}: enough to see, without reading gigabytes, that a file changed."""
+    return {Path(p).name: [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths}
+
+
 def write_build_record(spec: EngineSpec, engine_dir: Path, onnx_hash: str, flags: dict, seconds: float) -> None:
-    record = {"onnx": spec.onnx_path(engine_dir).name, "onnx_sha256": onnx_hash, "flags": flags,
-              "build_seconds": round(seconds, 1)}
+    record = {"onnx": spec.onnx_path(engine_dir).name, "onnx_sha256": onnx_hash,
+              "onnx_files": file_stats(external_data_files(spec.onnx_path(engine_dir))),
+              "flags": flags, "build_seconds": round(seconds, 1)}
     spec.build_record_path(engine_dir).write_text(json.dumps(record, indent=1))
 
 
@@ -244,4 +305,36 @@ def needs_rebuild(spec: EngineSpec, engine_dir: Path, flags: dict, onnx_hash: st
     changed = [f"{key} {built.get(key)!r} -> {value!r}" for key, value in flags.items() if built.get(key) != value]
     if changed:
         return "build flags changed: " + "; ".join(changed)
+    return None
+
+
+def built_spec(name: str, cfg: ModelConfig, engine_dir: Path, height: int = DEFAULT_HEIGHT,
+               width: int = DEFAULT_WIDTH) -> EngineSpec | None:
+    """The spec engine `name` was built with (its precision and typing are the build's choice, read
+    from its record), or None where there is no readable record."""
+    record = read_build_record(engine_spec(name, cfg, height, width), engine_dir)
+    flags = record.get("flags", {}) if record else {}
+    if flags.get("precision") not in PRECISIONS or flags.get("typing", "weak") not in TYPINGS:
+        return None
+    return engine_spec(name, cfg, height, width, flags["precision"], flags.get("typing", "weak"))
+
+
+def engine_stale_reason(spec: EngineSpec, engine_dir: Path, tensorrt_version: str, gpu: str) -> str | None:
+    """At load time, without hashing: None if the .plan and its record are there, were built by this
+    TensorRT for this GPU, and the ONNX files they were built from (where still present) have the
+    size and modification time the build recorded; else what is wrong."""
+    plan_path = spec.plan_path(engine_dir)
+    if not plan_path.is_file():
+        return f"{plan_path.name} does not exist"
+    record = read_build_record(spec, engine_dir)
+    if record is None:
+        return f"{spec.build_record_path(engine_dir).name} is missing or unreadable"
+    built = record.get("flags", {})
+    for key, now in (("tensorrt_version", tensorrt_version), ("gpu", gpu)):
+        if built.get(key) != now:
+            return f"built for {key.replace('_', ' ')} {built.get(key)!r}, this is {now!r}"
+    for name, stat in record.get("onnx_files", {}).items():
+        path = Path(engine_dir) / name
+        if path.is_file() and list(file_stats([path])[name]) != list(stat):
+            return f"{name} changed since the engine was built"
     return None

@@ -19,6 +19,8 @@ be compiled with TorchInductor first; its cache lives in engines/ so a warm star
 
     python3 -m sdcanny.fast --prepare     # fill the compile cache at the graded shape (preprocess.sh)
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import functools
@@ -29,13 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import compat
 from .checkpoint import Networks
 from .ddim import ddim_step
+from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls
 from .pipeline import GenerationRequest, draw_noise
 from .reference import to_uint8_hwc
 
-DEFAULT_CACHE_DIR = Path("engines/torch_inductor_cache")
+DEFAULT_CACHE_DIR = DEFAULT_ENGINE_DIR / "torch_inductor_cache"
 
 
 # Per-step values packed in one fp32 row, so that every step passes the compiled function a
@@ -139,12 +143,21 @@ class FastTorchBackend:
         self.parts = (control_residuals, unet_encode, unet_decode_and_step)
         self.decode_fn = self._decode
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.notes: list[str] = []  # one line each, printed by initialize()
+        unavailable = compat.compile_unavailable_reason() if compile is not None else None
+        if unavailable is not None:
+            self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
+            compile = None
         if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
-            options = dict(fullgraph=True, dynamic=False, options=self.COMPILE_MODES[compile])
+            inductor, dropped = compat.inductor_options(self.COMPILE_MODES[compile])
+            if dropped:
+                self.notes.append(f"TorchInductor options this torch lacks, not used: {', '.join(dropped)}")
+            options = dict(fullgraph=True, dynamic=False, options=inductor)
             self.parts = tuple(torch.compile(fn, **options) for fn in self.parts)
             self.decode_fn = torch.compile(self._decode, **options)
+        self.compiled = compile
         self.runs: dict[tuple, tuple[Buffers, list]] = {}
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
         self.step_callback = None  # optional f(i, x) after step i (0 = noisiest); runs the loop uncaptured
@@ -288,7 +301,7 @@ def prepare(checkpoint: Path, config: str = "sd15") -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Prepare the fast PyTorch back-end (compile cache).")
     ap.add_argument("--prepare", action="store_true", required=True)
-    ap.add_argument("--checkpoint", type=Path, default=Path("models/control_sd15_canny.pth"))
+    ap.add_argument("--checkpoint", type=Path, default=default_checkpoint())
     ap.add_argument("--config", default="sd15")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

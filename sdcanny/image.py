@@ -1,4 +1,6 @@
 """Image pre-processing exactly as lllyasviel/ControlNet's annotator.util and CannyDetector."""
+from __future__ import annotations
+
 import cv2
 import numpy as np
 
@@ -16,6 +18,19 @@ def validate_image(image) -> None:
                          "grayscale or RGBA first, e.g. cv2.cvtColor(img, cv2.COLOR_GRAY2BGR / COLOR_BGRA2BGR)")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"input_image is empty: shape {image.shape}")
+
+
+def stand_in_photo(shape: tuple[int, int, int], variant: int = 0) -> np.ndarray:
+    """A stand-in photo (gradients and a few shapes, so Canny finds edges), BGR uint8: for warm-up
+    calls, and for demos and scoring where scikit-image's photographs are not installed.
+    `variant` moves the shapes, so that different variants give different edge maps."""
+    h, w, _ = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], axis=-1).astype(np.uint8)
+    shift = variant * w // 7
+    cv2.circle(img, ((w // 3 + shift) % w, h // 2), h // 4, (255, 255, 255), -1)
+    cv2.rectangle(img, (w // 2 - shift // 2, h // 4), (w - 20, h - 20 - variant * h // 16), (20, 40, 200), 5)
+    return img
 
 
 def hwc3(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ pytorch-fid needs torchvision and downloads its weights on first use. Nothing he
 `pd_unavailable_reason()` says in one line why PD cannot be computed, and callers print that
 instead of a number.
 """
+from __future__ import annotations
+
 import importlib
 import importlib.util
 import io
@@ -38,24 +40,32 @@ def _as_uint8_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB over all pixels and channels, data range 255; inf for identical images
-    (scikit-image's peak_signal_noise_ratio, without its divide-by-zero warning)."""
+    (scikit-image's peak_signal_noise_ratio, computed here so scikit-image stays optional)."""
     a, b = _as_uint8_pair(a, b)
-    if np.array_equal(a, b):
-        return math.inf
-    from skimage.metrics import peak_signal_noise_ratio
-    return float(peak_signal_noise_ratio(a, b, data_range=255))
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM (scikit-image, 7x7 uniform window, per channel, data range 255); 1 when identical."""
+def ssim(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
+    """Mean SSIM as scikit-image's structural_similarity computes it by default (7x7 uniform
+    window, sample covariance, K1 = 0.01, K2 = 0.03, data range 255, each channel separately,
+    the border of half a window left out); 1 when identical. Computed with OpenCV box filters
+    so scikit-image stays optional."""
     a, b = _as_uint8_pair(a, b)
-    from skimage.metrics import structural_similarity
-    win = min(7, min(a.shape[:2]))
+    win = min(win, min(a.shape[:2]))
     win -= 1 - win % 2  # the window must be odd
     if win < 3:
         raise ValueError(f"image {a.shape} is too small for SSIM")
-    return float(structural_similarity(a, b, data_range=255, channel_axis=2 if a.ndim == 3 else None,
-                                       win_size=win))
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    mean = lambda img: cv2.blur(img, (win, win), borderType=cv2.BORDER_REFLECT)  # noqa: E731
+    mx, my = mean(x), mean(y)
+    sample = win * win / (win * win - 1.0)
+    vx, vy, vxy = (sample * (mean(x * x) - mx * mx), sample * (mean(y * y) - my * my),
+                   sample * (mean(x * y) - mx * my))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    pad = (win - 1) // 2
+    return float(s[pad:s.shape[0] - pad, pad:s.shape[1] - pad].mean())
 
 
 def abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -124,6 +134,8 @@ def pd_unavailable_reason(hub_dir: Path | None = None) -> str | None:
     module, reason = _import_pytorch_fid()
     if module is None:
         return reason
+    if importlib.util.find_spec("PIL") is None:
+        return "Pillow is not installed (the hackathon's PD read its JPEGs with PIL)"
     weights = inception_weights_path(getattr(module, "FID_WEIGHTS_URL", FID_WEIGHTS_URL), hub_dir)
     if not weights.is_file():
         return (f"the FID Inception weights are not in the torch hub cache: {weights} is missing "

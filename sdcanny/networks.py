@@ -12,6 +12,8 @@ The maths follows lllyasviel/ControlNet (ldm/, cldm/) and HF transformers' CLIPT
 the same normalisation epsilons, activation functions and order of operations, so that the
 fp32 result matches the original to rounding. No TensorRT, no checkpoint I/O in this file.
 """
+from __future__ import annotations
+
 import math
 
 import torch
@@ -23,6 +25,35 @@ from .config import ClipConfig, UNetConfig, VAEConfig
 # A finite stand-in for -inf in the CLIP causal mask: exp() of it underflows to exactly 0 in
 # fp32 and fp16, and unlike -inf it cannot turn into NaN (-inf - -inf) in a fused fp16 kernel.
 CAUSAL_MASK_VALUE = -1e4
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v over (B, heads, N, d). Running, SDPA picks a fused kernel.
+    In an ONNX export the same maths is written out as MatMul, Mul, (Add,) Softmax, MatMul: torch
+    2.0 has no ONNX form of SDPA, and this is the pattern TensorRT (8.6 through 11) matches to
+    its fused multi-head-attention kernels."""
+    if not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+class GroupNorm(nn.GroupNorm):
+    """Computes in its parameters' dtype. In a network of one dtype that is plain GroupNorm; with
+    fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
+    in fp32, the result cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Computes in its parameters' dtype, like GroupNorm above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +73,7 @@ class ClipAttention(nn.Module):
         b, n, c = x.shape
         q, k, v = (p(x).view(b, n, self.heads, c // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -60,9 +91,9 @@ class ClipMLP(nn.Module):
 class ClipLayer(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(width)
+        self.layer_norm1 = LayerNorm(width)
         self.self_attn = ClipAttention(width, heads)
-        self.layer_norm2 = nn.LayerNorm(width)
+        self.layer_norm2 = LayerNorm(width)
         self.mlp = ClipMLP(width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +123,7 @@ class ClipTextModel(nn.Module):
         super().__init__()
         self.embeddings = ClipEmbeddings(cfg)
         self.encoder = ClipEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.width)
+        self.final_layer_norm = LayerNorm(cfg.width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
@@ -116,8 +147,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=eps)
+def group_norm(channels: int, eps: float = 1e-5) -> GroupNorm:
+    return GroupNorm(32, channels, eps=eps)
 
 
 class TimeEmbed(nn.Sequential):
@@ -145,7 +176,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
+        # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
+        h = h + self.emb_layers(emb.to(self.emb_layers[1].weight.dtype)).to(h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -178,7 +210,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = (p.reshape(b, p.shape[1], self.heads, -1).transpose(1, 2) for p in self.project(x, context))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -207,9 +239,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = CrossAttention(dim, dim, heads)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
 
     def fuse_projections(self) -> None:
         self.attn1.fuse_projections(self_attention=True)
@@ -407,8 +439,8 @@ class ControlNet(nn.Module):
 # VAE decoder (ldm/modules/diffusionmodules/model.py Decoder, attn_resolutions [])
 # ----------------------------------------------------------------------------------------------
 
-def vae_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
+def vae_norm(channels: int) -> GroupNorm:
+    return GroupNorm(32, channels, eps=1e-6)
 
 
 class VAEResnetBlock(nn.Module):
@@ -443,7 +475,7 @@ class VAEAttnBlock(nn.Module):
         b, c, h, w = x.shape
         n = self.norm(x)
         q, k, v = (p(n).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        out = attention(q, k, v)[:, 0]
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 
@@ -528,3 +560,26 @@ class UnionModel(nn.Module):
 def scale_controls(controls: list[torch.Tensor], control_scales: torch.Tensor) -> list[torch.Tensor]:
     """Residual i of sample b times control_scales[b, i]."""
     return [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision: an fp16 network with explicit fp32 islands
+# ----------------------------------------------------------------------------------------------
+
+def fp32_islands(module: nn.Module) -> list[nn.Module]:
+    """The submodules that compute in fp32 in a reduced-precision network: every normalisation
+    (statistics over thousands of values; ldm's own UNet runs its GroupNorms in fp32), the time
+    embedding MLPs (cos/sin of t * freq for t up to 999 is off by up to 0.25 rad in fp16) and each
+    ResBlock's projection of that embedding. All of it is a few percent of the work at most."""
+    islands = [m for m in module.modules() if isinstance(m, (GroupNorm, LayerNorm, TimeEmbed))]
+    return islands + [m.emb_layers for m in module.modules() if isinstance(m, ResBlock)]
+
+
+def to_mixed_precision(module: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """`module` in `dtype`, its `fp32_islands` in fp32 (in place). The islands cast their inputs
+    and outputs themselves, so an ONNX export of the result holds the casts explicitly: what a
+    strongly typed TensorRT network needs."""
+    module.to(dtype)
+    for island in fp32_islands(module):
+        island.float()
+    return module

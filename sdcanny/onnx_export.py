@@ -1,16 +1,24 @@
-"""fp32 ONNX graphs of the three engines in `engine_specs`, checked and compared with PyTorch.
+"""ONNX graphs of the three engines in `engine_specs`, checked and compared with PyTorch.
 
 For each engine: wrap the network so that its inputs and outputs are exactly the spec's, export
-it with torch.onnx (opset 18), simplify it with onnxsim working from the file (so a >2 GB graph
-never has to fit in one protobuf; onnxslim is the fallback), save it as one file, or over 2 GB as
-`<stem>.onnx` plus one `<stem>.onnx.data`, run onnx.checker and shape inference, check that its
-inputs and outputs match the spec and that no constant is infinite, and run it in onnxruntime
-against PyTorch on seeded random inputs. TensorRT later builds fp16 (or fp32) engines from these
-fp32 files.
+it with torch.onnx's TorchScript exporter at the target TensorRT's opset (17 for 8.6, 18 for 10
+and 11), simplify it where onnxsim or onnxslim is installed (onnxsim works from the file, so a
+>2 GB graph never has to fit in one protobuf), save it as one file, or over 2 GB as `<stem>.onnx`
+plus one `<stem>.onnx.data`, run onnx.checker and shape inference, check that its inputs and
+outputs match the spec and that no constant is infinite, and, where onnxruntime is installed, run
+it against PyTorch on seeded random inputs.
+
+The graphs are fp32 (TensorRT 8.6 / 10 build fp16 engines from them, weakly typed) except for a
+strongly typed fp16 engine, whose graph is exported in fp16 with explicit fp32 islands
+(`networks.to_mixed_precision`) and compared with the fp32 PyTorch module at fp16's tolerance.
 
 A JSON record beside each .onnx says what it was exported from, so a re-run of preprocess.sh
 skips graphs that are already current.
 """
+from __future__ import annotations
+
+import copy
+import inspect
 import json
 import shutil
 import tempfile
@@ -25,14 +33,24 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import nn
 
+from . import compat
 from .checkpoint import Networks
 from .config import ModelConfig
-from .engine_specs import EngineSpec, file_sha256, onnx_sha256
-from .networks import ControlNet, UnionModel, UNet
+from .engine_specs import DOCKER_TARGET, TARGETS, EngineSpec, file_sha256, onnx_sha256
+from .networks import ControlNet, UnionModel, UNet, to_mixed_precision
+from .optional import installed, optional
 
-OPSET = 18
 PROTOBUF_LIMIT = 2 ** 31  # a single .onnx protobuf cannot exceed 2 GB; larger models keep weights outside
 PARITY_TOLERANCE = 1e-4  # fp32 onnxruntime vs PyTorch: max abs error / max abs output
+# fp16 graph (fp32 islands) vs the fp32 PyTorch module: float outputs within 1% relative L2 (fp16
+# keeps 11 significant bits; errors add up over ~100 layers); uint8 images off by a few levels
+FP16_RELATIVE_L2 = 1e-2
+FP16_IMAGE_MEAN_ABS = 1.0
+
+
+def opset_for(target: str = DOCKER_TARGET) -> int:
+    """The target TensorRT's opset, or lower where this torch's exporter stops earlier."""
+    return min(TARGETS[target].opset, compat.max_onnx_opset())
 _SOURCES = ("networks.py", "onnx_export.py", "engine_specs.py")
 
 
@@ -61,8 +79,9 @@ class UnionGraph(nn.Module):
         self.union = UnionModel(controlnet, unet)
 
     def forward(self, latent, timestep, context, hint, control_scales) -> torch.Tensor:
-        hint_features = self.union.controlnet.embed_hint(hint)
-        return self.union(latent, timestep, context, hint_features, control_scales)
+        dtype = self.union.unet.out[2].weight.dtype  # fp32 inputs and output whatever the graph computes in
+        hint_features = self.union.controlnet.embed_hint(hint.to(dtype))
+        return self.union(latent.to(dtype), timestep, context.to(dtype), hint_features, control_scales).float()
 
 
 class VaeGraph(nn.Module):
@@ -76,14 +95,17 @@ class VaeGraph(nn.Module):
         self.vae = nets.vae
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        image = self.vae(latent).permute(0, 2, 3, 1) * 127.5 + 127.5
+        image = self.vae(latent.to(self.vae.post_quant_conv.weight.dtype)).float().permute(0, 2, 3, 1) * 127.5 + 127.5
         return torch.floor(image.clamp(0.0, 255.0)).to(torch.uint8)
 
 
-def graph_module(name: str, nets: Networks) -> nn.Module:
+def graph_module(name: str, nets: Networks, precision: str = "fp32") -> nn.Module:
+    """The graph of engine `name`; for precision "fp16", an fp16 copy with fp32 islands (the
+    networks in `nets` are not changed)."""
     modules = {"clip": lambda: ClipGraph(nets), "union": lambda: UnionGraph(nets.controlnet, nets.unet),
                "vae": lambda: VaeGraph(nets)}
-    return modules[name]().eval()
+    module = modules[name]().eval()
+    return to_mixed_precision(copy.deepcopy(module)) if precision == "fp16" else module
 
 
 def sample_inputs(spec: EngineSpec, cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -105,7 +127,7 @@ def sample_inputs(spec: EngineSpec, cfg: ModelConfig, seed: int = 0) -> dict[str
 # ----------------------------------------------------------------------------------------------
 
 def torch_export(module: nn.Module, spec: EngineSpec, inputs: dict[str, torch.Tensor], path: Path,
-                 opset: int = OPSET) -> None:
+                 opset: int) -> None:
     """TorchScript-based torch.onnx export: seconds where the dynamo exporter takes a minute on
     these graphs, and it writes >2 GB models with external data by itself (SD1.5 union: 48 s, 6 GB
     peak). It is deprecated in favour of the dynamo exporter, hence the silenced deprecation
@@ -113,26 +135,65 @@ def torch_export(module: nn.Module, spec: EngineSpec, inputs: dict[str, torch.Te
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(module, tuple(inputs[n] for n in spec.input_names), str(path), dynamo=False,
+        torch.onnx.export(module, tuple(inputs[n] for n in spec.input_names), str(path),
                           input_names=spec.input_names, output_names=spec.output_names, opset_version=opset,
-                          do_constant_folding=True)
+                          do_constant_folding=True, **compat.onnx_export_kwargs())
+
+
+def export_fp16(module: nn.Module, spec: EngineSpec, inputs: dict[str, torch.Tensor], path: Path, opset: int) -> None:
+    """The fp16 graph is traced on a CUDA GPU where there is one, else on the CPU where this torch
+    has fp16 convolutions there (torch 2.0 has not)."""
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif compat.cpu_runs_fp16_convolutions():
+        device = "cpu"
+    else:
+        raise RuntimeError(f"torch {torch.__version__} has no fp16 convolutions on the CPU, which tracing the strongly "
+                           "typed fp16 graph needs: export it on a machine with a CUDA GPU or a newer torch")
+    try:
+        torch_export(module.to(device), spec, {k: v.to(device) for k, v in inputs.items()}, path, opset)
+    finally:
+        module.to("cpu")
 
 
 def simplify_file(source: Path, target: Path) -> str:
     """Simplify `source` into `target` (both .onnx paths, weights wherever the tool puts them);
-    returns the tool used. onnxsim works from the file, so a >2 GB graph never has to fit in
-    one protobuf (measured on the SD1.5 union graph: 31 s, 6.3 GB peak); onnxslim is the fallback."""
-    try:
-        import onnxsim
-        _, ok = onnxsim.simplify(str(source), check_n=0, output_path=str(target))  # parity is checked below
-        if ok and target.is_file():
-            return "onnxsim"
-        print("  onnxsim did not produce a model; using onnxslim")
-    except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++; onnxslim may still work
-        print(f"  onnxsim failed ({type(exc).__name__}: {str(exc)[:200]}); using onnxslim")
-    import onnxslim
-    onnxslim.slim(str(source), str(target), save_as_external_data=external_bytes(source) >= PROTOBUF_LIMIT)
-    return "onnxslim"
+    returns the tool used, or "none" (the exporter's constant-folded graph, copied) where no
+    simplifier is installed or able. onnxsim is preferred: it works from the file, so a >2 GB
+    graph never has to fit in one protobuf (SD1.5 union graph: 31 s, 6.3 GB peak); onnxslim
+    needed over 15 GB there and then hit protobuf's 2 GB limit."""
+    large = external_bytes(source) >= PROTOBUF_LIMIT
+    onnxsim = optional("onnxsim", "the exported graphs are not simplified (TensorRT folds them itself)")
+    if onnxsim is not None:
+        try:
+            if "output_path" in inspect.signature(onnxsim.simplify).parameters:
+                _, ok = onnxsim.simplify(str(source), check_n=0, output_path=str(target))  # parity is checked below
+            elif not large:  # 2023 releases take and return an in-memory model only
+                model, ok = onnxsim.simplify(onnx.load(str(source)), check_n=0)
+                if ok:
+                    onnx.save_model(model, str(target))
+            else:
+                ok = False
+                print("  this onnxsim cannot simplify a >2 GB graph from its file")
+            if ok and target.is_file():
+                return "onnxsim"
+            print("  onnxsim did not produce a model")
+        except Exception as exc:  # onnxsim raises bare RuntimeErrors from C++; the graph is usable unsimplified
+            print(f"  onnxsim failed ({type(exc).__name__}: {str(exc)[:200]})")
+    if installed("onnxslim") and not large:
+        import onnxslim
+        onnxslim.slim(str(source), str(target))
+        return "onnxslim"
+    save_copy(source, target)
+    return "none"
+
+
+def save_copy(source: Path, target: Path) -> None:
+    """`source` saved again as `target`, external data (if any) gathered into one file beside it."""
+    large = external_bytes(source) >= PROTOBUF_LIMIT
+    model = onnx.load(str(source))
+    onnx.save_model(model, str(target), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=target.name + ".data", size_threshold=1024)
 
 
 def external_data_path(onnx_path: Path) -> Path:
@@ -248,6 +309,8 @@ def check_graph(path: Path, spec: EngineSpec) -> None:
 
 
 def run_onnxruntime(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The graph's outputs from onnxruntime's CPU provider (which runs an fp16 graph's ops that
+    lack fp16 kernels in fp32, inserting casts)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # follows OMP_NUM_THREADS
@@ -261,36 +324,49 @@ class Parity:
     output: str
     max_abs_error: float
     output_scale: float  # max |PyTorch output|
-    mismatched_fraction: float  # elements that differ at all (integer outputs: by at most 1)
+    mismatched_fraction: float  # elements that differ at all
+    relative_l2: float  # ||got - expected|| / ||expected||
+    mean_abs_error: float
     ok: bool
 
     def describe(self) -> str:
         rel = self.max_abs_error / self.output_scale if self.output_scale else 0.0
-        return (f"{self.output}: max abs error {self.max_abs_error:.3g} (relative {rel:.2g}), "
-                f"{100 * self.mismatched_fraction:.3g}% elements differ -> {'OK' if self.ok else 'FAILED'}")
+        return (f"{self.output}: max abs error {self.max_abs_error:.3g} (relative {rel:.2g}), relative L2 "
+                f"{self.relative_l2:.2g}, {100 * self.mismatched_fraction:.3g}% elements differ "
+                f"-> {'OK' if self.ok else 'FAILED'}")
 
 
-def compare(name: str, reference: np.ndarray, got: np.ndarray) -> Parity:
-    """Float outputs: max abs error <= 1e-4 x max |reference|. Integer (uint8 image) outputs: the
-    floor before the cast turns a ~1e-6 float difference into 1 where a value sits on an integer,
-    so they may differ by 1 in at most 0.1% of the elements."""
+def compare(name: str, reference: np.ndarray, got: np.ndarray, fp16: bool = False) -> Parity:
+    """fp32 graphs: float outputs within 1e-4 x max |reference|; integer (uint8 image) outputs off
+    by 1 in at most 0.1% of the elements (the floor before the cast turns a ~1e-6 float difference
+    into 1 where a value sits on an integer). fp16 graphs against the fp32 module: float outputs
+    within FP16_RELATIVE_L2, images within FP16_IMAGE_MEAN_ABS levels on average."""
     if reference.shape != got.shape or reference.dtype != got.dtype:
-        return Parity(name, float("inf"), 0.0, 1.0, False)
+        return Parity(name, float("inf"), 0.0, 1.0, float("inf"), float("inf"), False)
     diff = np.abs(reference.astype(np.float64) - got.astype(np.float64))
-    err, scale, frac = float(diff.max()), float(np.abs(reference).max()), float((diff > 0).mean())
-    if np.issubdtype(reference.dtype, np.integer):
-        ok = err <= 1 and frac <= 1e-3
+    err, scale, frac, mean = float(diff.max()), float(np.abs(reference).max()), float((diff > 0).mean()), float(diff.mean())
+    norm = float(np.linalg.norm(reference.astype(np.float64)))
+    rel_l2 = float(np.linalg.norm(diff)) / norm if norm else float(err > 0)
+    integer = np.issubdtype(reference.dtype, np.integer)
+    finite = integer or bool(np.isfinite(got).all())
+    if fp16:
+        ok = finite and (mean <= FP16_IMAGE_MEAN_ABS if integer else rel_l2 <= FP16_RELATIVE_L2)
     else:
-        ok = bool(np.isfinite(got).all()) and err <= PARITY_TOLERANCE * max(scale, 1e-6)
-    return Parity(name, err, scale, frac, ok)
+        ok = finite and (err <= 1 and frac <= 1e-3 if integer else err <= PARITY_TOLERANCE * max(scale, 1e-6))
+    return Parity(name, err, scale, frac, rel_l2, mean, ok)
 
 
 def parity(module: nn.Module, path: Path, spec: EngineSpec, inputs: dict[str, torch.Tensor]) -> list[Parity]:
+    """onnxruntime on the graph at `path` against `module` (fp32 PyTorch) on the same inputs; [] with
+    a line saying so where onnxruntime is not installed."""
+    if optional("onnxruntime", "the ONNX graphs are not compared with PyTorch (run polygraphy or "
+                               "install onnxruntime for that check)") is None:
+        return []
     with torch.no_grad():
         expected = module(*(inputs[n] for n in spec.input_names))
     expected = dict(zip(spec.output_names, [expected] if torch.is_tensor(expected) else expected))
     got = run_onnxruntime(path, inputs)
-    return [compare(n, expected[n].numpy(), got[n]) for n in spec.output_names]
+    return [compare(n, expected[n].numpy(), got[n], fp16=spec.onnx_precision == "fp16") for n in spec.output_names]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +388,8 @@ def export_record(spec: EngineSpec, cfg: ModelConfig, checkpoint: Path, opset: i
     record = {
         "config": cfg.name, "inputs": [asdict(t) for t in spec.inputs], "outputs": [asdict(t) for t in spec.outputs],
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_bytes": stat.st_size,
-        "checkpoint_mtime_ns": stat.st_mtime_ns, "opset": opset, "torch": torch.__version__,
+        "checkpoint_mtime_ns": stat.st_mtime_ns, "opset": opset, "onnx_precision": spec.onnx_precision,
+        "torch": torch.__version__,
         "code_sha256": CODE_SHA256,
     }
     return json.loads(json.dumps(record))  # as it reads back from the file (tuples become lists)
@@ -353,7 +430,7 @@ class ExportResult:
 
 
 def export_graph(spec: EngineSpec, nets: Networks, cfg: ModelConfig, engine_dir: Path, checkpoint: Path,
-                 check_parity: bool = True, seed: int = 0, opset: int = OPSET) -> ExportResult:
+                 check_parity: bool = True, seed: int = 0, opset: int | None = None) -> ExportResult:
     """Export, simplify, save, check and compare one engine's graph; writes its record last, so an
     interrupted export is redone on the next run."""
     start = time.perf_counter()
@@ -361,12 +438,16 @@ def export_graph(spec: EngineSpec, nets: Networks, cfg: ModelConfig, engine_dir:
     engine_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = spec.onnx_path(engine_dir)
     spec.export_record_path(engine_dir).unlink(missing_ok=True)
+    opset = opset or opset_for()
     module = graph_module(spec.name, nets)
     inputs = sample_inputs(spec, cfg, seed)
     # the raw export of a >2 GB model is one file per tensor: keep that in a scratch folder
     with tempfile.TemporaryDirectory(dir=engine_dir, prefix=f".export_{spec.stem}_") as tmp:
         raw_path, simplified_path = Path(tmp) / "raw.onnx", Path(tmp) / "simplified.onnx"
-        torch_export(module, spec, inputs, raw_path, opset)
+        if spec.onnx_precision == "fp16":
+            export_fp16(graph_module(spec.name, nets, "fp16"), spec, inputs, raw_path, opset)
+        else:
+            torch_export(module, spec, inputs, raw_path, opset)
         simplifier = simplify_file(raw_path, simplified_path)
         files = move_into_place(simplified_path, onnx_path)
     check_graph(onnx_path, spec)
@@ -374,8 +455,8 @@ def export_graph(spec: EngineSpec, nets: Networks, cfg: ModelConfig, engine_dir:
     failed = [r.describe() for r in results if not r.ok]
     if failed:
         raise ValueError(f"{onnx_path} differs from PyTorch: " + "; ".join(failed))
-    record = export_record(spec, cfg, checkpoint, opset) | {"onnx_sha256": onnx_sha256(onnx_path),
-                                                            "simplifier": simplifier}
+    record = {**export_record(spec, cfg, checkpoint, opset), "onnx_sha256": onnx_sha256(onnx_path),
+              "simplifier": simplifier}
     spec.export_record_path(engine_dir).write_text(json.dumps(record, indent=1))
     return ExportResult(spec, files, simplifier, time.perf_counter() - start, results)
 
@@ -387,10 +468,11 @@ def remove_scratch(engine_dir: Path) -> None:
 
 
 def export_all(specs: list[EngineSpec], cfg: ModelConfig, checkpoint: Path, engine_dir: Path, force: bool = False,
-               skip_parity: tuple[str, ...] = (), seed: int = 0, opset: int = OPSET) -> list[ExportResult]:
+               skip_parity: tuple[str, ...] = (), seed: int = 0, opset: int | None = None) -> list[ExportResult]:
     """Export every spec whose .onnx is missing or out of date (all of them with `force`)."""
     from .checkpoint import load_networks
     remove_scratch(engine_dir)
+    opset = opset or opset_for()
     todo = []
     for spec in specs:
         reason = "--force" if force else reexport_reason(spec, engine_dir, export_record(spec, cfg, checkpoint, opset))
@@ -410,6 +492,7 @@ def export_all(specs: list[EngineSpec], cfg: ModelConfig, checkpoint: Path, engi
         for p in result.parity:
             print(f"[export] {spec.name}: onnxruntime vs PyTorch {p.describe()}")
         if not result.parity:
-            print(f"[export] {spec.name}: parity check skipped (--skip-parity)")
+            why = "--skip-parity" if spec.name in skip_parity else "onnxruntime is not installed"
+            print(f"[export] {spec.name}: parity check skipped ({why})")
         results.append(result)
     return results

@@ -5,6 +5,8 @@ networks: input checks, HWC3 / resize / Canny, the control hint, seeding, prompt
 tokenization, the DDIM schedule and control scales. A back-end turns the resulting
 `GenerationRequest` into images; they differ only in how the networks are executed.
 """
+from __future__ import annotations
+
 import random
 import time
 from dataclasses import dataclass

@@ -5,6 +5,8 @@ separate calls, draws a fresh noise tensor at every step (scaled by sigma, so it
 for eta > 0), and decodes with the VAE at the end. Everything else in the project is measured
 against this.
 """
+from __future__ import annotations
+
 import numpy as np
 import torch
 

@@ -10,6 +10,8 @@ Flow of `run(options)`:
   5. the report: images, score.json, summary.md, contact_sheet.png.
 Back-ends are loaded one after the other and freed in between, so GPU memory is the candidate's.
 """
+from __future__ import annotations
+
 import gc
 import hashlib
 import json
@@ -27,15 +29,16 @@ from typing import Callable
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import metrics
 from .backends import BACKENDS, fastest_available, unavailable_reason
-from .checkpoint import CheckpointError, DEFAULT_CHECKPOINT, missing_checkpoint_message
+from .checkpoint import CheckpointError, missing_checkpoint_message
+from .optional import optional, progress
 from .config import CONFIGS
 from .ddim import ddim_timesteps
-from .image import canny, hwc3, resize_image
-from .pipeline import GRADED_CALL
+from .image import canny, hwc3, resize_image, stand_in_photo
+from .paths import OUTPUTS_DIR, default_checkpoint
+from .pipeline import GRADED_CALL, GRADED_IMAGE_SHAPE
 
 # The hackathon's call (sdcanny.pipeline.GRADED_CALL), split into its prompts and the rest.
 HACKATHON_PROMPT = GRADED_CALL["prompt"]
@@ -55,7 +58,7 @@ BUILTIN_IMAGES = (
     ("motorcycle", "stereo_motorcycle", "a motorcycle"),
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-DEFAULT_CACHE_DIR = Path("outputs/reference-cache")
+DEFAULT_CACHE_DIR = OUTPUTS_DIR / "reference-cache"
 FINGERPRINT_CHUNK = 4 << 20  # bytes hashed at each end of the checkpoint
 CACHE_VERSION = 1
 DIFF_GAIN = 10
@@ -77,7 +80,7 @@ class TestImage:
 class ScoreOptions:
     backend: str | None = None  # None: the fastest available
     against: str = "reference"
-    checkpoint: Path = DEFAULT_CHECKPOINT
+    checkpoint: Path = field(default_factory=default_checkpoint)
     config: str = "sd15"
     images: Path | None = None  # None: the built-in photographs
     limit: int | None = None
@@ -122,10 +125,14 @@ def load_image_dir(directory: Path, prompt: str) -> list[TestImage]:
 
 
 def load_builtin_images() -> list[TestImage]:
-    import skimage.data
+    skimage_data = optional("skimage.data", "using generated test patterns instead of its photographs "
+                            "(pass --images DIR for real photos)")
+    if skimage_data is None:
+        return [TestImage(f"pattern{i}", stand_in_photo(GRADED_IMAGE_SHAPE, i), "a painting", "sdcanny.image.stand_in_photo")
+                for i in range(3)]
     images = []
     for name, loader, prompt in BUILTIN_IMAGES:
-        img = getattr(skimage.data, loader)()
+        img = getattr(skimage_data, loader)()
         if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
             img = img[0]
         img = np.ascontiguousarray(img).astype(np.uint8)
@@ -291,10 +298,10 @@ def run_backend(make_hackathon: Callable, name: str, opts: ScoreOptions, images:
     args = {i: process_args(opts, images[i].prompt) for i in range(len(images))}
     if timed and todo:
         first = todo[0]
-        for _ in tqdm(range(opts.warmup), desc=f"{role} {name}: warm-up", unit="run", leave=False):
+        for _ in progress(range(opts.warmup), desc=f"{role} {name}: warm-up", unit="run", leave=False):
             timed_process(h, images[first].image, args[first])
     runs = opts.repeat if timed else 1
-    for i in tqdm(todo, desc=f"{role} {name}" + (" (timed)" if timed else ""), unit="img"):
+    for i in progress(todo, desc=f"{role} {name}" + (" (timed)" if timed else ""), unit="img"):
         outs, times = [], []
         for _ in range(runs):
             out, ms = timed_process(h, images[i].image, args[i])
@@ -315,7 +322,7 @@ def run_backend(make_hackathon: Callable, name: str, opts: ScoreOptions, images:
             result.step_error_unsupported = (f"back-end '{name}' does not support --step-error (it has no "
                                              "step_callback attribute; see docs/scoring.md)")
         else:
-            for i in tqdm(range(len(images)), desc=f"{role} {name}: per-step latents", unit="img"):
+            for i in progress(range(len(images)), desc=f"{role} {name}: per-step latents", unit="img"):
                 result.steps[i] = capture_steps(h, images[i].image, args[i])
     del h
     gc.collect()
@@ -445,7 +452,7 @@ def contact_sheet(rows: list[dict], names: tuple[str, str] = ("reference", "cand
 
 
 def _default_out_dir() -> Path:
-    base = Path("outputs") / f"score-{datetime.now():%Y%m%d-%H%M%S}"
+    base = OUTPUTS_DIR / f"score-{datetime.now():%Y%m%d-%H%M%S}"
     out, k = base, 1
     while out.exists():
         out, k = Path(f"{base}-{k}"), k + 1
@@ -532,11 +539,12 @@ def run(opts: ScoreOptions, make_hackathon: Callable | None = None, echo=print) 
     checkpoint = Path(opts.checkpoint)
     if not checkpoint.is_file():
         raise ScoreError(missing_checkpoint_message(checkpoint))
-    candidate = opts.backend or fastest_available()
+    cfg = CONFIGS[opts.config]
+    candidate = opts.backend or fastest_available(cfg=cfg, device=opts.device)[0]
     for name in (candidate, opts.against):
         if name not in BACKENDS:
             raise ScoreError(f"unknown back-end {name!r}; choose one of {', '.join(BACKENDS)}")
-        reason = unavailable_reason(name)
+        reason = unavailable_reason(name, cfg=cfg, device=opts.device)
         if reason is not None:
             raise ScoreError(f"back-end '{name}' is unavailable: {reason}")
     out_dir = Path(opts.out) if opts.out else _default_out_dir()
@@ -601,7 +609,7 @@ def run(opts: ScoreOptions, make_hackathon: Callable | None = None, echo=print) 
         except Exception as exc:  # weights present but unusable, say
             pd_reason = f"pytorch-fid's InceptionV3 failed to load: {type(exc).__name__}: {exc}"
     rows, sheet_rows = [], []
-    for i, img in enumerate(tqdm(images, desc="metrics", unit="img")):
+    for i, img in enumerate(progress(images, desc="metrics", unit="img")):
         c, r = cand.outputs[i], against_imgs[i]
         if c.shape != r.shape:
             raise ScoreError(f"{img.name}: candidate image {c.shape} and reference {r.shape} differ in shape")

@@ -13,6 +13,8 @@ zero_convs, middle_block_out and the hint block's last conv at full scale, so th
 steers the image as strongly as it does with trained weights. The hint block's inner convs,
 with no normalisation between them, get a gain of 2 so the edge signal survives its SiLU chain.
 """
+from __future__ import annotations
+
 import argparse
 import math
 import zlib
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .checkpoint import PARTS, SCHEDULE_BUFFERS, alphas_cumprod, build_networks
+from .optional import installed, progress
 from .config import CONFIGS, ModelConfig, VAEConfig
 from .networks import VAEAttnBlock, VAEResnetBlock
 
@@ -110,10 +112,10 @@ def synthetic_tensor(key: str, shape: torch.Size, seed: int) -> torch.Tensor:
     return 0.02 * randn()  # biases, normalisation shifts
 
 
-def synthetic_state_dict(cfg: ModelConfig, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+def synthetic_state_dict(cfg: ModelConfig, seed: int = 0, show_progress: bool = False) -> dict[str, torch.Tensor]:
     state = schedule_buffers(cfg)
     shapes = {k: v for k, v in checkpoint_shapes(cfg).items() if k not in state}
-    for key, shape in tqdm(shapes.items(), desc="synthetic weights", disable=not progress, unit="tensor"):
+    for key, shape in progress(shapes.items(), desc="synthetic weights", disable=not show_progress, unit="tensor"):
         state[key] = synthetic_tensor(key, shape, seed)
     return state
 
@@ -121,6 +123,8 @@ def synthetic_state_dict(cfg: ModelConfig, seed: int = 0, progress: bool = False
 def write_checkpoint(state: dict[str, torch.Tensor], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
+        if not installed("safetensors"):
+            raise SystemExit(f"writing {out} needs the safetensors package (pip install safetensors); or write a .pth")
         from safetensors.torch import save_file
         save_file(state, str(out))
     else:
@@ -133,7 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help=".pth/.ckpt (torch.save) or .safetensors")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    state = synthetic_state_dict(CONFIGS[args.config], args.seed, progress=True)
+    state = synthetic_state_dict(CONFIGS[args.config], args.seed, show_progress=True)
     write_checkpoint(state, args.out)
     size = sum(t.numel() * t.element_size() for t in state.values())
     print(f"wrote {args.out}: {len(state)} tensors, {size / 1e9:.2f} GB, config {args.config}, seed {args.seed}")

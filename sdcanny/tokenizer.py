@@ -5,27 +5,37 @@ truncation=True, max_length=77, padding="max_length", ...)["input_ids"]`: `<|sta
 (49406), the BPE ids truncated so that the row fits, `<|endoftext|>` (49407), then 49407 as
 padding (that model's pad token is `<|endoftext|>`) up to 77 ids.
 
-Two back-ends, picked by `load_tokenizer`, give those ids without any network access:
+Three back-ends, the first that loads wins (`load_tokenizer`), give those ids without any network
+access:
 
 * "huggingface": `transformers.CLIPTokenizer` from files already in the local Hugging Face
   cache, called with exactly ControlNet's arguments. Used whenever it loads and gives
   ControlNet's ids on a probe prompt (see `_PROBE`).
+* "hf-files": the same cached `vocab.json` / `merges.txt` read by our own BPE (sdcanny/clip_bpe.py),
+  for the hackathon docker, which has the files but where nothing beyond torch, numpy, opencv and
+  onnx may be assumed.
 * "instant-clip-tokenizer": the Rust BPE of the `instant-clip-tokenizer` package, which bundles
   OpenAI's `bpe_simple_vocab_16e6.txt`, the very merges HF's vocab.json/merges.txt are made of,
-  so that the BPE ids are the same. That package only lowercases, splits and applies BPE; this
-  module adds what HF's slow CLIPTokenizer does around it: `ftfy.fix_text` (or, without ftfy,
-  its simple parts), whitespace cleaning, HF's special-token strings, truncation, and padding
-  with 49407 instead of 0.
+  so that the BPE ids are the same.
+
+The last two only split words and apply BPE; this module adds what HF's slow CLIPTokenizer does
+around that: `ftfy.fix_text` (or, without ftfy, its simple parts), whitespace cleaning,
+lowercasing, HF's special-token strings, truncation, and padding with 49407 instead of 0.
 
 HF's slow tokenizer runs `ftfy.fix_text` when ftfy is importable (it is in ControlNet's
 environment, as a dependency of open_clip_torch) and otherwise BERT's BasicTokenizer, which
 also strips accents and splits punctuation; the ftfy behaviour is the one reproduced here.
 """
+from __future__ import annotations
+
 import html
+import importlib.util
 import re
 import unicodedata
 
 import torch
+
+from .clip_bpe import ClipBPE, find_tokenizer_files, hub_cache_dirs
 
 BOS, EOS = 49406, 49407
 HF_NAME = "openai/clip-vit-large-patch14"
@@ -89,39 +99,66 @@ def _clean(text: str) -> str:
 _PROBE = ("a bird\u2019s nest", [BOS, 320, 3329, 568, 8719, EOS])
 
 
-def _load_hf():
-    """transformers' CLIPTokenizer from the local HF cache, or None where that is not ControlNet's."""
+def _load_transformers():
+    """transformers' CLIPTokenizer from the local HF cache, or (None, why not)."""
+    if importlib.util.find_spec("transformers") is None:
+        return None, "transformers is not installed"
     try:
         from transformers import CLIPTokenizer
         tokenizer = CLIPTokenizer.from_pretrained(HF_NAME, local_files_only=True)
-    except Exception:  # no transformers or no cached files: ImportError, OSError, TypeError, ...
-        return None
+    except Exception as exc:  # no cached files, or a broken install: OSError, TypeError, ...
+        return None, f"transformers cannot load {HF_NAME} offline ({type(exc).__name__})"
     # transformers 5 returns an empty tokenizer when the files are missing, so check what it gives.
-    return tokenizer if tokenizer(_PROBE[0])["input_ids"] == _PROBE[1] else None
+    if tokenizer(_PROBE[0])["input_ids"] != _PROBE[1]:
+        return None, "transformers' CLIPTokenizer here does not give ControlNet's ids (no ftfy, or transformers 5)"
+    return tokenizer, None
+
+
+def _load_hf_files():
+    """Our own BPE over the cached vocab.json / merges.txt (no transformers needed), or (None, why not)."""
+    folder = find_tokenizer_files()
+    if folder is None:
+        return None, f"no {HF_NAME} vocab.json + merges.txt in the Hugging Face cache ({hub_cache_dirs()[0]}, ...)"
+    return ClipBPE(folder), None
+
+
+def _load_instant():
+    if importlib.util.find_spec("instant_clip_tokenizer") is None:
+        return None, "instant-clip-tokenizer is not installed"
+    import instant_clip_tokenizer
+    return instant_clip_tokenizer.Tokenizer(), None
+
+
+# in order of preference: ControlNet's own tokenizer first
+_LOADERS = {"huggingface": _load_transformers, "hf-files": _load_hf_files, "instant-clip-tokenizer": _load_instant}
+TOKENIZER_BACKENDS = tuple(_LOADERS)
 
 
 class ClipTokenizer:
     """Prompts -> int64 tensor (len(prompts), max_length) of CLIP token ids."""
 
     def __init__(self, max_length: int = 77, backend: str | None = None):
-        """`backend`: "huggingface", "instant-clip-tokenizer", or None for the first that loads."""
+        """`backend`: one of TOKENIZER_BACKENDS, or None for the first that loads."""
         if max_length < 2:
             raise ValueError(f"max_length must leave room for BOS and EOS, got {max_length}")
+        if backend is not None and backend not in _LOADERS:
+            raise ValueError(f"unknown tokenizer backend {backend!r}; choose one of {', '.join(_LOADERS)}")
         self.max_length = max_length
-        self._hf = None
-        if backend in (None, "huggingface"):
-            self._hf = _load_hf()
-            if self._hf is None and backend == "huggingface":
-                raise RuntimeError(f"no local Hugging Face tokenizer for {HF_NAME} "
-                                   "that gives ControlNet's ids")
-        if self._hf is not None:
-            self.backend = "huggingface"
-        elif backend in (None, "instant-clip-tokenizer"):
-            import instant_clip_tokenizer
-            self._instant = instant_clip_tokenizer.Tokenizer()
-            self.backend = "instant-clip-tokenizer"
-        else:
-            raise ValueError(f"unknown tokenizer backend {backend!r}")
+        self._hf = self._words = None
+        reasons = []
+        for name in (backend,) if backend else TOKENIZER_BACKENDS:
+            impl, why = _LOADERS[name]()
+            if impl is not None:
+                self.backend = name
+                if name == "huggingface":
+                    self._hf = impl
+                else:
+                    self._words = impl  # .encode(cleaned text) -> BPE ids
+                return
+            reasons.append(f"{name}: {why}")
+        raise RuntimeError("no CLIP tokenizer can be loaded (" + "; ".join(reasons) + "). Put "
+                           f"{HF_NAME}'s vocab.json and merges.txt in the Hugging Face cache, or "
+                           "pip install instant-clip-tokenizer")
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         if isinstance(prompts, str):  # one prompt; iterating it would tokenize each character
@@ -150,10 +187,10 @@ class ClipTokenizer:
                 if part in _SPECIAL_IDS:
                     tokens.append(_SPECIAL_IDS[part])
                 elif part:
-                    tokens += self._instant.encode(part)
+                    tokens += self._words.encode(part)
         return tokens
 
 
 def load_tokenizer(max_length: int = 77) -> ClipTokenizer:
-    """The Hugging Face tokenizer if cached locally and ControlNet's, else instant-clip-tokenizer."""
+    """The first of TOKENIZER_BACKENDS that loads here."""
     return ClipTokenizer(max_length)

@@ -23,7 +23,11 @@ requests of that combination: a 20-step loop becomes one launch instead of ~20 x
 addresses; the per-request values (noise, contexts, hint, scales, schedule, guidance scale) are
 copied into it before each replay.
 """
-from dataclasses import dataclass, replace
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,8 @@ import torch
 
 from .config import ModelConfig
 from .ddim import ddim_step
-from .engine_specs import EngineSpec, build_flags, engine_spec, needs_rebuild, read_build_record
+from .engine_specs import (DEFAULT_HEIGHT, DEFAULT_WIDTH, built_spec, engine_spec, engine_stale_reason)
+from .paths import DEFAULT_ENGINE_DIR
 from .pipeline import GenerationRequest, draw_noise
 
 
@@ -40,21 +45,31 @@ def rebuild_command(height: int, width: int) -> str:
             f"python3 build_engines.py --height {height} --width {width}")
 
 
-def load_engine(spec: EngineSpec, engine_dir: Path, device: torch.device):
-    """Deserialize spec's engine after checking that it is current, and allocate its buffers."""
+def engine_problem(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
+                   width: int = DEFAULT_WIDTH) -> str | None:
+    """None if engine `name` for this image size is built, current for this TensorRT and GPU, and
+    loadable; else why not, in one line. Reads the build record only (no hashing, no TensorRT run)."""
     import trt_utils  # needs TensorRT; the rest of sdcanny must import without it
-    record = read_build_record(spec, engine_dir)
-    if not spec.plan_path(engine_dir).is_file() or record is None:
-        raise FileNotFoundError(f"no engine {spec.plan_path(engine_dir)} (with its .json record): run "
-                                "`bash preprocess.sh`")
-    built = record["flags"]
-    # precision and optimization level are the builder's choice; everything else must match now
-    spec = replace(spec, precision=built["precision"], fp32_from=tuple(built["fp32_from"]))
-    flags = build_flags(spec, trt_utils.tensorrt_version(), trt_utils.gpu_name(device), built["optimization_level"])
-    stale = needs_rebuild(spec, engine_dir, flags)
+    spec = built_spec(name, cfg, engine_dir, height, width)
+    command = ("bash preprocess.sh" if (height, width) == (DEFAULT_HEIGHT, DEFAULT_WIDTH)
+               else rebuild_command(height, width))
+    if spec is None:
+        plan = engine_spec(name, cfg, height, width).plan_path(engine_dir)
+        return f"no engine {plan} with a readable build record: build it with `{command}`"
+    stale = engine_stale_reason(spec, engine_dir, trt_utils.tensorrt_version(), trt_utils.gpu_name(device))
     if stale is not None:
-        raise RuntimeError(f"engine {spec.plan_path(engine_dir)} is stale ({stale}); rebuild it with "
-                           "python3 build_engines.py (--height H --width W for other sizes than 256x384)")
+        return f"engine {spec.plan_path(engine_dir)} is stale ({stale}): rebuild it with `{command}`"
+    return None
+
+
+def load_engine(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
+                width: int = DEFAULT_WIDTH):
+    """Engine `name` after checking that it is current, with its buffers allocated."""
+    import trt_utils
+    problem = engine_problem(name, cfg, engine_dir, device, height, width)
+    if problem is not None:
+        raise RuntimeError(problem)
+    spec = built_spec(name, cfg, engine_dir, height, width)
     engine = trt_utils.Engine(spec.plan_path(engine_dir))
     expected = {t.name: (t.shape, getattr(torch, t.dtype), t in spec.inputs) for t in spec.tensors}
     if engine.signature() != expected:
@@ -151,7 +166,7 @@ class LoopRunner:
     which is that request's result and the warm-up TensorRT needs before a capture, then as one
     captured CUDA graph per loop shape. Call it inside `torch.cuda.stream(stream)`."""
 
-    def __init__(self, stream: torch.cuda.Stream, use_cuda_graph: bool = True):
+    def __init__(self, stream, use_cuda_graph: bool = True):
         self.stream, self.use_cuda_graph = stream, use_cuda_graph
         self.loops: dict[tuple, LoopState] = {}
 
@@ -165,7 +180,7 @@ class LoopRunner:
         if state.graph is not None:
             state.graph.replay()
             return state.x.clone()
-        denoise(state, request, union, self.stream.cuda_stream)
+        denoise(state, request, union, self.stream.cuda_stream if self.stream is not None else 0)
         result = state.x.clone()
         if self.use_cuda_graph:
             self.stream.synchronize()
@@ -179,35 +194,41 @@ class LoopRunner:
 class TrtBackend:
     name = "trt"
 
-    def __init__(self, cfg: ModelConfig, engine_dir: Path = Path("engines"), device: str | None = None,
-                 use_cuda_graph: bool = True):
+    def __init__(self, cfg: ModelConfig, engine_dir: Path = DEFAULT_ENGINE_DIR, device: str | None = None,
+                 use_cuda_graph: bool = True, load: Callable = load_engine):
+        """`load(name, cfg, engine_dir, device, height, width)` returns an engine with `tensors` and
+        `execute(stream)` (trt_utils.Engine by default; tests pass onnxruntime stand-ins, which
+        also run on the CPU)."""
         self.device = torch.device(device or "cuda")
-        if self.device.type != "cuda":
-            raise ValueError(f"the trt back-end runs on a CUDA device, not {self.device}")
-        self.cfg, self.engine_dir = cfg, Path(engine_dir)
-        with torch.cuda.device(self.device):
+        self.cuda = self.device.type == "cuda"
+        self.cfg, self.engine_dir, self.load = cfg, Path(engine_dir), load
+        with self._on_device():
             # TensorRT's enqueue on the legacy default stream synchronises; a stream of our own does not
-            self.stream = torch.cuda.Stream()
-            self.clip = load_engine(engine_spec("clip", cfg), self.engine_dir, self.device)
-        self.engines_by_size: dict[tuple[int, int], tuple] = {}
-        self.run_loop = LoopRunner(self.stream, use_cuda_graph)
+            self.stream = torch.cuda.Stream() if self.cuda else None
+            self.clip = load("clip", cfg, self.engine_dir, self.device)
+        self.engines_by_size: dict = {}
+        self.run_loop = LoopRunner(self.stream, use_cuda_graph and self.cuda)
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext()
+
+    @property
+    def stream_handle(self) -> int:
+        return self.stream.cuda_stream if self.stream is not None else 0
 
     def engines_for(self, height: int, width: int):
         """The (union, vae) engines for one image size, loaded on first use."""
         if (height, width) not in self.engines_by_size:
-            specs = [engine_spec(n, self.cfg, height, width) for n in ("union", "vae")]
-            if not all(s.plan_path(self.engine_dir).is_file() for s in specs):
-                raise FileNotFoundError(f"no TensorRT engines for {height}x{width} images in {self.engine_dir}/; "
-                                        f"build them with: {rebuild_command(height, width)}")
-            self.engines_by_size[height, width] = tuple(load_engine(s, self.engine_dir, self.device) for s in specs)
+            self.engines_by_size[height, width] = tuple(
+                self.load(n, self.cfg, self.engine_dir, self.device, height, width) for n in ("union", "vae"))
         return self.engines_by_size[height, width]
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         height, width = request.hint.shape[2:]
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._on_device(), torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
             x, step_noise = draw_noise(request, self.device)  # first thing: the caller has just seeded
             union, vae = self.engines_for(height, width)
-            contexts = encode_prompts(self.clip, request, self.stream.cuda_stream)
+            contexts = encode_prompts(self.clip, request, self.stream_handle)
             self.last_latents = self.run_loop(request, x, step_noise, contexts, union)
-            images = decode(self.last_latents, vae, self.stream.cuda_stream).cpu()
+            images = decode(self.last_latents, vae, self.stream_handle).cpu()
         return images.numpy()

@@ -1,4 +1,8 @@
+from __future__ import annotations
+
+import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -28,10 +32,20 @@ def test_synthetic_full_size_key_set_is_the_original():
     assert {k: list(v) for k, v in checkpoint_shapes(SD15).items()} == ORIGINAL_KEYS
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_round_trip(tiny_state, tmp_path, suffix):
-    path = tmp_path / f"tiny{suffix}"
-    write_checkpoint(tiny_state, path)
+HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
+
+
+@pytest.mark.parametrize("layout", [".pth", "legacy .pth", pytest.param(".safetensors", marks=pytest.mark.skipif(
+    not HAS_SAFETENSORS, reason="safetensors (optional) is not installed"))])
+def test_round_trip(tiny_state, tmp_path, layout):
+    """torch.save's zip format (memory-mapped where torch can), its pre-1.6 legacy format (read
+    whole), and safetensors all load to the same tensors."""
+    path = tmp_path / f"tiny{layout.split()[-1]}"
+    if layout == "legacy .pth":
+        torch.save({"state_dict": tiny_state}, path, _use_new_zipfile_serialization=False)
+        assert not zipfile.is_zipfile(path)
+    else:
+        write_checkpoint(tiny_state, path)
     nets = load_networks(path, TINY)
     for name, prefix in PARTS.items():
         for key, value in getattr(nets, name).state_dict().items():
@@ -104,10 +118,20 @@ def test_truncated_file_gives_clear_error(tiny_checkpoint, tmp_path):
         read_state_dict(tmp_path / "cut.pth")
 
 
-def test_garbage_file_gives_clear_error(tmp_path):
-    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint" * 10)
+@pytest.mark.parametrize("suffix", [".pth", pytest.param(".safetensors", marks=pytest.mark.skipif(
+    not HAS_SAFETENSORS, reason="safetensors (optional) is not installed"))])
+def test_garbage_file_gives_clear_error(tmp_path, suffix):
+    (tmp_path / f"junk{suffix}").write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(CheckpointError, match="corrupted or truncated"):
-        read_state_dict(tmp_path / "junk.safetensors")
+        read_state_dict(tmp_path / f"junk{suffix}")
+
+
+def test_safetensors_without_the_package_names_it(tmp_path, monkeypatch):
+    import sdcanny.checkpoint as checkpoint
+    monkeypatch.setattr(checkpoint, "installed", lambda module: module != "safetensors")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointError, match="needs the safetensors package"):
+        read_state_dict(tmp_path / "model.safetensors")
 
 
 def test_missing_file_says_where_and_how(tmp_path):

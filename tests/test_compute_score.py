@@ -1,4 +1,6 @@
 """compute_score.py end to end on the tiny synthetic checkpoint (CPU, reference against reference)."""
+from __future__ import annotations
+
 import json
 import math
 import subprocess
@@ -8,9 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 
 import compute_score
+from photos import HAS_SKIMAGE, photo
 from canny2image_TRT import hackathon
 from sdcanny import score
 from sdcanny.synthetic import write_checkpoint
@@ -34,6 +36,10 @@ def as_float(v):
 
 # ---- a full run ----------------------------------------------------------------------------------
 
+needs_skimage = pytest.mark.skipif(not HAS_SKIMAGE, reason="the built-in photographs are scikit-image's (optional)")
+
+
+@needs_skimage
 def test_full_run_over_two_builtin_images_writes_every_report_file(tiny_checkpoint, tmp_path, capsys):
     argv = tiny_argv(tiny_checkpoint, tmp_path, steps=10, limit=2)
     assert compute_score.main(argv) == 0
@@ -122,7 +128,7 @@ def test_reference_cache_hits_on_the_second_run_and_misses_on_any_change(tiny_ch
                                                                           capsys):
     images = tmp_path / "pictures_croped"
     images.mkdir()
-    cv2.imwrite(str(images / "bird_0.jpg"), cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(images / "bird_0.jpg"), photo("coffee", stand_in_shape=(400, 600, 3)))
 
     def run(*extra, checkpoint=tiny_checkpoint):
         argv = tiny_argv(checkpoint, tmp_path, "--images", str(images), "--no-reference-timing", "--warmup", "0",
@@ -277,13 +283,24 @@ def test_directory_images_are_read_in_natural_order(tmp_path):
     assert all(i.image.dtype == np.uint8 and i.image.shape == (8, 8, 3) for i in imgs)
 
 
+@needs_skimage
 def test_builtin_images_are_bgr_photographs_with_prompts():
     imgs = score.load_builtin_images()
     assert len(imgs) >= 6 and len({i.prompt for i in imgs}) == len(imgs)
     for img in imgs:
         assert img.image.dtype == np.uint8 and img.image.ndim == 3 and img.image.shape[2] == 3
     chelsea = next(i for i in imgs if i.name == "chelsea")
+    import skimage.data
     np.testing.assert_array_equal(chelsea.image[:, :, ::-1], skimage.data.chelsea())
+
+
+def test_without_scikit_image_the_builtins_are_distinct_generated_patterns(monkeypatch):
+    monkeypatch.setattr(score, "optional", lambda module, missing_means: None)  # as when it is not installed
+    imgs = score.load_builtin_images()
+    assert [i.name for i in imgs] == ["pattern0", "pattern1", "pattern2"]
+    edges = [score.canny(score.resize_image(i.image, 256), 100, 200) for i in imgs]
+    assert all(e.shape == (256, 384) and (e > 0).mean() > 0.005 for e in edges)  # the graded size, with edges
+    assert not np.array_equal(edges[0], edges[1]) and not np.array_equal(edges[1], edges[2])
 
 
 def test_command_line_exit_status(tmp_path):

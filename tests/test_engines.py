@@ -1,5 +1,7 @@
 """Engine staleness (no TensorRT needed), preprocess.sh, and the TensorRT tests proper, which skip
 with a one-line reason where TensorRT or a GPU is missing."""
+from __future__ import annotations
+
 import importlib.util
 import os
 import shutil
@@ -14,8 +16,8 @@ import torch
 from onnx import TensorProto, helper
 
 from sdcanny.config import TINY
-from sdcanny.engine_specs import (build_flags, engine_spec, engine_specs, needs_rebuild, onnx_sha256,
-                                  write_build_record)
+from sdcanny.engine_specs import (TARGETS, build_flags, built_spec, engine_spec, engine_specs, engine_stale_reason,
+                                  needs_rebuild, onnx_sha256, target_of, write_build_record)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRT_VERSION, GPU = "10.13.0.35", "NVIDIA H100 80GB HBM3 (sm_90)"
@@ -61,13 +63,13 @@ def test_changed_external_data_triggers_a_rebuild(built):
     assert "changed since the engine was built" in needs_rebuild(spec, engine_dir, flags)
 
 
-@pytest.mark.parametrize("key, value", [("precision", "fp32"), ("optimization_level", 3),
+@pytest.mark.parametrize("key, value", [("precision", "fp32"), ("optimization_level", 3), ("typing", "strong"),
                                         ("tensorrt_version", "10.14.1"), ("gpu", "NVIDIA L4 (sm_89)"),
                                         ("fp32_from", []),
                                         ("input_shapes", {"latent": [2, 4, 32, 48]})])
 def test_a_changed_build_flag_triggers_a_rebuild(built, key, value):
     spec, engine_dir, flags = built
-    reason = needs_rebuild(spec, engine_dir, flags | {key: value})
+    reason = needs_rebuild(spec, engine_dir, {**flags, key: value})
     assert reason.startswith("build flags changed") and key in reason
 
 
@@ -75,7 +77,7 @@ def test_precision_override_changes_the_flags():
     union16 = engine_spec("union", TINY)
     union32 = engine_spec("union", TINY, precision="fp32")
     f16, f32 = build_flags(union16, TRT_VERSION, GPU), build_flags(union32, TRT_VERSION, GPU)
-    assert (f16["precision"], f16["fp32_from"], f16["optimization_level"]) == ("fp16", ["timestep"], 5)
+    assert (f16["precision"], f16["fp32_from"], f16["optimization_level"], f16["typing"]) == ("fp16", ["timestep"], 5, "weak")
     assert (f32["precision"], f32["fp32_from"]) == ("fp32", [])
     assert f16["input_shapes"]["hint"] == [2, 3, 256, 384]
 
@@ -97,17 +99,64 @@ def test_a_missing_onnx_file_is_an_error(built):
         needs_rebuild(spec, engine_dir, flags)
 
 
+def test_strong_typing_reads_the_fp16_graph_and_pins_nothing():
+    weak, strong = engine_spec("union", TINY), engine_spec("union", TINY, typing="strong")
+    assert (weak.onnx_path(Path("e")).name, strong.onnx_path(Path("e")).name) == (
+        "union_256x384.onnx", "union_256x384.fp16.onnx")
+    assert weak.plan_path(Path("e")) == strong.plan_path(Path("e"))  # one engine per size, rebuilt on a switch
+    assert (weak.fp32_from, strong.fp32_from) == (("timestep",), ())  # strong: the islands are in the file
+    clip = engine_spec("clip", TINY, typing="strong")
+    assert clip.onnx_precision == "fp32" and clip.onnx_path(Path("e")).name == "clip.onnx"
+
+
+@pytest.mark.parametrize("version, target", [("8.6.1.6", "8.6"), ("8.6.1", "8.6"), ("10.0.1", "10"),
+                                             ("10.16.1.11", "10"), ("11.4.0.106", "11"), ("12.0.0", "11")])
+def test_tensorrt_versions_map_to_targets(version, target):
+    assert target_of(version) == target
+    assert TARGETS[target].opset == (17 if target == "8.6" else 18)
+
+
+def test_tensorrt_before_8_6_is_refused():
+    with pytest.raises(ValueError, match="not supported"):
+        target_of("8.5.3")
+
+
+# -- freshness at load time: the build record, no hashing ------------------------------------------
+
+def test_a_current_engine_is_not_stale_and_needs_no_hashing(built, monkeypatch):
+    spec, engine_dir, flags = built
+    import sdcanny.engine_specs as es
+    monkeypatch.setattr(es, "file_sha256", lambda paths: pytest.fail("load-time freshness must not hash"))
+    assert engine_stale_reason(spec, engine_dir, TRT_VERSION, GPU) is None
+    assert built_spec("union", TINY, engine_dir, 128, 192) == spec
+
+
+def test_stale_at_load_time_for_another_tensorrt_gpu_or_onnx(built):
+    spec, engine_dir, _ = built
+    assert "tensorrt version" in engine_stale_reason(spec, engine_dir, "8.6.1", GPU)
+    assert "gpu" in engine_stale_reason(spec, engine_dir, TRT_VERSION, "NVIDIA A10 (sm_86)")
+    data = engine_dir / (spec.onnx_path(engine_dir).name + ".data")
+    data.write_bytes(data.read_bytes() + b"\0")  # re-exported: other size and time
+    assert "changed since the engine was built" in engine_stale_reason(spec, engine_dir, TRT_VERSION, GPU)
+    for path in (spec.onnx_path(engine_dir), data):  # ONNX deleted after the build: the engine still serves
+        path.unlink()
+    assert engine_stale_reason(spec, engine_dir, TRT_VERSION, GPU) is None
+    spec.build_record_path(engine_dir).unlink()
+    assert "missing" in engine_stale_reason(spec, engine_dir, TRT_VERSION, GPU)
+    assert built_spec("union", TINY, engine_dir, 128, 192) is None
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_build_script_says_tensorrt_is_missing(capsys):
     import build_engines
     assert build_engines.main([]) == 1
-    assert "needs TensorRT 10" in capsys.readouterr().err
+    assert "needs TensorRT 8.6, 10.x or 11.x" in capsys.readouterr().err
 
 
 # -- preprocess.sh -------------------------------------------------------------------------------
 
 def _preprocess(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
     return subprocess.run(["bash", str(ROOT / "preprocess.sh")], env=env, capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
 

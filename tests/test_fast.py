@@ -1,11 +1,13 @@
 """The fast back-end computes what the reference computes; on the CPU in fp32 with graphs and
 compilation off, on the GPU in fp16 with CUDA graphs (those tests skip without CUDA)."""
+from __future__ import annotations
+
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
 
+import photos
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
 from sdcanny.fast import FastTorchBackend, guided_ddim_step, step_table
@@ -17,7 +19,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def photo():
-    return cv2.resize(cv2.cvtColor(skimage.data.coffee(), cv2.COLOR_RGB2BGR), (128, 64))
+    return cv2.resize(photos.photo("coffee", stand_in_shape=(400, 600, 3)), (128, 64))
 
 
 def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", **kw):

@@ -1,8 +1,10 @@
+from __future__ import annotations
+
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 
+from photos import photo
 from sdcanny.image import canny, hwc3, resize_image, validate_image
 
 
@@ -11,21 +13,21 @@ def bgr(rgb):
 
 
 def test_resize_shapes_on_real_photos():
-    assert resize_image(bgr(skimage.data.chelsea()), 256).shape == (256, 384, 3)  # 300x451 -> 256x384.9
-    assert resize_image(bgr(skimage.data.astronaut()), 256).shape == (256, 256, 3)
-    assert resize_image(bgr(skimage.data.coffee()), 512).shape == (512, 768, 3)  # 400x600, enlarged
-    assert resize_image(bgr(skimage.data.rocket()), 100).shape == (128, 128, 3)  # 427x640 -> 100x149.9 -> 2x64, 2x64
+    assert resize_image(photo("chelsea"), 256).shape == (256, 384, 3)  # 300x451 -> 256x384.9
+    assert resize_image(photo("astronaut"), 256).shape == (256, 256, 3)
+    assert resize_image(photo("coffee"), 512).shape == (512, 768, 3)  # 400x600, enlarged
+    assert resize_image(photo("rocket"), 100).shape == (128, 128, 3)  # 427x640 -> 100x149.9 -> 2x64, 2x64
 
 
 def test_halving_with_area_interpolation_is_the_2x2_block_mean():
-    img = bgr(skimage.data.astronaut())  # 512 x 512
+    img = photo("astronaut")  # 512 x 512
     out = resize_image(img, 256).astype(np.float64)
     block_mean = img.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
     assert np.abs(out - block_mean).max() <= 0.5 + 1e-9
 
 
 def test_scale_one_keeps_the_image_and_enlarging_uses_lanczos():
-    img = bgr(skimage.data.coffee())[:256, :384]
+    img = photo("coffee")[:256, :384]
     assert np.array_equal(resize_image(img, 256), img)
     small = img[:128, :192]
     up = resize_image(small, 256)
@@ -42,10 +44,10 @@ def test_canny_on_a_step_edge_and_a_real_photo():
     cols = np.nonzero(edges.any(axis=0))[0]
     assert set(np.unique(edges)) == {0, 255} and cols.min() >= 30 and cols.max() <= 33
     assert edges[2:-2].any(axis=1).all()  # one edge pixel in every inner row
-    photo = canny(resize_image(bgr(skimage.data.chelsea()), 256), 100, 200)
-    assert photo.shape == (256, 384) and set(np.unique(photo)) == {0, 255}
-    assert 0.01 < (photo > 0).mean() < 0.3
-    assert (canny(resize_image(bgr(skimage.data.chelsea()), 256), 50, 100) > 0).sum() > (photo > 0).sum()
+    edges = canny(resize_image(photo("chelsea"), 256), 100, 200)
+    assert edges.shape == (256, 384) and set(np.unique(edges)) == {0, 255}
+    assert 0.01 < (edges > 0).mean() < 0.3
+    assert (canny(resize_image(photo("chelsea"), 256), 50, 100) > 0).sum() > (edges > 0).sum()
 
 
 def test_hwc3():

@@ -1,5 +1,8 @@
 """Fidelity metrics against expectations computed independently of sdcanny.metrics."""
+from __future__ import annotations
+
 import importlib.machinery
+import importlib.util
 import math
 import sys
 import types
@@ -7,18 +10,40 @@ import types
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 import torch
-from PIL import Image
 
 from sdcanny import metrics
+from sdcanny.image import stand_in_photo
+
+HAS_SKIMAGE = importlib.util.find_spec("skimage") is not None
 
 
 @pytest.fixture(scope="module")
 def photo():
-    """A real photograph, BGR, kept away from 0 and 255 so that +-noise never clips."""
-    img = cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR)[:128, :192]
+    """A real photograph (scikit-image's, where installed; else a test pattern with texture), BGR,
+    kept away from 0 and 255 so that +-noise never clips."""
+    if HAS_SKIMAGE:
+        import skimage.data
+        img = cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR)[:128, :192]
+    else:
+        texture = np.random.default_rng(3).integers(-30, 30, (128, 192, 3))
+        img = stand_in_photo((128, 192, 3)).astype(np.int16) + texture
     return np.clip(img, 20, 235).astype(np.uint8)
+
+
+@pytest.mark.skipif(not HAS_SKIMAGE, reason="scikit-image (optional) is the second implementation compared with")
+@pytest.mark.parametrize("sigma", [1.0, 4.0, 25.0])
+def test_psnr_and_ssim_equal_scikit_image(photo, sigma):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    rng = np.random.default_rng(int(sigma))
+    noisy = np.clip(photo + rng.normal(0, sigma, photo.shape).round(), 0, 255).astype(np.uint8)
+    assert metrics.psnr(photo, noisy) == pytest.approx(peak_signal_noise_ratio(photo, noisy, data_range=255), rel=1e-12)
+    for a, b in ((photo, noisy), (photo[:6, :9], noisy[:6, :9]), (photo[..., 0], noisy[..., 0])):
+        m = min(a.shape[:2])
+        win = 7 if m >= 7 else m - (1 - m % 2)
+        expected = structural_similarity(a, b, data_range=255, win_size=win,
+                                         channel_axis=2 if a.ndim == 3 else None)
+        assert metrics.ssim(a, b) == pytest.approx(expected, abs=1e-9)
 
 
 def checkerboard_noise(shape, amplitude):
@@ -92,6 +117,7 @@ def test_perceptual_distance_is_the_l2_norm_of_the_feature_difference():
 def test_pd_input_is_what_pytorch_fid_read_from_the_hackathon_s_jpeg(photo, tmp_path):
     """The hackathon did cv2.imwrite('x.jpg', img), then pytorch-fid: PIL.Image.open().convert('RGB')
     and ToTensor (HWC uint8 -> CHW float / 255). Reproduced here through real files."""
+    Image = pytest.importorskip("PIL.Image", reason="Pillow (needed only with pytorch-fid, for PD) is not installed")
     path = tmp_path / "bird_0.jpg"
     assert cv2.imwrite(str(path), photo)
     expected = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
@@ -164,6 +190,7 @@ class FakeInception:
 
 
 def test_pd_needs_locally_cached_weights_and_never_downloads(monkeypatch, tmp_path, photo):
+    pytest.importorskip("PIL", reason="Pillow (needed only with pytorch-fid, for PD) is not installed")
     _fake_pytorch_fid(monkeypatch, FakeInception)
     monkeypatch.setattr(metrics, "torch_hub_checkpoints_dir", lambda: tmp_path / "checkpoints")
     reason = metrics.pd_unavailable_reason()

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import torch
 
 from sdcanny.checkpoint import load_networks

@@ -1,6 +1,9 @@
 """ONNX export of the three engine graphs (tiny config, CPU): every graph against PyTorch through
 onnxruntime, the union graph against the reference sampler's step, the CLIP graph's constants, the
 VAE graph's uint8 HWC output, and the files and records the export leaves."""
+from __future__ import annotations
+
+import importlib.util
 import json
 import shutil
 
@@ -14,12 +17,18 @@ from sdcanny.checkpoint import load_networks
 from sdcanny.config import SD15, TINY
 from sdcanny.engine_specs import engine_spec, engine_specs, onnx_sha256, parse_precisions
 from sdcanny.networks import CAUSAL_MASK_VALUE
+from sdcanny import compat, onnx_export
 from sdcanny.onnx_export import (PARITY_TOLERANCE, compare, export_all, export_record, graph_module,
-                                 infinite_constants, io_mismatches, move_into_place, parity, reexport_reason,
-                                 run_onnxruntime, sample_inputs, simplify_file)
+                                 infinite_constants, io_mismatches, move_into_place, opset_for, parity,
+                                 reexport_reason, run_onnxruntime, sample_inputs, simplify_file)
 from sdcanny.reference import ReferenceBackend, to_uint8_hwc
 
 HEIGHT, WIDTH = 128, 192  # smaller than the graded 256x384 to keep the tests fast; same code
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime (optional; not in the hackathon docker) runs the graphs")
+needs_fp16_export = pytest.mark.skipif(not (compat.cpu_runs_fp16_convolutions() or torch.cuda.is_available()),
+                                       reason=f"torch {torch.__version__} cannot trace fp16 graphs on the CPU (TensorRT "
+                                              "8.6, the docker's, needs none)")
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +85,18 @@ def test_export_writes_checked_graphs_with_records(exported, specs):
     engine_dir, results = exported
     for name, spec in specs.items():
         model = onnx.load(str(spec.onnx_path(engine_dir)))
-        assert model.opset_import[0].version >= 17
+        assert model.opset_import[0].version == 17  # TensorRT 8.6's parser stops at 17: the default target
         assert io_mismatches(model, spec) == []
         record = json.loads(spec.export_record_path(engine_dir).read_text())
         assert record["onnx_sha256"] == onnx_sha256(spec.onnx_path(engine_dir))
-        assert results[name].simplifier == "onnxsim"
-        assert results[name].parity and all(p.ok for p in results[name].parity)
+        assert results[name].simplifier == ("onnxsim" if importlib.util.find_spec("onnxsim") else "none")
+        if HAS_ORT:
+            assert results[name].parity and all(p.ok for p in results[name].parity)
+        else:  # said in one line, no traceback
+            assert results[name].parity == []
 
 
+@needs_ort
 @pytest.mark.parametrize("name", ["clip", "union", "vae"])
 def test_graph_matches_pytorch_on_fresh_inputs(exported, specs, nets, name):
     engine_dir, _ = exported
@@ -95,6 +108,7 @@ def test_graph_matches_pytorch_on_fresh_inputs(exported, specs, nets, name):
         assert result.max_abs_error <= PARITY_TOLERANCE * result.output_scale
 
 
+@needs_ort
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_union_graph_is_the_reference_step(exported, specs, nets, guess_mode):
     """eps[0] = the reference's conditional prediction, eps[1] its unconditional one (no control
@@ -139,6 +153,7 @@ def test_infinite_constant_check_finds_inf():
     assert infinite_constants(helper.make_model(graph)) == ["mask_node"]
 
 
+@needs_ort
 def test_vae_graph_returns_uint8_hwc_as_the_reference_converts(exported, specs, nets):
     engine_dir, _ = exported
     spec = specs["vae"]
@@ -168,10 +183,10 @@ def test_reexport_only_when_something_changed(exported, specs, tiny_checkpoint, 
     spec = specs["clip"]
     for path in (spec.onnx_path(engine_dir), spec.export_record_path(engine_dir)):
         shutil.copy(path, tmp_path / path.name)
-    record = export_record(spec, TINY, tiny_checkpoint, opset=18)
+    record = export_record(spec, TINY, tiny_checkpoint, opset=opset_for())
     assert reexport_reason(spec, tmp_path, record) is None
-    assert "opset" in reexport_reason(spec, tmp_path, record | {"opset": 19})
-    assert "checkpoint_mtime_ns" in reexport_reason(spec, tmp_path, record | {"checkpoint_mtime_ns": 1})
+    assert "opset" in reexport_reason(spec, tmp_path, {**record, "opset": 19})
+    assert "checkpoint_mtime_ns" in reexport_reason(spec, tmp_path, {**record, "checkpoint_mtime_ns": 1})
     model = onnx.load(str(spec.onnx_path(tmp_path)))
     model.doc_string = "edited by hand"
     onnx.save(model, str(spec.onnx_path(tmp_path)))
@@ -196,6 +211,7 @@ def _small_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+@needs_ort
 @pytest.mark.parametrize("layout", ["one file", "one data file", "a file per tensor"])
 def test_models_over_2gb_end_with_one_external_data_file(tmp_path, layout):
     """The >2 GB branch, forced on a small model (limit=0): whatever layout the exporter or the
@@ -224,10 +240,19 @@ def test_models_under_2gb_end_as_one_file(tmp_path):
     assert onnx.load(str(tmp_path / "small.onnx"), load_external_data=False).graph.initializer[0].raw_data
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxsim") is None, reason="onnxsim (optional) is not installed")
 def test_simplify_file_uses_onnxsim(tmp_path):
     onnx.save_model(_small_model(), str(tmp_path / "in.onnx"))
     assert simplify_file(tmp_path / "in.onnx", tmp_path / "out.onnx") == "onnxsim"
     assert (tmp_path / "out.onnx").is_file()
+
+
+def test_without_a_simplifier_the_exported_graph_is_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(onnx_export, "optional", lambda module, missing_means: None)
+    monkeypatch.setattr(onnx_export, "installed", lambda module: False)
+    onnx.save_model(_small_model(), str(tmp_path / "in.onnx"))
+    assert simplify_file(tmp_path / "in.onnx", tmp_path / "out.onnx") == "none"
+    assert onnx.load(str(tmp_path / "out.onnx")).graph == _small_model().graph
 
 
 def test_export_script_explains_a_missing_checkpoint(tmp_path, capsys):
@@ -255,27 +280,61 @@ class OnnxRuntimeEngine:
             self.tensors[name].copy_(torch.from_numpy(value))
 
 
-@pytest.mark.parametrize("num_samples, eta, guess_mode", [(1, 0.0, False), (2, 0.5, True)])
-def test_trt_backend_loop_reproduces_the_reference(exported, specs, nets, num_samples, eta, guess_mode):
-    from sdcanny.pipeline import Canny2Image
-    from sdcanny.pipeline import draw_noise
-    from sdcanny.trt_backend import LoopState, decode, denoise, encode_prompts
+@pytest.fixture(scope="module")
+def exported_fp16(exported, tiny_checkpoint):
+    """The strongly typed fp16 union and vae graphs, beside the fp32 ones (clip is fp32 in both)."""
     engine_dir, _ = exported
-    engines = {name: OnnxRuntimeEngine(spec, engine_dir) for name, spec in specs.items()}
-    reference = ReferenceBackend(nets, "cpu")
-    pipeline = Canny2Image(reference, TINY)
+    specs = engine_specs(TINY, HEIGHT, WIDTH, typing="strong")
+    results = export_all(list(specs.values()), TINY, tiny_checkpoint, engine_dir)
+    return engine_dir, specs, {r.spec.name: r for r in results}
+
+
+@needs_fp16_export
+def test_fp16_graphs_are_checked_against_the_fp32_module(exported_fp16):
+    engine_dir, specs, results = exported_fp16
+    assert set(results) == {"union", "vae"}  # clip.onnx is shared and was current
+    for name in ("union", "vae"):
+        path = specs[name].onnx_path(engine_dir)
+        assert path.name.endswith(".fp16.onnx") and onnx.load(str(path)).opset_import[0].version == 17
+        assert io_mismatches(onnx.load(str(path)), specs[name]) == []  # fp32 at the engine's edges
+        if HAS_ORT:
+            (p,) = results[name].parity
+            assert p.ok, p.describe()
+            assert p.relative_l2 > 0  # it is fp16: not bit-equal to the fp32 module
+
+
+def ort_engines(engine_dir, typing):
+    """A TrtBackend loader that returns onnxruntime stand-ins over the exported graphs."""
+    def load(name, cfg, _engine_dir, device, height=HEIGHT, width=WIDTH):
+        return OnnxRuntimeEngine(engine_spec(name, cfg, height, width, typing=typing), engine_dir)
+    return load
+
+
+@needs_ort
+@pytest.mark.parametrize("typing", ["weak", pytest.param("strong", marks=needs_fp16_export)])
+@pytest.mark.parametrize("num_samples, eta, guess_mode", [(1, 0.0, False), (2, 0.5, True)])
+def test_trt_backend_end_to_end_on_the_graphs_matches_the_reference(exported, exported_fp16, nets, tiny_checkpoint,
+                                                                     typing, num_samples, eta, guess_mode):
+    """TrtBackend.generate through the whole front end, onnxruntime running each exported graph
+    where TensorRT would run its engine: the fp32 graphs (what TensorRT 8.6/10 build from) give
+    the reference's images; the fp16 graphs (TensorRT 10/11, strongly typed) stay within fp16's
+    reach of them. The loop, buffers, guidance, DDIM, noise and decode are the trt back-end's."""
+    from sdcanny.pipeline import Canny2Image
+    from sdcanny.trt_backend import TrtBackend
+    engine_dir, _ = exported
     image = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
     args = (image, "a bird", "best quality", "lowres", num_samples, HEIGHT, 4, guess_mode, 0.8, 7.5, 42, eta, 50, 100)
-    with torch.no_grad():
-        expected = reference.generate(pipeline.request(*args))
-        request = pipeline.request(*args)  # seeds again
-        x, step_noise = draw_noise(request, torch.device("cpu"))
-        contexts = encode_prompts(engines["clip"], request, stream=0)
-        state = LoopState.allocate(request, tuple(contexts.shape[1:]), "cpu")
-        state.load(request, x, step_noise, contexts)
-        denoise(state, request, engines["union"], stream=0)
-        images = decode(state.x, engines["vae"], stream=0).numpy()
-    latents, ref_latents = state.x.numpy(), reference.last_latents.numpy()
-    assert np.abs(latents - ref_latents).max() <= 1e-4 * np.abs(ref_latents).max()
-    assert images.shape == expected.shape and images.dtype == np.uint8
-    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    reference = ReferenceBackend(nets, "cpu")
+    expected = Canny2Image(reference, TINY).process(*args)
+    trt = TrtBackend(TINY, engine_dir, "cpu", load=ort_engines(engine_dir, typing))
+    images = Canny2Image(trt, TINY).process(*args)
+    latents, ref_latents = trt.last_latents.numpy(), reference.last_latents.numpy()
+    rel_l2 = np.linalg.norm(latents - ref_latents) / np.linalg.norm(ref_latents)
+    diffs = [np.abs(got.astype(int) - want.astype(int)) for got, want in zip(images, expected)]
+    assert len(images) == num_samples and all(i.dtype == np.uint8 and i.shape == (HEIGHT, WIDTH, 3) for i in images)
+    if typing == "weak":
+        assert np.abs(latents - ref_latents).max() <= 1e-4 * np.abs(ref_latents).max()
+        assert max(d.max() for d in diffs) <= 1
+    else:
+        assert 0 < rel_l2 <= 2e-2, rel_l2
+        assert max(d.mean() for d in diffs) <= 2.0, [d.mean() for d in diffs]

@@ -1,8 +1,10 @@
+from __future__ import annotations
+
 import cv2
 import numpy as np
 import pytest
-import skimage.data
 
+import photos
 from canny2image_TRT import hackathon
 
 A_PROMPT = "best quality, extremely detailed"
@@ -18,7 +20,7 @@ def tiny(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def photo():
-    return cv2.resize(cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR), (128, 64))
+    return cv2.resize(photos.photo("chelsea", stand_in_shape=(300, 451, 3)), (128, 64))
 
 
 def run(h, img, seed=2946901, **kw):

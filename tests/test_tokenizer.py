@@ -3,9 +3,12 @@
 The expected ids were produced by transformers' (slow) `CLIPTokenizer` for
 openai/clip-vit-large-patch14 with ftfy installed, called as ControlNet's FrozenCLIPEmbedder
 calls it (truncation=True, max_length=77, padding="max_length"). The instant-clip-tokenizer
-back-end is tested explicitly, with and without ftfy, so that the tests mean the same on a
-machine that happens to have the Hugging Face files cached.
+back-end is tested explicitly, with and without ftfy, and so is the "hf-files" back-end (our
+BPE over the Hugging Face files, as the hackathon docker has them cached), so that the tests
+mean the same on any machine.
 """
+from __future__ import annotations
+
 import importlib.util
 import sys
 
@@ -13,24 +16,36 @@ import pytest
 import torch
 
 from sdcanny import tokenizer as tokenizer_module
-from sdcanny.tokenizer import BOS, EOS, ClipTokenizer, load_tokenizer
+from sdcanny.tokenizer import BOS, EOS, TOKENIZER_BACKENDS, ClipTokenizer, load_tokenizer
 
 INSTANT = "instant-clip-tokenizer"
+HAS_INSTANT = importlib.util.find_spec("instant_clip_tokenizer") is not None
+needs_instant = pytest.mark.skipif(not HAS_INSTANT, reason="instant-clip-tokenizer (optional) is not installed")
 
 
 def _without_ftfy():
     """A fresh copy of the module that cannot import ftfy, so it uses its own stand-in."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "ftfy", None)  # makes `import ftfy` raise ImportError
-        spec = importlib.util.spec_from_file_location("tokenizer_no_ftfy", tokenizer_module.__file__)
+        spec = importlib.util.spec_from_file_location("sdcanny._tokenizer_no_ftfy", tokenizer_module.__file__)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return module.ClipTokenizer(backend=INSTANT)
 
 
-@pytest.fixture(scope="module", params=["ftfy-if-installed", "no-ftfy"])
+@pytest.fixture(scope="session")
+def hf_files_tokenizer(hf_hub_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_CACHE", str(hf_hub_cache))
+        return ClipTokenizer(backend="hf-files")
+
+
+@pytest.fixture(scope="module", params=[pytest.param("instant", marks=needs_instant),
+                                        pytest.param("instant-no-ftfy", marks=needs_instant), "hf-files"])
 def tok(request):
-    return ClipTokenizer(backend=INSTANT) if request.param == "ftfy-if-installed" else _without_ftfy()
+    if request.param == "hf-files":
+        return request.getfixturevalue("hf_files_tokenizer")
+    return ClipTokenizer(backend=INSTANT) if request.param == "instant" else _without_ftfy()
 
 
 def row(ids):
@@ -104,12 +119,55 @@ def test_a_single_string_is_one_prompt(tok):
     assert tok("a bird").tolist() == [row([BOS, 320, 3329, EOS])]
 
 
-def test_max_length():
-    out = ClipTokenizer(max_length=5, backend=INSTANT)(["a bird, best quality", "a"])
+def test_max_length(hf_hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_hub_cache))
+    tok = ClipTokenizer(max_length=5, backend="hf-files")
+    out = tok(["a bird, best quality", "a"])
     assert out.tolist() == [[BOS, 320, 3329, 267, EOS], [BOS, 320, EOS, EOS, EOS]]
 
 
-def test_load_tokenizer_picks_a_working_backend():
+def test_load_tokenizer_picks_a_working_backend(hf_hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_hub_cache))
     tok = load_tokenizer()
-    assert tok.backend in ("huggingface", INSTANT) and tok.max_length == 77
+    assert tok.backend in TOKENIZER_BACKENDS and tok.max_length == 77
     assert tok(["a bird, best quality, extremely detailed"])[0].tolist() == row(KNOWN[1][1])
+
+
+def _random_prompts(count: int, seed: int = 0) -> list:
+    """Prompts mixing ASCII words, punctuation, digits, accents, CJK, emoji and odd whitespace."""
+    import random
+    rng = random.Random(seed)
+    pieces = ["a", "bird", "best", "quality", "Caf\u00e9", "na\u00efve", "\u4e2d\u6587", "\U0001F600", "1080p",
+              "3.5", "(masterpiece:1.2)", "don't", "it's", "!!!", "\u00bd", "\u2163", "x\u00b2", "\u0645\u0631\u062d\u0628\u0627",
+              "\u0434\u043e\u043c", "&amp;", "\t", "  ", "\n", "o\u0308", "\u00df", "\ufb01", "longbody,", "hands"]
+    return [" ".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(count)]
+
+
+@needs_instant
+def test_hf_files_bpe_equals_instant_clip_tokenizer(hf_files_tokenizer):
+    """Two independent BPE implementations over the same merges agree prompt for prompt."""
+    prompts = _random_prompts(300)
+    assert hf_files_tokenizer(prompts).tolist() == ClipTokenizer(backend=INSTANT)(prompts).tolist()
+
+
+def test_hf_files_are_found_in_each_cache_location(hf_hub_cache, monkeypatch, tmp_path):
+    from sdcanny.clip_bpe import find_tokenizer_files
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # nothing in ~/.cache
+    assert find_tokenizer_files() is None
+    monkeypatch.setenv("HF_HOME", str(hf_hub_cache.parent))  # HF_HOME/hub
+    assert find_tokenizer_files() == next((hf_hub_cache / "models--openai--clip-vit-large-patch14" / "snapshots").iterdir())
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(hf_hub_cache))
+    assert find_tokenizer_files() is not None
+
+
+def test_no_tokenizer_at_all_says_what_to_provide(monkeypatch, tmp_path):
+    import sdcanny.tokenizer as t
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(RuntimeError, match="vocab.json and merges.txt"):
+        ClipTokenizer(backend="hf-files")
+    with pytest.raises(ValueError, match="unknown tokenizer backend"):
+        ClipTokenizer(backend="sentencepiece")
+    assert set(t.TOKENIZER_BACKENDS) == {"huggingface", "hf-files", INSTANT}

@@ -1,0 +1,100 @@
+"""What the running torch offers, decided once, by looking at the API rather than at version numbers.
+
+The project runs on torch 2.0.1 (the hackathon docker: Python 3.8, CUDA 11.8) and on today's
+releases. Everything that differs between them is answered here; no other module compares torch
+versions or probes signatures.
+
+| feature | torch 2.0 | later |
+| --- | --- | --- |
+| `torch.load(mmap=True)` | absent | 2.1+ (zip-format files only) |
+| `load_state_dict(assign=True)` | absent: modules are built on the CPU and filled | 2.1+: built on meta, tensors assigned |
+| `torch.onnx.export(dynamo=...)` | absent (TorchScript exporter only) | 2.5+: pass dynamo=False |
+| highest ONNX opset of the TorchScript exporter | 18 | 20 |
+| TorchInductor option `conv_1x1_as_mm` | absent | present |
+| `torch.compile` on Python 3.11+ | unsupported | supported |
+| fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+TORCH_LOAD_MMAP = "mmap" in inspect.signature(torch.load).parameters
+LOAD_STATE_DICT_ASSIGN = "assign" in inspect.signature(torch.nn.Module.load_state_dict).parameters
+_ONNX_EXPORT_DYNAMO_ARG = "dynamo" in inspect.signature(torch.onnx.export).parameters
+
+
+def torch_load(path: Path) -> object:
+    """`torch.load` of a checkpoint: tensors only, on the CPU, memory-mapped where both the torch
+    and the file format allow it (mmap needs the zip format that torch.save has written since
+    1.6; older "legacy" files are read whole)."""
+    mmap = TORCH_LOAD_MMAP and zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
+
+
+def network_build_device() -> str:
+    """Where `load_networks` builds modules before the weights go in: "meta" (no memory, the
+    checkpoint's tensors are assigned) where load_state_dict can assign, else "cpu" (copied)."""
+    return "meta" if LOAD_STATE_DICT_ASSIGN else "cpu"
+
+
+def load_state_dict(module: torch.nn.Module, tensors: dict) -> None:
+    """strict=True always; assign=True where torch has it (the module was built on meta)."""
+    if LOAD_STATE_DICT_ASSIGN:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    else:
+        module.load_state_dict(tensors, strict=True)
+
+
+def onnx_export_kwargs() -> dict:
+    """Extra torch.onnx.export arguments that select the TorchScript exporter where torch has a
+    choice (its dynamo exporter is slower on these graphs and is the default from torch 2.9)."""
+    return {"dynamo": False} if _ONNX_EXPORT_DYNAMO_ARG else {}
+
+
+def max_onnx_opset() -> int:
+    """The highest opset the TorchScript exporter of this torch writes."""
+    from torch.onnx import _constants
+    return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+
+
+def cpu_runs_fp16_convolutions() -> bool:
+    try:
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.half), torch.zeros(1, 1, 1, 1, dtype=torch.half))
+    except RuntimeError:  # "slow_conv2d_cpu" not implemented for 'Half'
+        return False
+    return True
+
+
+def compile_unavailable_reason() -> str | None:
+    """None if torch.compile (TorchInductor on CUDA) can run here, else why not in one line."""
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None and hasattr(dynamo, "is_dynamo_supported"):
+        if not dynamo.is_dynamo_supported():
+            return f"torch {torch.__version__} does not support torch.compile on Python {sys.version.split()[0]}"
+    elif sys.version_info >= (3, 11):  # torch 2.0: dynamo stops at 3.10 and has no probe for it
+        return f"torch {torch.__version__} supports torch.compile only up to Python 3.10"
+    if importlib.util.find_spec("triton") is None:
+        return "torch.compile needs triton for CUDA kernels and it is not installed"
+    return None
+
+
+def inductor_options(wanted: dict) -> tuple[dict, list[str]]:
+    """The TorchInductor options this torch knows, and the names of those it does not (dropped)."""
+    from torch._inductor import config
+    known = {k: v for k, v in wanted.items() if _has_option(config, k)}
+    return known, sorted(set(wanted) - set(known))
+
+
+def _has_option(config, dotted: str) -> bool:
+    node = config
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return False
+        node = getattr(node, part)
+    return True
