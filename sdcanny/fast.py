@@ -35,7 +35,7 @@ from . import compat
 from .checkpoint import Networks
 from .ddim import ddim_step
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
-from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls
+from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls, to_mixed_precision
 from .pipeline import GenerationRequest, draw_noise
 from .reference import to_uint8_hwc
 
@@ -122,14 +122,19 @@ class FastTorchBackend:
 
     def __init__(self, networks: Networks, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
-                 cache_dir: Path | None = DEFAULT_CACHE_DIR):
-        """`compile`: None (eager), "default" or "max-autotune" (TorchInductor modes)."""
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False):
+        """`compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
+        `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
+        numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md)."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         nets = networks.to(self.device, dtype)
+        if fp32_islands:
+            for net in (nets.clip, nets.controlnet, nets.unet, nets.vae):
+                to_mixed_precision(net, dtype)
         self.clip = nets.clip
         self.union = UnionModel(nets.controlnet, nets.unet)
         for module in self.union.modules():

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import photos
+from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
 from sdcanny.fast import FastTorchBackend, guided_ddim_step, step_table
-from sdcanny.networks import UnionModel
+from sdcanny.networks import UnionModel, fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
 
@@ -22,13 +23,14 @@ def photo():
     return cv2.resize(photos.photo("coffee", stand_in_shape=(400, 600, 3)), (128, 64))
 
 
-def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", **kw):
+def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", backend_kw=None, **kw):
     args = dict(prompt="a cup", a_prompt="best quality", n_prompt="lowres", num_samples=1, image_resolution=64,
                 ddim_steps=5, guess_mode=False, strength=1.0, scale=9.0, seed=11, eta=0.0,
                 low_threshold=100, high_threshold=200)
     args.update(kw)
     ref = Canny2Image(ReferenceBackend(load_networks(tiny_checkpoint, TINY), ref_device), TINY)
     fast_kw = dict(dtype=torch.float32, compile=None) if fast_device == "cpu" else dict(compile=None)
+    fast_kw.update(backend_kw or {})
     fast = Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), fast_device, **fast_kw), TINY)
     out_ref = ref.process(photo(), **args)
     out_fast = fast.process(photo(), **args)
@@ -81,9 +83,10 @@ def test_gpu_graph_replay_equals_eager(tiny_checkpoint):
 
 
 @needs_cuda
+@pytest.mark.parametrize("backend_kw", [{}, dict(fp32_islands=True)])
 @pytest.mark.parametrize("kw", [{}, dict(guess_mode=True)])
-def test_gpu_fp16_is_close_to_fp32_reference(tiny_checkpoint, kw):
-    lat_ref, lat_fast, img_ref, img_fast = generate_both(tiny_checkpoint, "cuda", "cuda", **kw)
+def test_gpu_fp16_is_close_to_fp32_reference(tiny_checkpoint, kw, backend_kw):
+    lat_ref, lat_fast, img_ref, img_fast = generate_both(tiny_checkpoint, "cuda", "cuda", backend_kw, **kw)
     assert torch.isfinite(lat_fast).all()
     rel = ((lat_fast.float() - lat_ref).norm() / lat_ref.norm()).item()
     assert rel < 0.01, rel
@@ -103,3 +106,26 @@ def test_step_callbacks_see_the_same_trajectory(tiny_checkpoint):
     assert [i for i, _ in seen["reference"]] == [i for i, _ in seen["fast"]] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(seen["reference"], seen["fast"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not compat.cpu_runs_fp16_convolutions(), reason=f"torch {torch.__version__} has no fp16 CPU kernels")
+def test_fp32_islands_compute_in_fp32_inside_an_fp16_network(tiny_checkpoint):
+    """With fp32_islands the normalisations and time MLPs hold fp32 weights while the rest is fp16,
+    and the sampler's result stays within fp16's reach of the fp32 reference."""
+    backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float16, compile=None,
+                               fp32_islands=True)
+    islands = fp32_islands(backend.union)
+    assert islands and all(p.dtype == torch.float32 for m in islands for p in m.parameters())
+    convs = [m for m in backend.union.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.dtype == torch.float16 for m in convs)
+    lat_ref, lat_fast, _, _ = generate_both(tiny_checkpoint, backend_kw=dict(dtype=torch.float16, fp32_islands=True))
+    rel = ((lat_fast.float() - lat_ref).norm() / lat_ref.norm()).item()
+    assert 0 < rel < 0.02, rel
+
+
+def test_an_uncompilable_torch_runs_eager_and_says_so(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(compat, "compile_unavailable_reason", lambda: "torch 2.0.1 supports torch.compile only up to Python 3.10")
+    backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32, compile="default")
+    assert backend.compiled is None
+    assert backend.notes == ["torch back-end runs eager with CUDA graphs, not compiled: "
+                             "torch 2.0.1 supports torch.compile only up to Python 3.10"]

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work (the device machine keeps nothing between sessions):
+#   bash benchmarks/gpu_checks.sh tests      GPU tests, then the full-size ONNX exports for TensorRT 8.6
+#                                            (fp32, opset 17) and 11 (fp16 + fp32 islands) with parity
+#   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
+# Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
+# tokenizer files are built from it into a Hugging Face cache, as the hackathon docker has them.
+# Writes logs and tables under $OUT (or outputs/gpu_checks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_checks}
+mkdir -p "$OUT"
+export SDCANNY_CLIP_BPE=$PWD/.carry/bpe_simple_vocab_16e6.txt.gz
+export HF_HUB_CACHE=/tmp/sdcanny_hf_hub PYTHONUNBUFFERED=1
+python3 tests/clip_files.py "$SDCANNY_CLIP_BPE" "$HF_HUB_CACHE" >/dev/null
+CKPT=/tmp/sd15.pth
+python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
+if [[ ! -f $CKPT ]]; then
+    python3 -m sdcanny.synthetic --config sd15 --out $CKPT | tail -1
+fi
+case "${1:-tests}" in
+tests)
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast.py tests/test_engines.py tests/test_onnx_export.py \
+        tests/test_tensorrt.py tests/test_tokenizer.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    for target in 8.6 11; do
+        start=$SECONDS
+        python3 export_onnx.py --checkpoint $CKPT --engine-dir /tmp/onnx_$target --tensorrt $target --force 2>&1 \
+            | tee "$OUT/export_$target.log" | grep -E "^\[export\]"
+        echo "export for TensorRT $target: $((SECONDS - start)) s"
+    done
+    ;;
+bench)
+    shift
+    python3 benchmarks/gpu_benchmark.py --checkpoint $CKPT --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -30
+    ;;
+esac
