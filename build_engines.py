@@ -6,8 +6,8 @@
     python3 build_engines.py --force
 
 TensorRT 8.6 and 10.x build weakly typed fp16 engines from the fp32 graphs (with the timestep's
-computations and the normalisations pinned to fp32); TensorRT 11 builds strongly typed engines
-from the fp16 graphs with their fp32 islands. An engine is rebuilt when its .plan is missing, when
+computations pinned to fp32; --fp32-norms pins the normalisations too); TensorRT 11 builds
+strongly typed engines from the fp16 graphs with their fp32 islands. An engine is rebuilt when its .plan is missing, when
 its ONNX file changed, or when any build flag changed (precision, typing, optimization level,
 shapes, TensorRT version, GPU); the JSON record beside each .plan holds what it was built from.
 Needs TensorRT (8.6, 10.x or 11.x) and a CUDA GPU.
@@ -19,15 +19,26 @@ import sys
 from pathlib import Path
 
 from sdcanny.config import CONFIGS
-from sdcanny.engine_specs import (DEFAULT_HEIGHT, DEFAULT_OPTIMIZATION_LEVEL, DEFAULT_WIDTH, ENGINE_NAMES, TYPINGS,
-                                  build_flags, engine_specs, needs_rebuild, onnx_sha256, parse_precisions,
-                                  write_build_record)
+from sdcanny.engine_specs import (
+    DEFAULT_HEIGHT,
+    DEFAULT_OPTIMIZATION_LEVEL,
+    DEFAULT_WIDTH,
+    ENGINE_NAMES,
+    TYPINGS,
+    build_flags,
+    engine_specs,
+    needs_rebuild,
+    onnx_sha256,
+    parse_precisions,
+    write_build_record,
+)
 from sdcanny.optional import progress, write
 from sdcanny.paths import DEFAULT_ENGINE_DIR
 
-# weakly typed fp16 engines keep these TensorRT layer types in fp32, as the strongly typed
-# graphs do (networks.fp32_islands); never measured on TensorRT itself (docs/tensorrt.md)
-FP32_LAYER_TYPES = ("NORMALIZATION",)
+# --fp32-norms: weakly typed fp16 engines keep these layer types in fp32, as the strongly typed graphs
+# do (networks.fp32_islands). Off by default: on the H100 the same islands in the torch back-end
+# bought no fidelity and cost 3.6 ms per image (docs/benchmarks.md); never measured on TensorRT
+FP32_NORM_LAYER_TYPES = ("NORMALIZATION",)
 
 
 def main(argv=None) -> int:
@@ -41,8 +52,8 @@ def main(argv=None) -> int:
                     help="override the table's precision, e.g. --precision clip=fp16 vae=fp32")
     ap.add_argument("--typing", choices=TYPINGS, default=None,
                     help="default: weak where the installed TensorRT has it (8.6, 10), else strong (11)")
-    ap.add_argument("--fp16-norms", action="store_true",
-                    help="weak typing: let TensorRT run normalisation layers in fp16 too")
+    ap.add_argument("--fp32-norms", action="store_true",
+                    help="weak typing: pin the normalisation layers to fp32 as well (if PD suffers)")
     ap.add_argument("--optimization-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, choices=range(6))
     ap.add_argument("--force", action="store_true", help="rebuild even where the engine is current")
     ap.add_argument("--verbose", action="store_true", help="TensorRT's full build log")
@@ -61,7 +72,7 @@ def main(argv=None) -> int:
     specs = engine_specs(CONFIGS[args.config], args.height, args.width, parse_precisions(args.precision), typing)
     gpu, version = trt_utils.gpu_name(), trt_utils.tensorrt_version()
     timing_cache = args.engine_dir / "timing_cache.bin"
-    layer_types = () if args.fp16_norms else FP32_LAYER_TYPES
+    layer_types = FP32_NORM_LAYER_TYPES if args.fp32_norms else ()
     for name in progress(args.engines, desc="engines", unit="engine"):
         spec = specs[name]
         if not spec.onnx_path(args.engine_dir).is_file():

@@ -18,8 +18,17 @@ from pathlib import Path
 
 from sdcanny.checkpoint import missing_checkpoint_message
 from sdcanny.config import CONFIGS
-from sdcanny.engine_specs import (DEFAULT_HEIGHT, DEFAULT_WIDTH, DOCKER_TARGET, ENGINE_NAMES, TARGETS, TYPINGS,
-                                  engine_specs, installed_tensorrt_version, target_of)
+from sdcanny.engine_specs import (
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    DOCKER_TARGET,
+    ENGINE_NAMES,
+    TARGETS,
+    TYPINGS,
+    engine_specs,
+    installed_tensorrt_version,
+    target_of,
+)
 from sdcanny.onnx_export import export_all, opset_for
 from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint
 

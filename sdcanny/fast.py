@@ -34,8 +34,8 @@ import torch
 from . import compat
 from .checkpoint import Networks
 from .ddim import ddim_step
-from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls, to_mixed_precision
+from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .reference import to_uint8_hwc
 

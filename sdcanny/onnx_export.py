@@ -37,7 +37,7 @@ from . import compat
 from .checkpoint import Networks
 from .config import ModelConfig
 from .engine_specs import DOCKER_TARGET, TARGETS, EngineSpec, file_sha256, onnx_sha256
-from .networks import ControlNet, UnionModel, UNet, to_mixed_precision
+from .networks import ControlNet, UNet, UnionModel, to_mixed_precision
 from .optional import installed, optional
 
 PROTOBUF_LIMIT = 2 ** 31  # a single .onnx protobuf cannot exceed 2 GB; larger models keep weights outside

@@ -20,7 +20,6 @@ from .ddim import DDIMSchedule, make_schedule
 from .image import canny, hwc3, resize_image, validate_image
 from .tokenizer import load_tokenizer
 
-
 # The hackathon's graded call, after the image, on 256x384 images: process(img, **GRADED_CALL),
 # or positionally process(img, *GRADED_ARGS).
 GRADED_CALL = {"prompt": "a bird", "a_prompt": "best quality, extremely detailed",

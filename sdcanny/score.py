@@ -33,10 +33,10 @@ import torch
 from . import metrics
 from .backends import BACKENDS, fastest_available, unavailable_reason
 from .checkpoint import CheckpointError, missing_checkpoint_message
-from .optional import optional, progress
 from .config import CONFIGS
 from .ddim import ddim_timesteps
 from .image import canny, hwc3, resize_image, stand_in_photo
+from .optional import optional, progress
 from .paths import OUTPUTS_DIR, default_checkpoint
 from .pipeline import GRADED_CALL, GRADED_IMAGE_SHAPE
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .checkpoint import PARTS, SCHEDULE_BUFFERS, alphas_cumprod, build_networks
-from .optional import installed, progress
 from .config import CONFIGS, ModelConfig, VAEConfig
 from .networks import VAEAttnBlock, VAEResnetBlock
+from .optional import installed, progress
 
 # Layers that end a residual branch (zero-initialised in the original) get a smaller gain so the
 # residual stream grows slowly with depth, as in a trained network.

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .config import ModelConfig
 from .ddim import ddim_step
-from .engine_specs import (DEFAULT_HEIGHT, DEFAULT_WIDTH, built_spec, engine_spec, engine_stale_reason)
+from .engine_specs import DEFAULT_HEIGHT, DEFAULT_WIDTH, built_spec, engine_spec, engine_stale_reason
 from .paths import DEFAULT_ENGINE_DIR
 from .pipeline import GenerationRequest, draw_noise
 

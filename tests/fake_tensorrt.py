@@ -12,6 +12,7 @@ add), the builder config records its flags, and an engine exposes named I/O tens
 """
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import types
 from dataclasses import dataclass
@@ -367,6 +368,7 @@ ENUMS = ("BuilderFlag", "DataType", "LayerType", "NetworkDefinitionCreationFlag"
 class FakeTensorRT(types.ModuleType):
     def __init__(self, version: str):
         super().__init__("tensorrt")
+        object.__setattr__(self, "__spec__", importlib.machinery.ModuleSpec("tensorrt", None))  # for find_spec
         api = Api(version)
         object.__setattr__(self, "_api", api)
         object.__setattr__(self, "builders", [])

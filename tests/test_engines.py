@@ -184,14 +184,14 @@ def test_preprocess_exports_and_is_rerunnable(tiny_checkpoint, tmp_path):
 # -- TensorRT itself: never skipped where TensorRT and a GPU exist -------------------------------
 
 needs_trt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                               reason="TensorRT (pip install 'tensorrt>=10,<11') is not installed")
+                               reason="TensorRT (8.6, 10.x or 11.x) is not installed")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_checkpoint, tmp_path_factory):
     """Tiny fp32 engines built by build_engines.py from freshly exported graphs."""
-    pytest.importorskip("tensorrt", reason="TensorRT (pip install 'tensorrt>=10,<11') is not installed")
+    pytest.importorskip("tensorrt", reason="TensorRT (8.6, 10.x or 11.x) is not installed")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
     engine_dir = tmp_path_factory.mktemp("trt_engines")
@@ -231,11 +231,11 @@ def test_a_stale_engine_is_refused_at_load(tiny_engines, tmp_path):
     from sdcanny.trt_backend import load_engine
     spec = engine_spec("clip", TINY)
     for path in tiny_engines.glob("clip.*"):
-        shutil.copy(path, tmp_path / path.name)
-    load_engine(spec, tmp_path, torch.device("cuda"))
+        shutil.copy2(path, tmp_path / path.name)
+    load_engine("clip", TINY, tmp_path, torch.device("cuda"))
     _write_onnx(spec.onnx_path(tmp_path), 1.0)
     with pytest.raises(RuntimeError, match="stale"):
-        load_engine(spec, tmp_path, torch.device("cuda"))
+        load_engine("clip", TINY, tmp_path, torch.device("cuda"))
 
 
 @needs_gpu

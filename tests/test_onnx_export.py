@@ -208,7 +208,8 @@ def _small_model() -> onnx.ModelProto:
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR 8: what torch 2.0's exporter writes; newer onnx defaults to versions older runtimes refuse
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
 
 
 @needs_ort

@@ -9,6 +9,7 @@ with them (kernel choice, real precision, speed): see docs/tensorrt.md.
 from __future__ import annotations
 
 import ast
+import json
 import importlib
 import sys
 from pathlib import Path
@@ -288,3 +289,62 @@ def test_every_tensorrt_name_in_the_code_was_exercised_under_some_version(graphs
         sys.modules.pop("trt_utils", None)
     in_source = tensorrt_names_in(ROOT / "trt_utils.py")
     assert in_source and in_source <= used | {n.split(".")[0] for n in used}, sorted(in_source - used)
+
+
+# -- build_engines.py end to end over the fake ------------------------------------------------------
+
+def test_build_script_builds_records_and_skips_current_engines(trt, graphs, monkeypatch, capsys):
+    """The script's loop over the three engines: the installed TensorRT picks the typing, each engine
+    gets its .plan and build record, a second run finds them current; TensorRT 11 without the fp16
+    graphs says which export to run."""
+    fake, trt_utils = trt
+    monkeypatch.setattr(trt_utils, "gpu_name", lambda device=None: "NVIDIA A10 (sm_86)")
+    import build_engines
+    engine_dir, _ = graphs
+    argv = ["--config", "tiny", "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--engine-dir", str(engine_dir)]
+    if major(fake) >= 11:
+        assert build_engines.main(argv) == 1
+        assert "export_onnx.py --typing strong" in capsys.readouterr().err
+        return
+    for path in engine_dir.glob("*.plan*"):
+        path.unlink()  # other versions' engines from earlier parameters
+    assert build_engines.main(argv) == 0
+    for name in ("clip", "union", "vae"):
+        spec = engine_spec(name, TINY, *SIZE)
+        record = json.loads(spec.build_record_path(engine_dir).read_text())
+        assert record["flags"]["tensorrt_version"] == fake.__version__ and record["flags"]["typing"] == "weak"
+        assert record["flags"]["gpu"] == "NVIDIA A10 (sm_86)" and spec.plan_path(engine_dir).is_file()
+    assert json.loads(engine_spec("union", TINY, *SIZE).build_record_path(engine_dir).read_text())["flags"][
+        "fp32_layer_types"] == []  # norms stay fp16 unless --fp32-norms
+    capsys.readouterr()
+    assert build_engines.main(argv) == 0
+    assert capsys.readouterr().out.count("is up to date") == 3
+    assert build_engines.main(argv + ["--fp32-norms", "--engines", "union"]) == 0
+    assert "build flags changed: fp32_layer_types" in capsys.readouterr().out
+
+
+def test_trt_is_chosen_only_when_every_engine_is_current(trt, monkeypatch, tmp_path):
+    """A partial build (only clip) or engines from another TensorRT: `trt` is skipped with the reason
+    and the next back-end is used; with all three current, `trt` is the fastest available."""
+    fake, trt_utils = trt
+    from sdcanny import backends
+    from sdcanny.engine_specs import build_flags, write_build_record
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trt_utils, "gpu_name", lambda device=None: "NVIDIA A10 (sm_86)")
+    def fake_build(name, version):
+        spec = engine_spec(name, TINY)  # the graded size: what initialize() needs
+        onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], name, [], [])), str(spec.onnx_path(tmp_path)))
+        spec.plan_path(tmp_path).write_bytes(b"plan")
+        write_build_record(spec, tmp_path, "hash", build_flags(spec, version, "NVIDIA A10 (sm_86)"), 1.0)
+
+    fake_build("clip", fake.__version__)
+    name, skipped = backends.fastest_available(tmp_path, TINY)
+    assert name == "torch" and "no engine" in skipped["trt"] and "union_256x384.plan" in skipped["trt"]
+    assert "(and 1 more)" in skipped["trt"]  # vae is missing too
+    for name in ("union", "vae"):
+        fake_build(name, "7.2.3")
+    assert "stale" in backends.unavailable_reason("trt", tmp_path, TINY) and "7.2.3" in backends.unavailable_reason(
+        "trt", tmp_path, TINY)
+    for name in ("union", "vae"):
+        fake_build(name, fake.__version__)
+    assert backends.fastest_available(tmp_path, TINY) == ("trt", {})
