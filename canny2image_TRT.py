@@ -13,7 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sdcanny.arguments import WorkSizeLimits
 from sdcanny.backends import BACKENDS, create_backend, fastest_available
+from sdcanny.compat import check_device
 from sdcanny.config import CONFIGS
 from sdcanny.image import stand_in_photo
 from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint
@@ -23,14 +25,18 @@ from sdcanny.pipeline import GRADED_ARGS, GRADED_IMAGE_SHAPE, Canny2Image
 class hackathon:  # noqa: N801 - the name the hackathon's harness imports
     def __init__(self, backend: str | None = None, checkpoint: str | Path | None = None,
                  config: str = "sd15", device: str | None = None, engine_dir: str | Path = DEFAULT_ENGINE_DIR,
-                 backend_options: dict | None = None):
+                 backend_options: dict | None = None, max_work_pixels: int = WorkSizeLimits.max_pixels,
+                 max_aspect: float = WorkSizeLimits.max_aspect):
         """`checkpoint` None: models/control_sd15_canny.pth beside this file, else the hackathon
         docker's /home/player/ControlNet/models/control_sd15_canny.pth. `backend` None: the fastest
-        that can run here (trt only when every engine is built and current)."""
+        that can run here (trt only when every engine is built and current). `max_work_pixels` and
+        `max_aspect` bound the resized work image process() accepts (sdcanny.arguments.WorkSizeLimits)."""
         if config not in CONFIGS:
             raise ValueError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown back-end {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_device(device)
+        self.limits = WorkSizeLimits(max_pixels=max_work_pixels, max_aspect=max_aspect)
         self.backend_name = backend
         self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         self.cfg = CONFIGS[config]
@@ -51,7 +57,7 @@ class hackathon:  # noqa: N801 - the name the hackathon's harness imports
                 print(f"canny2image: not using '{faster}': {reason}")
         backend = create_backend(name, self.checkpoint, self.cfg, self.device, self.engine_dir,
                                  self.backend_options)
-        self.pipeline = Canny2Image(backend, self.cfg)
+        self.pipeline = Canny2Image(backend, self.cfg, self.limits)
         self.backend_name = name
         loaded = time.perf_counter()
         if warm_up and name != "reference":

@@ -171,9 +171,9 @@ def main() -> None:
 
     if not args.checkpoint.is_file() and args.make_checkpoint:
         from sdcanny.config import SD15
-        from sdcanny.synthetic import synthetic_state_dict, write_checkpoint
+        from sdcanny.synthetic import HINT_GAIN, synthetic_state_dict, write_checkpoint
         start = time.perf_counter()
-        write_checkpoint(synthetic_state_dict(SD15, seed=0), args.checkpoint)
+        write_checkpoint(synthetic_state_dict(SD15, seed=0, control_gain=HINT_GAIN), args.checkpoint)
         print(f"synthetic sd15 checkpoint written in {time.perf_counter() - start:.0f} s")
     # The reference is fp32: no TF32 in matmuls or cuDNN convolutions.
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_checks.sh export     the full-size ONNX exports for TensorRT 8.6 (fp32, opset 17)
 #                                            and 11 (fp16 + fp32 islands), each checked in onnxruntime
 #   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
+#   bash benchmarks/gpu_checks.sh hint ARGS  the canny map's influence per synthetic control gain
+#                                            (benchmarks/hint_influence.py ARGS)
 # Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
 # tokenizer files are built from it into a Hugging Face cache, as the hackathon docker has them.
 # Writes logs and tables under $OUT (or outputs/gpu_checks).
@@ -16,8 +18,13 @@ export HF_HUB_CACHE=/tmp/sdcanny_hf_hub PYTHONUNBUFFERED=1
 python3 tests/clip_files.py "$SDCANNY_CLIP_BPE" "$HF_HUB_CACHE" >/dev/null
 CKPT=/tmp/sd15.pth
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
-if [[ ! -f $CKPT ]]; then
-    python3 -m sdcanny.synthetic --config sd15 --out $CKPT | tail -1
+if [[ ${1:-} == hint ]]; then
+    shift
+    python3 benchmarks/hint_influence.py "$@" 2>&1 | tee "$OUT/hint.log" | grep -v Warning
+    exit
+fi
+if [[ ${1:-tests} != tests && ! -f $CKPT ]]; then
+    python3 -m sdcanny.synthetic --config sd15 --control-gain 4 --out $CKPT | tail -1  # synthetic.HINT_GAIN
 fi
 case "${1:-tests}" in
 tests)

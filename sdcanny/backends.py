@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from . import compat
 from .config import ModelConfig
 from .paths import DEFAULT_ENGINE_DIR
 
@@ -23,8 +24,9 @@ def unavailable_reason(name: str, engine_dir: Path = DEFAULT_ENGINE_DIR, cfg: Mo
         return f"unknown back-end {name!r}; choose one of {', '.join(BACKENDS)}"
     if name == "reference":
         return None
-    if not torch.cuda.is_available():
-        return f"the {name} back-end needs a CUDA GPU and torch sees none"
+    cuda_missing = compat.cuda_unavailable_reason()
+    if cuda_missing is not None:
+        return f"the {name} back-end needs a CUDA GPU: {cuda_missing}"
     if name == "trt":
         if importlib.util.find_spec("tensorrt") is None:
             return "the trt back-end needs TensorRT (8.6, 10.x or 11.x), which is not installed"

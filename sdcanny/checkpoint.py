@@ -44,6 +44,7 @@ DROPPED = (
     (r"logvar", "training-only loss weighting"),
     (r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids",
      "CLIP position ids: always arange(77)"),
+    (r"model_ema\..*", "EMA copy of the weights that community checkpoints carry: the model's own weights are used"),
 )
 _DROPPED_RE = [(re.compile(p + r"\Z"), why) for p, why in DROPPED]
 
@@ -67,6 +68,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .pth/.ckpt (torch.load, weights only, memory-mapped where possible) or
     .safetensors file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".ckpt", ".safetensors"))
+        hint = f"; it holds {', '.join(inside)}" if inside else "; it holds no .pth, .ckpt or .safetensors file"
+        raise CheckpointError(f"checkpoint {path} is a directory: pass the checkpoint file itself{hint}")
     if not path.is_file():
         raise FileNotFoundError(missing_checkpoint_message(path))
     if path.suffix == ".safetensors" and not installed("safetensors"):
@@ -145,16 +150,49 @@ def split_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
     if misshaped:
         problems.append(f"wrong shapes (checkpoint != model '{cfg.name}'): {_summarise(misshaped)}")
     if problems:
+        other = other_matching_config(state, cfg)
+        hint = f"\n  This looks like the '{other}' config: pass config='{other}' (--config {other})." if other else ""
         raise CheckpointError(f"checkpoint does not match the '{cfg.name}' architecture:\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(problems) + hint)
     if "alphas_cumprod" in state:
         _check_schedule(state["alphas_cumprod"], cfg.schedule)
+    non_finite = [PARTS[n] + k for n, tensors in parts.items() for k, t in tensors.items() if not all_finite(t)]
+    if non_finite:
+        raise CheckpointError(f"checkpoint holds NaN or infinite weights (every image would be black): "
+                              f"{_summarise(non_finite)}")
     return parts, dropped
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """One summing pass (no bool copy of 5.7 GB of weights); the exact test only where the sum is
+    not finite, which a NaN or inf always makes it, and an overflow rarely."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
+
+
+def other_matching_config(state: dict[str, torch.Tensor], cfg: ModelConfig) -> str | None:
+    """The name of another known config whose networks this state dict fits exactly, if any."""
+    from .config import CONFIGS
+    for name, other in CONFIGS.items():
+        if name == cfg.name:
+            continue
+        with torch.device("meta"):
+            nets = build_networks(other)
+        wanted = {PARTS[n] + k: v.shape for n, m in nets.items() for k, v in m.state_dict().items()}
+        found = {(PARTS["clip"] + k[len(_CLIP_NESTED):] if k.startswith(_CLIP_NESTED) else k): t.shape
+                 for k, t in state.items() if dropped_reason(k) is None}
+        if found == wanted:
+            return name
+    return None
+
+
 def _check_schedule(stored: torch.Tensor, schedule: ScheduleConfig) -> None:
+    """Compared at the checkpoint's precision: an fp16 or bf16 copy rounds the buffer too."""
     expected = alphas_cumprod(schedule)
-    if stored.shape != expected.shape or not torch.allclose(stored.float(), expected, rtol=1e-5, atol=1e-7):
+    tolerance = 2 * torch.finfo(stored.dtype).eps if stored.is_floating_point() else 1e-5
+    if stored.shape != expected.shape or not torch.allclose(stored.float(), expected.to(stored.dtype).float(),
+                                                            rtol=max(tolerance, 1e-5), atol=1e-7):
         raise CheckpointError("the checkpoint's alphas_cumprod differs from SD1.5's linear schedule "
                               f"({schedule.linear_start} to {schedule.linear_end}, {schedule.timesteps} "
                               "steps); this pipeline computes the schedule from that formula")
@@ -176,7 +214,11 @@ class Networks:
 
 def load_networks(path: str | Path, cfg: ModelConfig) -> Networks:
     """All four networks in fp32 on the CPU, in eval mode, weights taken from `path`."""
-    state = read_state_dict(path)
+    return load_state_networks(read_state_dict(path), cfg)
+
+
+def load_state_networks(state: dict[str, torch.Tensor], cfg: ModelConfig) -> Networks:
+    """load_networks for a state dict already in memory."""
     with torch.device(compat.network_build_device()):
         nets = build_networks(cfg)
     expected = {n: {k: v.shape for k, v in m.state_dict().items()} for n, m in nets.items()}
@@ -184,4 +226,8 @@ def load_networks(path: str | Path, cfg: ModelConfig) -> Networks:
     for name, net in nets.items():
         compat.load_state_dict(net, {k: v.to(torch.float32) for k, v in parts[name].items()})
         net.eval().requires_grad_(False)
+    ema = [k for k in dropped if k.startswith("model_ema.")]
+    if ema:
+        print(f"checkpoint: dropped {len(ema)} model_ema.* keys (an EMA copy of the weights); the model's own "
+              "weights are used")
     return Networks(**nets, dropped=dropped)

@@ -98,3 +98,31 @@ def _has_option(config, dotted: str) -> bool:
             return False
         node = getattr(node, part)
     return True
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None if torch can run on a CUDA GPU here, else what is missing, in one line."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA build of torch"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no CUDA device "
+            "(no GPU, no driver, or CUDA_VISIBLE_DEVICES hides it)")
+
+
+def check_device(device: str | None) -> None:
+    """Refuses, naming what is missing, a device string torch cannot use here (None: decided later)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
+    if parsed.type == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"device {device!r}: {reason}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r}: this project runs on 'cpu' or 'cuda' devices")

@@ -50,9 +50,15 @@ def make_schedule(schedule: ScheduleConfig, steps: int, eta: float) -> DDIMSched
     alphas = ac[t]
     alphas_prev = torch.cat([ac[:1], ac[t[:-1]]])
     a64, p64 = alphas.double(), alphas_prev.double()
-    sigmas = eta * torch.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))
+    unit = torch.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))  # sigma at eta = 1
+    sigmas = (eta * unit).to(torch.float32)
+    # the update takes sqrt(1 - alpha_prev - sigma^2), in float32: past eta_max that is NaN, and the image black
+    if bool((1.0 - alphas_prev - sigmas ** 2 < 0).any()):
+        eta_max = float(torch.sqrt((1 - p64) / unit.clamp_min(1e-300) ** 2).min())
+        raise ValueError(f"eta must be at most about {eta_max:.4g} for {steps} DDIM steps (beyond it the "
+                         f"sampler's sqrt(1 - alpha_prev - sigma^2) is undefined), got {eta!r}")
     return DDIMSchedule(timesteps=torch.from_numpy(t), alphas=alphas, alphas_prev=alphas_prev,
-                        sigmas=sigmas.to(torch.float32), sqrt_one_minus_alphas=torch.sqrt(1.0 - alphas))
+                        sigmas=sigmas, sqrt_one_minus_alphas=torch.sqrt(1.0 - alphas))
 
 
 def ddim_step(x: torch.Tensor, e_t: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor,

@@ -15,7 +15,7 @@ import numpy as np
 from .config import TINY
 from .image import stand_in_photo
 from .optional import optional
-from .paths import OUTPUTS_DIR, PROJECT_ROOT, default_checkpoint
+from .paths import DEFAULT_CHECKPOINT, OUTPUTS_DIR, PROJECT_ROOT, default_checkpoint
 from .pipeline import GRADED_CALL
 from .synthetic import synthetic_state_dict, write_checkpoint
 
@@ -32,7 +32,9 @@ def main(argv=None) -> None:
     if checkpoint.is_file():
         config, resolution = "sd15", 256
     else:
-        print(f"{checkpoint} not found: using the tiny synthetic checkpoint {TINY_CHECKPOINT}")
+        print(f"{checkpoint} not found: using the tiny synthetic checkpoint {TINY_CHECKPOINT}.\n"
+              "  Synthetic weights are random: the result is noise-like by design, not a picture. For a real\n"
+              f"  image put the original control_sd15_canny.pth at {DEFAULT_CHECKPOINT}.")
         if not TINY_CHECKPOINT.is_file():
             write_checkpoint(synthetic_state_dict(TINY, seed=0), TINY_CHECKPOINT)
         checkpoint, config, resolution = TINY_CHECKPOINT, "tiny", 64

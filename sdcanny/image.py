@@ -44,16 +44,20 @@ def hwc3(x: np.ndarray) -> np.ndarray:
     raise ValueError(f"expected 1 or 3 channels, got shape {x.shape}")
 
 
+def work_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The size resize_image gives: short side to `resolution`, both sides rounded to multiples of 64."""
+    k = float(resolution) / min(height, width)
+    return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
+
+
 def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
     """Short side to `resolution`, both sides rounded to multiples of 64; Lanczos when enlarging,
     area when shrinking (and when the scale is exactly 1)."""
     h, w = image.shape[:2]
-    k = float(resolution) / min(h, w)
-    new_h = int(np.round(h * k / 64.0)) * 64
-    new_w = int(np.round(w * k / 64.0)) * 64
+    new_h, new_w = work_size(h, w, resolution)
     if new_h == 0 or new_w == 0:
         raise ValueError(f"image_resolution {resolution} gives an empty image for input {h}x{w}")
-    interpolation = cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA
+    interpolation = cv2.INTER_LANCZOS4 if resolution > min(h, w) else cv2.INTER_AREA
     return cv2.resize(image, (new_w, new_h), interpolation=interpolation)
 
 

@@ -17,7 +17,8 @@ import torch
 
 from .config import ModelConfig
 from .ddim import DDIMSchedule, make_schedule
-from .image import canny, hwc3, resize_image, validate_image
+from .arguments import RANDOM_SEED, WorkSizeLimits, check_arguments, resolve_seed
+from .image import canny, hwc3, resize_image, validate_image, work_size
 from .tokenizer import load_tokenizer
 
 # The hackathon's graded call, after the image, on 256x384 images: process(img, **GRADED_CALL),
@@ -93,55 +94,53 @@ def control_scales(strength: float, guess_mode: bool, count: int) -> tuple[float
     return (float(strength),) * count
 
 
-def _check_args(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, scale, eta,
-                low_threshold, high_threshold) -> None:
-    for name, value in (("prompt", prompt), ("a_prompt", a_prompt), ("n_prompt", n_prompt)):
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-    for name, value, low in (("num_samples", num_samples, 1), ("image_resolution", image_resolution, 64),
-                             ("ddim_steps", ddim_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not np.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    if not 0 <= eta:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
-    if not 0 <= low_threshold <= high_threshold:
-        raise ValueError(f"need 0 <= low_threshold <= high_threshold, got {low_threshold}, {high_threshold}")
+class Images(list):
+    """process()'s result: the list of HWC uint8 images the hackathon expects, which also says the
+    seed it was made with (the one drawn when seed was -1)."""
+
+    def __init__(self, images, seed: int):
+        super().__init__(images)
+        self.seed = seed
 
 
 class Canny2Image:
-    def __init__(self, backend: Backend, cfg: ModelConfig):
+    def __init__(self, backend: Backend, cfg: ModelConfig, limits: WorkSizeLimits = WorkSizeLimits()):
         self.backend = backend
         self.cfg = cfg
+        self.limits = limits
         self.tokenizer = load_tokenizer(cfg.clip.max_length)
         self.last_timings: dict[str, float] = {}
+        self.last_seed: int | None = None
 
     def request(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) -> GenerationRequest:
         """Everything up to the networks; seeds the generators last, as the original does."""
         validate_image(input_image)
-        _check_args(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, scale, eta,
-                    low_threshold, high_threshold)
-        img = resize_image(hwc3(input_image), image_resolution)
-        detected_map = hwc3(canny(img, low_threshold, high_threshold))
+        a = check_arguments(prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps, guess_mode,
+                            strength, scale, seed, eta, low_threshold, high_threshold)
+        self.limits.check(input_image.shape, work_size(*input_image.shape[:2], a.image_resolution), a.image_resolution)
+        schedule = make_schedule(self.cfg.schedule, a.ddim_steps, a.eta)
+        img = resize_image(hwc3(input_image), a.image_resolution)
+        detected_map = hwc3(canny(img, a.low_threshold, a.high_threshold))
         # numpy, not torch: torch's CPU kernels wake all intra-op threads, which cost ~25 ms per call
         # on a 16-core GPU host (measured), for a few hundred kB of data
         hint = np.ascontiguousarray(detected_map.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
-        hint = torch.from_numpy(np.repeat(hint[None], num_samples, axis=0))
-        schedule = make_schedule(self.cfg.schedule, ddim_steps, eta)
+        hint = torch.from_numpy(np.repeat(hint[None], a.num_samples, axis=0))
         request = GenerationRequest(
             hint=hint,
-            cond_tokens=self.tokenizer([prompt + ", " + a_prompt] * num_samples),
-            uncond_tokens=self.tokenizer([n_prompt] * num_samples),
-            schedule=schedule, guidance_scale=float(scale),
-            control_scales=control_scales(strength, guess_mode, self.cfg.unet.num_control_residuals),
-            guess_mode=bool(guess_mode))
-        seed_everything(random.randint(0, 65535) if seed == -1 else seed)
+            cond_tokens=self.tokenizer([a.prompt + ", " + a.a_prompt] * a.num_samples),
+            uncond_tokens=self.tokenizer([a.n_prompt] * a.num_samples),
+            schedule=schedule, guidance_scale=a.scale,
+            control_scales=control_scales(a.strength, a.guess_mode, self.cfg.unet.num_control_residuals),
+            guess_mode=a.guess_mode)
+        self.last_seed = resolve_seed(a.seed)
+        if a.seed == RANDOM_SEED:
+            print(f"canny2image: seed -1: using seed {self.last_seed} (pass it to reproduce this image)")
+        seed_everything(self.last_seed)
         return request
 
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
-                guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) -> list[np.ndarray]:
+                guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) -> Images:
         start = time.perf_counter()
         with torch.inference_mode():
             request = self.request(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
@@ -149,6 +148,14 @@ class Canny2Image:
                                    high_threshold)
             prepared = time.perf_counter()
             images = self.backend.generate(request)
+            check_finite(getattr(self.backend, "last_latents", None), strength, scale)
         end = time.perf_counter()
         self.last_timings = {"preprocess": prepared - start, "generate": end - prepared, "total": end - start}
-        return [images[i] for i in range(len(images))]
+        return Images([images[i] for i in range(len(images))], self.last_seed)
+
+
+def check_finite(latents: torch.Tensor | None, strength, scale) -> None:
+    """A sampler that overflowed returns black images after the uint8 clamp: say so instead."""
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        raise FloatingPointError(f"the sampler produced NaN or infinite latents (strength={strength!r}, "
+                                 f"scale={scale!r}): lower them, or check the checkpoint's weights")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers shared by the tests (c
 sys.path.insert(0, str(ROOT))  # the top-level scripts (canny2image_TRT.py, ...) import from here
 
 from sdcanny.config import TINY  # noqa: E402
-from sdcanny.synthetic import synthetic_state_dict, write_checkpoint  # noqa: E402
+from sdcanny.synthetic import HINT_GAIN, synthetic_state_dict, write_checkpoint  # noqa: E402
 
 # CI machines have 2 cores; more threads than that only adds scheduling noise.
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -20,7 +20,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def tiny_state():
-    return synthetic_state_dict(TINY, seed=0)
+    """The tiny synthetic checkpoint with the canny map's path strengthened (HINT_GAIN), so that
+    comparisons see errors in the hint path."""
+    return synthetic_state_dict(TINY, seed=0, control_gain=HINT_GAIN)
 
 
 @pytest.fixture(scope="session")

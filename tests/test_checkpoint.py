@@ -137,3 +137,56 @@ def test_safetensors_without_the_package_names_it(tmp_path, monkeypatch):
 def test_missing_file_says_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="python3 -m sdcanny.synthetic"):
         read_state_dict(tmp_path / "control_sd15_canny.pth")
+
+
+# -- the formats and mistakes of real-world checkpoints ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_copies_load_and_compute_in_fp32(tiny_state, tmp_path, dtype):
+    """The common community copies: every float tensor, schedule buffers included, in fp16 / bf16.
+    The networks get those values (exactly representable in fp32), in fp32."""
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tiny_state.items()}
+    torch.save({"state_dict": half}, tmp_path / "half.ckpt")
+    nets = load_networks(tmp_path / "half.ckpt", TINY)
+    key = "input_blocks.1.0.in_layers.2.weight"
+    got = nets.unet.state_dict()[key]
+    assert got.dtype == torch.float32 and torch.equal(got, half["model.diffusion_model." + key].float())
+
+
+def test_a_rounded_schedule_is_still_refused_when_it_is_another_schedule(tiny_state, tmp_path):
+    other = (tiny_state["alphas_cumprod"] * 0.99).to(torch.float16)
+    path = _save_modified(tiny_state, tmp_path, lambda s: s.update({"alphas_cumprod": other}))
+    with pytest.raises(CheckpointError, match="alphas_cumprod"):
+        load_networks(path, TINY)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensors(tiny_state, tmp_path):
+    def poison(state):
+        state["model.diffusion_model.out.2.weight"] = torch.full_like(state["model.diffusion_model.out.2.weight"], float("nan"))
+        state["control_model.zero_convs.3.0.bias"] = state["control_model.zero_convs.3.0.bias"].clone()
+        state["control_model.zero_convs.3.0.bias"][0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite.*model\.diffusion_model\.out\.2\.weight") as err:
+        load_networks(_save_modified(tiny_state, tmp_path, poison), TINY)
+    assert "control_model.zero_convs.3.0.bias" in str(err.value)
+
+
+def test_a_checkpoint_of_the_other_config_is_recognised(tiny_checkpoint):
+    with pytest.raises(CheckpointError, match="looks like the 'tiny' config: pass config='tiny'"):
+        load_networks(tiny_checkpoint, SD15)
+
+
+def test_ema_keys_are_dropped_with_one_line(tiny_state, tmp_path, capsys):
+    def add_ema(state):
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(1000)
+        state["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(3)
+    nets = load_networks(_save_modified(tiny_state, tmp_path, add_ema), TINY)
+    assert {k for k in nets.dropped if k.startswith("model_ema.")} == {
+        "model_ema.decay", "model_ema.num_updates", "model_ema.diffusion_modelinput_blocks00weight"}
+    assert capsys.readouterr().out.count("dropped 3 model_ema.* keys") == 1
+
+
+def test_a_directory_gets_its_own_message(tmp_path):
+    (tmp_path / "control_sd15_canny.pth").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a directory: pass the checkpoint file itself; it holds control_sd15"):
+        read_state_dict(tmp_path)

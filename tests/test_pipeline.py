@@ -54,24 +54,83 @@ def test_num_samples_gives_independent_images(tiny, photo):
     assert not np.array_equal(images[0], images[1])  # different noise per sample
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(input_image=None), "None"),
-    (dict(input_image=np.zeros((64, 64, 3), np.float32)), "uint8"),
-    (dict(input_image=np.zeros((64, 64), np.uint8)), "H x W x 3"),
-    (dict(input_image=np.zeros((64, 64, 4), np.uint8)), "H x W x 3"),
-    (dict(input_image=np.zeros((0, 64, 3), np.uint8)), "empty"),
-    (dict(prompt=3), "prompt must be a string"),
-    (dict(n_prompt=None), "n_prompt must be a string"),
-    (dict(ddim_steps=0), "ddim_steps"),
-    (dict(num_samples=0), "num_samples"),
-    (dict(num_samples=1.5), "num_samples"),
-    (dict(image_resolution=8), "image_resolution"),
-    (dict(low_threshold=200, high_threshold=100), "threshold"),
-])
-def test_bad_input_raises_value_error(tiny, photo, change, message):
+# (changed arguments, error class, message): each message names the argument; none comes from
+# deep inside numpy or torch, none is a black image or a call that runs for minutes
+BAD_INPUT = [
+    (dict(input_image=None), ValueError, "None"),
+    (dict(input_image=np.zeros((64, 64, 3), np.float32)), ValueError, "uint8"),
+    (dict(input_image=np.zeros((64, 64), np.uint8)), ValueError, "H x W x 3"),
+    (dict(input_image=np.zeros((64, 64, 4), np.uint8)), ValueError, "H x W x 3"),
+    (dict(input_image=np.zeros((0, 64, 3), np.uint8)), ValueError, "empty"),
+    (dict(input_image=np.zeros((16, 2000, 3), np.uint8), image_resolution=256), ValueError,
+     r"image_resolution 256 turns this 16x2000 input into a 256x32000 work image \(8.19 MP, aspect 125.0:1\)"),
+    (dict(image_resolution=2048), ValueError, r"image_resolution 2048 .* 2048x4096 work image .*max_work_pixels"),
+    (dict(prompt=3), ValueError, "prompt must be a string"),
+    (dict(n_prompt=None), ValueError, "n_prompt must be a string"),
+    (dict(ddim_steps=0), ValueError, "ddim_steps must be an integer >= 1"),
+    (dict(ddim_steps=True), ValueError, "ddim_steps must be a number, got bool"),
+    (dict(num_samples=0), ValueError, "num_samples must be an integer >= 1"),
+    (dict(num_samples=1.5), ValueError, "num_samples must be an integer"),
+    (dict(image_resolution=8), ValueError, "image_resolution must be an integer >= 64"),
+    (dict(image_resolution="256"), ValueError, "image_resolution must be a number, got str"),
+    (dict(strength=float("nan")), ValueError, "strength must be finite"),
+    (dict(strength=float("inf")), ValueError, "strength must be finite"),
+    (dict(strength=-0.5), ValueError, "strength must be >= 0"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite"),
+    (dict(eta=float("inf")), ValueError, "eta must be finite"),
+    (dict(eta=-0.1), ValueError, "eta must be >= 0"),
+    (dict(eta=5.0), ValueError, "eta must be at most about 1.002 for 4 DDIM steps"),
+    (dict(guess_mode="False"), ValueError, "guess_mode must be True or False .* got str 'False'"),
+    (dict(guess_mode="no"), ValueError, "guess_mode must be True or False"),
+    (dict(guess_mode=2), ValueError, "guess_mode must be True or False"),
+    (dict(seed=1.5), ValueError, "seed must be an integer"),
+    (dict(seed=2 ** 32), ValueError, r"seed must be an integer in 0..4294967295, or -1"),
+    (dict(seed=-2), ValueError, r"seed must be an integer in 0..4294967295, or -1"),
+    (dict(seed="42"), ValueError, "seed must be a number"),
+    (dict(low_threshold=200, high_threshold=100), ValueError, "low_threshold <= high_threshold"),
+    (dict(low_threshold=float("nan")), ValueError, "low_threshold must be finite"),
+    (dict(high_threshold=-1), ValueError, "high_threshold must be >= 0"),
+    (dict(scale=1e38), FloatingPointError, r"NaN or infinite latents \(strength=1.0, scale=1e\+38\)"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD_INPUT, ids=[str(c)[:60] for c, _, _ in BAD_INPUT])
+def test_bad_input_is_refused_naming_the_argument(tiny, photo, change, error, message):
+    change = dict(change)
     img = change.pop("input_image", photo)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         run(tiny, img, **change)
+
+
+@pytest.mark.parametrize("flag", [True, False, 1, 0, np.bool_(True)])
+def test_flags_and_numpy_numbers_are_accepted(tiny, photo, flag):
+    out = run(tiny, photo, guess_mode=flag, seed=np.int64(5), num_samples=np.int32(1), strength=np.float32(0.5))
+    assert len(out) == 1 and out.seed == 5
+
+
+def test_a_random_seed_is_reported_and_reproduces_the_image(tiny, photo, capsys):
+    drawn = run(tiny, photo, seed=-1)
+    line = capsys.readouterr().out
+    assert f"seed -1: using seed {drawn.seed}" in line and 0 <= drawn.seed <= 65535
+    assert tiny.pipeline.last_seed == drawn.seed
+    assert np.array_equal(run(tiny, photo, seed=drawn.seed)[0], drawn[0])
+    assert isinstance(drawn, list)  # still the hackathon's list of arrays
+
+
+def test_the_work_size_limit_is_a_constructor_option(tiny_checkpoint, photo):
+    wide = np.zeros((16, 2000, 3), np.uint8)
+    h = hackathon(backend="reference", checkpoint=tiny_checkpoint, config="tiny", device="cpu",
+                  max_work_pixels=64 * 8192, max_aspect=200)
+    h.initialize()
+    assert run(h, wide, image_resolution=64)[0].shape == (64, 8000, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_names_what_is_missing():
+    with pytest.raises(ValueError, match="device 'cuda': (this torch .* is a CPU-only build|.*sees no CUDA device)"):
+        hackathon(device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu0' is not a torch device"):
+        hackathon(device="gpu0")
 
 
 def test_unknown_backend_and_config_raise():
@@ -107,3 +166,30 @@ def test_default_paths_are_the_projects_with_the_docker_checkpoint_as_fallback(t
     own.write_bytes(b"x")
     assert paths.default_checkpoint((own, docker)) == own
     assert str(paths.DOCKER_CHECKPOINT) == "/home/player/ControlNet/models/control_sd15_canny.pth"
+
+
+def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
+    """The hint is the original's (resize, Canny, HWC3, / 255, one per sample, NCHW), and on the
+    test checkpoint (synthetic.HINT_GAIN) a hint that is ignored or flipped changes the image far
+    beyond rounding, so the fidelity comparisons elsewhere see such errors. A channel swap cannot
+    change anything: the canny map's three channels are equal, which is asserted too."""
+    from sdcanny.image import resize_image
+    pipeline, backend = tiny.pipeline, tiny.pipeline.backend
+    args = (photo, "a cat", A_PROMPT, N_PROMPT, 2, 64, 4, False, 1.0, 9.0, 12345, 0.0, 100, 200)
+    detected = cv2.Canny(resize_image(photo, 64), 100, 200)  # the original: HWC3(apply_canny(img, 100, 200))
+    control = torch.from_numpy(np.stack([detected] * 3, axis=-1).copy()).float() / 255.0
+    expected = torch.stack([control] * 2).permute(0, 3, 1, 2).contiguous()  # einsum('b h w c -> b c h w')
+    request = pipeline.request(*args)
+    assert torch.equal(request.hint, expected)
+    base = backend.generate(request)
+
+    def with_hint(hint):
+        import dataclasses
+        return backend.generate(dataclasses.replace(pipeline.request(*args), hint=hint.contiguous()))  # re-seeded
+
+    from sdcanny.metrics import psnr
+    assert np.array_equal(with_hint(expected.clone()), base)  # same hint, same seed: same image
+    for name, wrong in (("ignored", torch.zeros_like(expected)), ("flipped", expected.flip(-1)),
+                        ("upside down", expected.flip(-2))):
+        assert psnr(with_hint(wrong)[0], base[0]) < 25, name
+    assert np.array_equal(with_hint(expected[:, [2, 1, 0]]), base)
