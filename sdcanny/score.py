@@ -709,7 +709,9 @@ def run(opts: ScoreOptions, make_hackathon: Callable | None = None, echo=print) 
         "against": {"backend": ag.name, "initialize_seconds": ag.initialize_seconds, "timed": bool(ag.latencies_ms),
                     "device": ref_dev},
         "workload": {"config": opts.config, "checkpoint": str(checkpoint), "checkpoint_fingerprint": fingerprint,
-                     "images": str(opts.images) if opts.images else "built-in (scikit-image)",
+                     "images": str(opts.images) if opts.images else (
+                         "built-in (scikit-image)" if images[0].source.startswith("skimage") else
+                         "built-in (generated test patterns: scikit-image is not installed)"),
                      "args": {k: v for k, v in all_args[0].items() if k != "prompt"} if all_args else {}},
         "timing": {"warmup": opts.warmup, "repeat": opts.repeat, "clock": "time.perf_counter around process(), "
                    "torch.cuda.synchronize() before and after when CUDA is used"},

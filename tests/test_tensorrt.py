@@ -9,8 +9,9 @@ with them (kernel choice, real precision, speed): see docs/tensorrt.md.
 from __future__ import annotations
 
 import ast
-import json
 import importlib
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,12 +119,18 @@ def parsed_network(fake, trt_utils, path: Path, strongly_typed=False):
     return network
 
 
-def test_keep_fp32_pins_the_whole_timestep_path_including_gemm_biases(trt, graphs):
+@pytest.fixture
+def weak_union(trt, graphs):
+    """(fake, trt_utils, the fp32 union graph) where the version has per-layer precision."""
     fake, trt_utils = trt
     if not trt_utils.FEATURES.weak_typing:
         pytest.skip(f"TensorRT {fake.__version__} has no per-layer precision (strong typing only)")
     engine_dir, specs = graphs
-    path = specs["weak", "union"].onnx_path(engine_dir)
+    return fake, trt_utils, specs["weak", "union"].onnx_path(engine_dir)
+
+
+def test_keep_fp32_pins_the_whole_timestep_path_including_gemm_biases(weak_union):
+    fake, trt_utils, path = weak_union
     network = parsed_network(fake, trt_utils, path)
     expected = timestep_only_nodes(onnx.load(str(path)), float_results=True)
     gemms = [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Gemm" and n.name in expected]
@@ -142,12 +149,8 @@ def test_keep_fp32_pins_the_whole_timestep_path_including_gemm_biases(trt, graph
     assert reads_latent and not any(layer._pinned for layer in reads_latent)
 
 
-def test_normalisation_layers_are_pinned_when_asked(trt, graphs):
-    fake, trt_utils = trt
-    if not trt_utils.FEATURES.weak_typing:
-        pytest.skip(f"TensorRT {fake.__version__} has no per-layer precision (strong typing only)")
-    engine_dir, specs = graphs
-    path = specs["weak", "union"].onnx_path(engine_dir)
+def test_normalisation_layers_are_pinned_when_asked(weak_union):
+    fake, trt_utils, path = weak_union
     norms = sum(n.op_type in ("InstanceNormalization", "LayerNormalization") for n in onnx.load(str(path)).graph.node)
     assert norms > 20
     network = parsed_network(fake, trt_utils, path)
