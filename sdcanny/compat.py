@@ -71,15 +71,15 @@ def cpu_runs_fp16_convolutions() -> bool:
     return True
 
 
-def compile_unavailable_reason() -> str | None:
-    """None if torch.compile (TorchInductor on CUDA) can run here, else why not in one line."""
+def compile_unavailable_reason(device_type: str = "cuda") -> str | None:
+    """None if torch.compile (TorchInductor) can run here for `device_type`, else why not in one line."""
     dynamo = getattr(torch, "_dynamo", None)
     if dynamo is not None and hasattr(dynamo, "is_dynamo_supported"):
         if not dynamo.is_dynamo_supported():
             return f"torch {torch.__version__} does not support torch.compile on Python {sys.version.split()[0]}"
     elif sys.version_info >= (3, 11):  # torch 2.0: dynamo stops at 3.10 and has no probe for it
         return f"torch {torch.__version__} supports torch.compile only up to Python 3.10"
-    if importlib.util.find_spec("triton") is None:
+    if device_type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs triton for CUDA kernels and it is not installed"
     return None
 

@@ -149,7 +149,7 @@ class FastTorchBackend:
         self.decode_fn = self._decode
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
-        unavailable = compat.compile_unavailable_reason() if compile is not None else None
+        unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
             compile = None

@@ -29,12 +29,13 @@ CAUSAL_MASK_VALUE = -1e4
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v over (B, heads, N, d). Running, SDPA picks a fused kernel.
-    In an ONNX export the same maths is written out as MatMul, Mul, (Add,) Softmax, MatMul: torch
-    2.0 has no ONNX form of SDPA, and this is the pattern TensorRT (8.6 through 11) matches to
-    its fused multi-head-attention kernels."""
+    In an ONNX export the same maths is written out as Mul, MatMul, (Add,) Softmax, MatMul: torch
+    2.0 has no ONNX form of SDPA, and this is the primitive pattern TensorRT matches to its fused
+    attention kernels, which wants the scale applied to Q before the first MatMul (TensorRT's
+    "Fused Attention" documentation; it also keeps fp16 scores small)."""
     if not torch.onnx.is_in_onnx_export():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
     if mask is not None:
         scores = scores + mask
     return torch.matmul(scores.softmax(dim=-1), v)

@@ -124,8 +124,10 @@ def test_fp32_islands_compute_in_fp32_inside_an_fp16_network(tiny_checkpoint):
 
 
 def test_an_uncompilable_torch_runs_eager_and_says_so(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(compat, "compile_unavailable_reason", lambda: "torch 2.0.1 supports torch.compile only up to Python 3.10")
+    monkeypatch.setattr(compat, "compile_unavailable_reason",
+                        lambda device_type: "torch 2.0.1 supports torch.compile only up to Python 3.10")
     backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32, compile="default")
     assert backend.compiled is None
     assert backend.notes == ["torch back-end runs eager with CUDA graphs, not compiled: "
                              "torch 2.0.1 supports torch.compile only up to Python 3.10"]
+
