@@ -47,8 +47,8 @@ def rebuild_command(height: int, width: int) -> str:
 
 def engine_problem(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
                    width: int = DEFAULT_WIDTH) -> str | None:
-    """None if engine `name` for this image size is built, current for this TensorRT and GPU, and
-    loadable; else why not, in one line. Reads the build record only (no hashing, no TensorRT run)."""
+    """None if engine `name` for this image size is built and current for this TensorRT and GPU;
+    else why not, in one line. Reads the build record only (no hashing, no TensorRT run)."""
     import trt_utils  # needs TensorRT; the rest of sdcanny must import without it
     spec = built_spec(name, cfg, engine_dir, height, width)
     command = ("bash preprocess.sh" if (height, width) == (DEFAULT_HEIGHT, DEFAULT_WIDTH)

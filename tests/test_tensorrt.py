@@ -356,3 +356,26 @@ def test_trt_is_chosen_only_when_every_engine_is_current(trt, monkeypatch, tmp_p
     for name in ("union", "vae"):
         fake_build(name, fake.__version__)
     assert backends.fastest_available(tmp_path, TINY) == ("trt", {})
+
+
+def test_load_engine_checks_freshness_and_the_engines_tensors(trt, monkeypatch, tmp_path):
+    """trt_backend.load_engine over the fake: a current engine whose tensors are the spec's is
+    loaded with its buffers; one whose tensors differ, or a stale one, is refused."""
+    fake, trt_utils = trt
+    from sdcanny.engine_specs import build_flags, write_build_record
+    from sdcanny.trt_backend import load_engine
+    monkeypatch.setattr(trt_utils, "gpu_name", lambda device=None: "NVIDIA A10 (sm_86)")
+    spec = engine_spec("vae", TINY, *SIZE)
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "vae", [], [])), str(spec.onnx_path(tmp_path)))
+    spec.plan_path(tmp_path).write_bytes(b"vae plan")
+    write_build_record(spec, tmp_path, "hash", build_flags(spec, fake.__version__, "NVIDIA A10 (sm_86)"), 1.0)
+    fake.engine_io[b"vae plan"] = {"latent": ((1, 4, 8, 8), "FLOAT", True), "image": ((1, 64, 64, 3), "UINT8", False)}
+    engine = load_engine("vae", TINY, tmp_path, "cpu", *SIZE)
+    assert {n: (tuple(t.shape), t.dtype) for n, t in engine.tensors.items()} == {
+        "latent": ((1, 4, 8, 8), torch.float32), "image": ((1, 64, 64, 3), torch.uint8)}
+    fake.engine_io[b"vae plan"] = {"latent": ((1, 4, 8, 8), "HALF", True), "image": ((1, 64, 64, 3), "UINT8", False)}
+    with pytest.raises(RuntimeError, match="has tensors"):
+        load_engine("vae", TINY, tmp_path, "cpu", *SIZE)
+    write_build_record(spec, tmp_path, "hash", build_flags(spec, "7.0.0", "NVIDIA A10 (sm_86)"), 1.0)
+    with pytest.raises(RuntimeError, match=r"stale .*7\.0\.0.*rebuild it with `python3 export_onnx.py --height 64"):
+        load_engine("vae", TINY, tmp_path, "cpu", *SIZE)
