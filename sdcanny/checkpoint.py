@@ -93,6 +93,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def canonical_key(key: str) -> str:
+    """CLIP keys in the one spelling the networks use (without `text_model.`)."""
+    return PARTS["clip"] + key[len(_CLIP_NESTED):] if key.startswith(_CLIP_NESTED) else key
+
+
 def dropped_reason(key: str) -> str | None:
     for pattern, why in _DROPPED_RE:
         if pattern.match(key):
@@ -128,8 +133,7 @@ def split_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
         if why is not None:
             dropped[key] = why
             continue
-        if key.startswith(_CLIP_NESTED):
-            key = PARTS["clip"] + key[len(_CLIP_NESTED):]
+        key = canonical_key(key)
         part = next((n for n, p in PARTS.items() if key.startswith(p)), None)
         local = key[len(PARTS[part]):] if part else None
         if part is None or local not in expected[part]:
@@ -174,15 +178,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def other_matching_config(state: dict[str, torch.Tensor], cfg: ModelConfig) -> str | None:
     """The name of another known config whose networks this state dict fits exactly, if any."""
     from .config import CONFIGS
+    found = {canonical_key(k): t.shape for k, t in state.items() if dropped_reason(k) is None}
     for name, other in CONFIGS.items():
         if name == cfg.name:
             continue
         with torch.device("meta"):
             nets = build_networks(other)
-        wanted = {PARTS[n] + k: v.shape for n, m in nets.items() for k, v in m.state_dict().items()}
-        found = {(PARTS["clip"] + k[len(_CLIP_NESTED):] if k.startswith(_CLIP_NESTED) else k): t.shape
-                 for k, t in state.items() if dropped_reason(k) is None}
-        if found == wanted:
+        if found == {PARTS[n] + k: v.shape for n, m in nets.items() for k, v in m.state_dict().items()}:
             return name
     return None
 
@@ -190,9 +192,9 @@ def other_matching_config(state: dict[str, torch.Tensor], cfg: ModelConfig) -> s
 def _check_schedule(stored: torch.Tensor, schedule: ScheduleConfig) -> None:
     """Compared at the checkpoint's precision: an fp16 or bf16 copy rounds the buffer too."""
     expected = alphas_cumprod(schedule)
-    tolerance = 2 * torch.finfo(stored.dtype).eps if stored.is_floating_point() else 1e-5
+    rtol = max(2 * torch.finfo(stored.dtype).eps, 1e-5) if stored.is_floating_point() else 1e-5
     if stored.shape != expected.shape or not torch.allclose(stored.float(), expected.to(stored.dtype).float(),
-                                                            rtol=max(tolerance, 1e-5), atol=1e-7):
+                                                            rtol=rtol, atol=1e-7):
         raise CheckpointError("the checkpoint's alphas_cumprod differs from SD1.5's linear schedule "
                               f"({schedule.linear_start} to {schedule.linear_end}, {schedule.timesteps} "
                               "steps); this pipeline computes the schedule from that formula")

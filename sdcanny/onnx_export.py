@@ -184,16 +184,8 @@ def simplify_file(source: Path, target: Path) -> str:
         import onnxslim
         onnxslim.slim(str(source), str(target))
         return "onnxslim"
-    save_copy(source, target)
+    move_into_place(source, target)
     return "none"
-
-
-def save_copy(source: Path, target: Path) -> None:
-    """`source` saved again as `target`, external data (if any) gathered into one file beside it."""
-    large = external_bytes(source) >= PROTOBUF_LIMIT
-    model = onnx.load(str(source))
-    onnx.save_model(model, str(target), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=target.name + ".data", size_threshold=1024)
 
 
 def external_data_path(onnx_path: Path) -> Path:

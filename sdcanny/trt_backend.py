@@ -35,7 +35,7 @@ import torch
 
 from .config import ModelConfig
 from .ddim import ddim_step
-from .engine_specs import DEFAULT_HEIGHT, DEFAULT_WIDTH, built_spec, engine_spec, engine_stale_reason
+from .engine_specs import DEFAULT_HEIGHT, DEFAULT_WIDTH, EngineSpec, built_spec, engine_spec, engine_stale_reason
 from .paths import DEFAULT_ENGINE_DIR
 from .pipeline import GenerationRequest, draw_noise
 
@@ -45,31 +45,36 @@ def rebuild_command(height: int, width: int) -> str:
             f"python3 build_engines.py --height {height} --width {width}")
 
 
-def engine_problem(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
-                   width: int = DEFAULT_WIDTH) -> str | None:
-    """None if engine `name` for this image size is built and current for this TensorRT and GPU;
-    else why not, in one line. Reads the build record only (no hashing, no TensorRT run)."""
+def current_spec(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
+                 width: int = DEFAULT_WIDTH) -> tuple[EngineSpec | None, str | None]:
+    """(the spec engine `name` was built with, None) if it is built and current for this TensorRT
+    and GPU; else (None, why not, in one line). Reads the build record only (no hashing)."""
     import trt_utils  # needs TensorRT; the rest of sdcanny must import without it
     spec = built_spec(name, cfg, engine_dir, height, width)
     command = ("bash preprocess.sh" if (height, width) == (DEFAULT_HEIGHT, DEFAULT_WIDTH)
                else rebuild_command(height, width))
     if spec is None:
         plan = engine_spec(name, cfg, height, width).plan_path(engine_dir)
-        return f"no engine {plan} with a readable build record: build it with `{command}`"
+        return None, f"no engine {plan} with a readable build record: build it with `{command}`"
     stale = engine_stale_reason(spec, engine_dir, trt_utils.tensorrt_version(), trt_utils.gpu_name(device))
     if stale is not None:
-        return f"engine {spec.plan_path(engine_dir)} is stale ({stale}): rebuild it with `{command}`"
-    return None
+        return None, f"engine {spec.plan_path(engine_dir)} is stale ({stale}): rebuild it with `{command}`"
+    return spec, None
+
+
+def engine_problem(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
+                   width: int = DEFAULT_WIDTH) -> str | None:
+    """None if engine `name` is built and current, else why not (see current_spec)."""
+    return current_spec(name, cfg, engine_dir, device, height, width)[1]
 
 
 def load_engine(name: str, cfg: ModelConfig, engine_dir: Path, device, height: int = DEFAULT_HEIGHT,
                 width: int = DEFAULT_WIDTH):
     """Engine `name` after checking that it is current, with its buffers allocated."""
     import trt_utils
-    problem = engine_problem(name, cfg, engine_dir, device, height, width)
+    spec, problem = current_spec(name, cfg, engine_dir, device, height, width)
     if problem is not None:
         raise RuntimeError(problem)
-    spec = built_spec(name, cfg, engine_dir, height, width)
     engine = trt_utils.Engine(spec.plan_path(engine_dir))
     expected = {t.name: (t.shape, getattr(torch, t.dtype), t in spec.inputs) for t in spec.tensors}
     if engine.signature() != expected:
