@@ -64,7 +64,9 @@ class hackathon:  # noqa: N801 - the name the hackathon's harness imports
             self.pipeline.process(stand_in_photo(GRADED_IMAGE_SHAPE), *GRADED_ARGS)
         end = time.perf_counter()
         self.initialize_seconds = end - start
-        notes = getattr(backend, "notes", ())
+        notes = list(getattr(backend, "notes", ()))
+        if hasattr(backend, "startup_summary"):
+            notes.insert(0, backend.startup_summary())
         print(f"canny2image: back-end '{name}', model '{self.cfg.name}', tokenizer {self.pipeline.tokenizer.backend}; "
               f"initialize() took {self.initialize_seconds:.1f} s (load {loaded - start:.1f} s, "
               f"warm-up {end - loaded:.1f} s)" + "".join(f"\ncanny2image: {note}" for note in notes))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from canny2image_TRT import hackathon  # noqa: E402
 from sdcanny.metrics import psnr  # noqa: E402
-from sdcanny.paths import default_checkpoint  # noqa: E402
+from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint  # noqa: E402
 from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
@@ -48,10 +48,12 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
     return out
 
 
-# fast back-end options per variant; "islands" is the compiled back-end with the strongly typed
-# TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding)
-VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "autotuned": {"compile": "max-autotune"},
-            "islands": {"compile": "default", "fp32_islands": True}}
+# fast back-end options per variant: "compiled" runs the programs prepared in engines/ where they
+# are current, "jit" compiles in this process (an engine directory without programs); "islands"
+# has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding)
+VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
+            "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True}}
+NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 
 def profile_fast(checkpoint: Path, images: dict, options: dict, out: Path) -> None:
@@ -112,10 +114,14 @@ def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | Non
     torch.set_num_threads(max(request_ms))
     print(f"front end (request()) median ms by torch thread count: {request_ms}", flush=True)
     ms = np.array([r["ms"] for r in rows.values()])
-    result = {"backend": name, "options": {k: str(v) for k, v in kw.items()},
+    options = {k: str(v) for k, v in kw.items() if k != "engine_dir"}
+    if getattr(backend, "last_form", None):
+        options["form"] = backend.last_form
+    result = {"backend": name, "options": options,
               "initialize_s": h.initialize_seconds, "median_ms": float(np.median(ms)),
               "p90_ms": float(np.percentile(ms, 90)), "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-              "stages_ms": stages, "request_ms_by_threads": request_ms, "rows": rows}
+              "stages_ms": stages, "request_ms_by_threads": request_ms, "rows": rows,
+              "startup_s": dict(getattr(backend, "startup", {}))}
     del h, backend
     torch.cuda.empty_cache()
     return result
@@ -134,7 +140,7 @@ def summary(results: list[dict], meta: dict) -> str:
         fid = ("-", "-", "-", "-") if r is ref else (
             f"{min(x['psnr'] for x in rows):.1f}", f"{np.mean([min(x['psnr'], 99) for x in rows]):.1f}",
             f"{max(x['max_abs'] for x in rows)}", f"{max(x['latent_rel_l2'] for x in rows):.2e}")
-        opts = r["options"].get("backend_options", "-")
+        opts = " ".join(r["options"].get(k, "") for k in ("backend_options", "form")).strip() or "-"
         lines.append(f"| {r['backend']} | {opts} | {r['initialize_s']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
                      f"| {ref['median_ms'] / r['median_ms']:.1f}x | {r['peak_gpu_gib']:.1f} | {fid[0]} | {fid[1]} "
                      f"| {fid[2]} | {fid[3]} | {all(x['finite'] for x in rows)} |")
@@ -144,7 +150,7 @@ def summary(results: list[dict], meta: dict) -> str:
         lines += ["", "Per-stage medians (ms; GPU stages from CUDA events between graph replays):", "",
                   "| back-end | options | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         for r in staged:
-            opts = r["options"].get("backend_options", "-")
+            opts = " ".join(r["options"].get(k, "") for k in ("backend_options", "form")).strip() or "-"
             lines.append(f"| {r['backend']} | {opts} | " + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
 
@@ -187,7 +193,8 @@ def main() -> None:
     save(results, meta, args.out)
     print(summary(results, meta), flush=True)
     for variant in args.variants.split(","):
-        results.append(run_backend("torch", args.checkpoint, images, results[0],
+        engine_dir = NO_PROGRAMS_DIR if variant == "jit" else DEFAULT_ENGINE_DIR
+        results.append(run_backend("torch", args.checkpoint, images, results[0], engine_dir=engine_dir,
                                    backend_options=VARIANTS[variant]))
         save(results, meta, args.out)
         print(summary(results, meta), flush=True)

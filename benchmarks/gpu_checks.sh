@@ -3,7 +3,11 @@
 #   bash benchmarks/gpu_checks.sh tests      the tests that need a GPU (the rest run in CI)
 #   bash benchmarks/gpu_checks.sh export     the full-size ONNX exports for TensorRT 8.6 (fp32, opset 17)
 #                                            and 11 (fp16 + fp32 islands), each checked in onnxruntime
+#   bash benchmarks/gpu_checks.sh prepare    the torch back-end's ahead-of-time programs into engines/
+#                                            (python3 -m sdcanny.fast --prepare), timed
 #   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
+#   bash benchmarks/gpu_checks.sh shapes ARGS first-call and steady latency per size in a fresh process
+#                                            (benchmarks/shape_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh hint ARGS  the canny map's influence per synthetic control gain
 #                                            (benchmarks/hint_influence.py ARGS)
 # Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
@@ -28,8 +32,17 @@ if [[ ${1:-tests} != tests && ! -f $CKPT ]]; then
 fi
 case "${1:-tests}" in
 tests)
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_fast.py tests/test_engines.py \
-        tests/test_onnx_export.py -k "gpu or captured or fp16 or strong" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_programs.py tests/test_fast.py tests/test_engines.py \
+        tests/test_onnx_export.py -k "programs or gpu or captured or fp16 or strong" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+    ;;
+prepare)
+    start=$SECONDS
+    python3 -m sdcanny.fast --prepare --checkpoint $CKPT 2>&1 | tee "$OUT/prepare.log" | grep -v -i warn
+    echo "prepare: $((SECONDS - start)) s"
+    ;;
+shapes)
+    shift
+    python3 benchmarks/shape_benchmark.py --checkpoint $CKPT --out "$OUT" "$@" 2>&1 | tee "$OUT/shapes.log" | tail -50
     ;;
 export)
     for target in 8.6 11; do

@@ -68,9 +68,10 @@ def create_backend(name: str, checkpoint: Path, cfg: ModelConfig, device: str | 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return ReferenceBackend(load_networks(checkpoint, cfg), dev)
     if name == "torch":
-        from .checkpoint import load_networks
         from .fast import FastTorchBackend
-        return FastTorchBackend(load_networks(checkpoint, cfg), device or "cuda", **(options or {}))
+        from .programs import PROGRAM_DIR_NAME
+        return FastTorchBackend.create(checkpoint, cfg, device or "cuda", Path(engine_dir) / PROGRAM_DIR_NAME,
+                                       **(options or {}))
     if name == "trt":
         from .trt_backend import TrtBackend
         return TrtBackend(cfg, engine_dir, device, **(options or {}))

@@ -12,6 +12,7 @@ versions or probes signatures.
 | highest ONNX opset of the TorchScript exporter | 18 | 20 |
 | TorchInductor option `conv_1x1_as_mm` | absent | present |
 | `torch.compile` on Python 3.11+ | unsupported | supported |
+| AOTInductor packages with dynamic sizes, runnable under CUDA-graph capture | absent | 2.7+ |
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
 """
 from __future__ import annotations
@@ -81,6 +82,21 @@ def compile_unavailable_reason(device_type: str = "cuda") -> str | None:
         return f"torch {torch.__version__} supports torch.compile only up to Python 3.10"
     if device_type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs triton for CUDA kernels and it is not installed"
+    return None
+
+
+def aot_unavailable_reason() -> str | None:
+    """None if this torch can export the stages with dynamic sizes and load AOTInductor packages
+    that a CUDA graph can capture (the single-threaded runner, pytorch/pytorch#148601, torch 2.7),
+    else why not in one line."""
+    reason = compile_unavailable_reason("cpu")
+    if reason is not None:
+        return reason
+    import torch._inductor
+    load = getattr(torch._inductor, "aoti_load_package", None)
+    if load is None or "run_single_threaded" not in inspect.signature(load).parameters:
+        return (f"torch {torch.__version__} cannot load ahead-of-time compiled programs for CUDA-graph capture "
+                "(torch 2.7 or later can)")
     return None
 
 

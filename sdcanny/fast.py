@@ -1,23 +1,23 @@
-"""The fast PyTorch back-end: fp16 union model, batched guidance, CUDA-graph-captured sampling.
+"""The fast PyTorch back-end: fp16 stages, batched guidance, CUDA-graph-captured sampling.
 
 Per image the GPU work is three captured graphs, replayed back to back:
 
     encode  CLIP on [cond, uncond] tokens (batch 2N) and the ControlNet hint block (once per image)
-    loop    every DDIM step: the union model (ControlNet + UNet) on [x, x] with per-sample control
-            scales, guidance e = e_u + s * (e_c - e_u), and the DDIM update in fp32; within a step
-            the ControlNet runs on a second stream beside the UNet's encoder half
+    loop    every DDIM step: the ControlNet on a second stream beside the UNet's encoder half, then
+            the decoder half, guidance and the DDIM update in fp32 (sdcanny/stages.py)
     decode  VAE decoder and the uint8 HWC conversion
 
-The networks are the checkpoint's, in fp16 and channels-last, with each transformer block's q/k/v
-(self-attention) and k/v (cross-attention) projections stacked into one matrix product.
-docs/benchmarks.md records what each of these bought on the H100.
+The stages run in one of three forms, chosen per size (num_samples, height, width):
 
-Graphs are captured on first use for each shape (num_samples, height, width, steps, eta > 0) and
-reused; the step inputs that vary per call (tokens, hint, noise, schedule coefficients, guidance
-and control scales) live in static buffers that are refilled before each replay. The networks can
-be compiled with TorchInductor first; its cache lives in engines/ so a warm start skips codegen.
+    compiled ahead   AOTInductor packages from `python3 -m sdcanny.fast --prepare` (preprocess.sh):
+                     every size in their range; a start loads them in seconds, reads no checkpoint
+    compiled here    torch.compile in this process, for the first size it meets (initialize()'s
+                     warm-up, the graded call); used where there are no current packages
+    eager            every other size: the networks' own kernels, still CUDA-graph captured
 
-    python3 -m sdcanny.fast --prepare     # fill the compile cache at the graded shape (preprocess.sh)
+A size never seen before costs a warm-up step and a capture (about a second), never a compilation.
+Graphs are kept for the `max_captured_sizes` most recently used sizes. docs/benchmarks.md records
+what each choice costs and buys on the H100.
 """
 from __future__ import annotations
 
@@ -25,31 +25,30 @@ import argparse
 import contextlib
 import functools
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 import torch
 
-from . import compat
-from .checkpoint import Networks
-from .ddim import ddim_step
-from .networks import BasicTransformerBlock, ControlNet, UNet, UnionModel, scale_controls, to_mixed_precision
+from . import compat, programs
+from .checkpoint import Networks, load_networks
+from .config import CONFIGS, ModelConfig
+from .networks import BasicTransformerBlock, to_mixed_precision
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
-from .reference import to_uint8_hwc
+from .stages import STEP_ROW, Stages, step_inputs
 
 DEFAULT_CACHE_DIR = DEFAULT_ENGINE_DIR / "torch_inductor_cache"
 
 
-# Per-step values packed in one fp32 row, so that every step passes the compiled function a
-# 32-byte-aligned view of the same shape (no recompilation, no re-capture per step).
-STEP_ROW = 8
-
-
 @functools.lru_cache(maxsize=16)  # schedules are cached too: one table per (steps, eta)
 def step_table(schedule) -> torch.Tensor:
-    """(S, 8) fp32: timestep (exact in fp32), alpha, alpha_prev, sigma, sqrt(1 - alpha), padding."""
+    """(S, 8) fp32: timestep (exact in fp32), alpha, alpha_prev, sigma, sqrt(1 - alpha), padding.
+    Every step passes the stages a 32-byte-aligned row of the same shape."""
     table = np.zeros((len(schedule), STEP_ROW), np.float32)
     for j, values in enumerate((schedule.timesteps, schedule.alphas, schedule.alphas_prev, schedule.sigmas,
                                 schedule.sqrt_one_minus_alphas)):
@@ -57,59 +56,44 @@ def step_table(schedule) -> torch.Tensor:
     return torch.from_numpy(table)
 
 
-# One sampler step in three parts. The ControlNet and the UNet's encoder half both read only x,
-# t and the context, so on a GPU they run on two streams at once (each alone leaves most of the
-# chip idle at these small latents); the UNet's decoder half then adds the residuals, and the
-# guidance and the DDIM update follow in fp32. Rows [:N] are the conditional branch, [N:] the
-# unconditional one; `step` is a row of `step_table`.
-
-def control_residuals(controlnet: ControlNet, x2: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                      hint_features: torch.Tensor, control_scales: torch.Tensor) -> list[torch.Tensor]:
-    return scale_controls(controlnet(x2, t, context, hint_features), control_scales)
-
-
-def unet_encode(unet: UNet, x2: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
-    return unet.encode(x2, t, context)
-
-
-def unet_decode_and_step(unet: UNet, h, skips, emb, context, controls, x: torch.Tensor, step: torch.Tensor,
-                         guidance: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    eps = unet.decode(h, skips, emb, context, controls).to(x.dtype)
-    e_cond, e_uncond = eps.chunk(2)
-    e_t = e_uncond + guidance * (e_cond - e_uncond)
-    return ddim_step(x, e_t, step[1], step[2], step[3], step[4], noise)
-
-
-def step_inputs(x: torch.Tensor, step: torch.Tensor, dtype: torch.dtype):
-    """[x, x] in the network dtype and the timestep for both branches."""
-    x2 = torch.cat([x, x]).to(dtype)
-    return x2, step[0].expand(x2.shape[0])
-
-
-def guided_ddim_step(union: UnionModel, x: torch.Tensor, step: torch.Tensor, context: torch.Tensor,
-                     hint_features: torch.Tensor, control_scales: torch.Tensor, guidance: torch.Tensor,
-                     noise: torch.Tensor | None) -> torch.Tensor:
-    """The three parts in sequence (what the streams compute, on one stream)."""
-    x2, t = step_inputs(x, step, next(union.parameters()).dtype)
-    controls = control_residuals(union.controlnet, x2, t, context, hint_features, control_scales)
-    h, skips, emb = unet_encode(union.unet, x2, t, context)
-    return unet_decode_and_step(union.unet, h, skips, emb, context, controls, x, step, guidance, noise)
-
-
 @dataclass
 class Buffers:
-    """Static inputs and outputs of the captured graphs for one shape."""
+    """Static inputs and outputs of the captured graphs for one size."""
     tokens: torch.Tensor  # int64 (2N, 77)
     hint: torch.Tensor  # fp32 (N, 3, H, W)
     control_scales: torch.Tensor  # fp32 (2N, 13)
     guidance: torch.Tensor  # fp32 scalar
     steps: torch.Tensor  # fp32 (S, 8): step_table, in ascending timestep order
     x_init: torch.Tensor  # fp32 (N, 4, h, w)
-    step_noise: torch.Tensor | None  # fp32 (S, N, 4, h, w) when eta > 0
+    step_noise: torch.Tensor  # fp32 (S, N, 4, h, w); stays zero when eta = 0
     context: torch.Tensor | None = None  # written by encode
     hint_features: torch.Tensor | None = None
     latents: torch.Tensor | None = None  # written by loop
     images: torch.Tensor | None = None  # uint8 (N, H, W, 3), written by decode
+
+
+@dataclass
+class Run:
+    """One size's buffers, graphs, and how its stages were made."""
+    buffers: Buffers
+    fns: dict  # stage name -> callable
+    graphs: list | None
+    form: str  # "compiled ahead", "compiled here" or "eager"
+    warm_up_s: float
+    capture_s: float
+
+
+def tensor_sizes(request: GenerationRequest) -> tuple:
+    """What the stages' tensor shapes depend on: (num_samples, height, width, tokens)."""
+    return (request.num_samples, *request.hint.shape[2:], request.cond_tokens.shape[1])
+
+
+def size_key(request: GenerationRequest) -> tuple:
+    """What a captured run depends on: the tensor sizes and the number of steps."""
+    return (*tensor_sizes(request), len(request.schedule))
+
+
+NetworksSource = Union[Networks, Callable[[], Networks]]
 
 
 class FastTorchBackend:
@@ -120,10 +104,13 @@ class FastTorchBackend:
     COMPILE_MODES = {"default": {"conv_1x1_as_mm": True},
                      "max-autotune": {"conv_1x1_as_mm": True, "max_autotune": True, "triton.cudagraphs": False}}
 
-    def __init__(self, networks: Networks, device: str = "cuda", dtype: torch.dtype = torch.float16,
+    def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
-                 cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False):
-        """`compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
+                 cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
+                 max_captured_sizes: int = 8):
+        """`networks`: the networks, or a function that loads them (called only when a size needs
+        them: with current prepared programs, never for sizes in their range).
+        `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
         numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md)."""
         if compile not in (None, *self.COMPILE_MODES):
@@ -131,84 +118,148 @@ class FastTorchBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        nets = networks.to(self.device, dtype)
-        if fp32_islands:
-            for net in (nets.clip, nets.controlnet, nets.unet, nets.vae):
-                to_mixed_precision(net, dtype)
-        self.clip = nets.clip
-        self.union = UnionModel(nets.controlnet, nets.unet)
-        for module in self.union.modules():
-            if isinstance(module, BasicTransformerBlock):
-                module.fuse_projections()
-        self.vae = nets.vae
-        if self.device.type == "cuda":  # cuDNN's fp16 convolutions are fastest in NHWC
-            self.union.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True  # shapes are static: time the algorithms once
-        self.parts = (control_residuals, unet_encode, unet_decode_and_step)
-        self.decode_fn = self._decode
+        self.fp32_islands = fp32_islands
+        self.max_captured_sizes = max_captured_sizes
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
             compile = None
+        self.compiled = compile
+        self.inductor_options: dict = {}
         if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
-            inductor, dropped = compat.inductor_options(self.COMPILE_MODES[compile])
+            self.inductor_options, dropped = compat.inductor_options(self.COMPILE_MODES[compile])
             if dropped:
                 self.notes.append(f"TorchInductor options this torch lacks, not used: {', '.join(dropped)}")
-            options = dict(fullgraph=True, dynamic=False, options=inductor)
-            self.parts = tuple(torch.compile(fn, **options) for fn in self.parts)
-            self.decode_fn = torch.compile(self._decode, **options)
-        self.compiled = compile
-        self.runs: dict[tuple, tuple[Buffers, list]] = {}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # each size times its convolution algorithms once
+        self._networks_source = networks
+        self._stages: Stages | None = None
+        self._compiled_here: dict | None = None  # torch.compile'd stages, serving `_compiled_size` only
+        self._compiled_size: tuple | None = None
+        self.programs: dict | None = None  # AOTInductor packages, serving `program_range`
+        self.program_range: programs.ShapeRange | None = None
+        self.startup: dict[str, float] = {}  # seconds per start-up stage, in order
+        self.runs: OrderedDict[tuple, Run] = OrderedDict()
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
         self.step_callback = None  # optional f(i, x) after step i (0 = noisiest); runs the loop uncaptured
         self.last_stage_ms: dict[str, float] = {}
         self.last_latents: torch.Tensor | None = None
+        self.last_form: str | None = None
 
-    # -- the three stages, written against the static buffers --------------------------------
+    @classmethod
+    def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
+               program_dir: Path = programs.DEFAULT_PROGRAM_DIR, **options) -> "FastTorchBackend":
+        """The back-end for `checkpoint`, on the programs in `program_dir` where they are current."""
+        backend = cls(lambda: load_networks(checkpoint, cfg), device, **options)
+        if backend.compiled is not None:
+            backend.attach_programs(program_dir, backend.identity(checkpoint, cfg))
+        return backend
 
-    def _encode(self, b: Buffers) -> None:
-        b.context = self.clip(b.tokens)
-        features = self.union.controlnet.embed_hint(b.hint.to(self.dtype))
-        b.hint_features = torch.cat([features, features])
+    def identity(self, checkpoint: Path, cfg: ModelConfig) -> dict:
+        """What prepared programs must have been built from to serve this back-end."""
+        numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands}
+        return programs.build_identity(checkpoint, cfg, self.device, self.dtype, numerics)
 
-    def _loop(self, b: Buffers) -> None:
+    def attach_programs(self, program_dir: Path, identity: dict) -> None:
+        reason = programs.stale_reason(program_dir, identity)
+        if reason is not None:
+            self.notes.append(f"not using ahead-of-time programs: {reason}. `python3 -m sdcanny.fast --prepare` "
+                              "(run by preprocess.sh) compiles every size ahead for a start in seconds; until then "
+                              "the first size is compiled in this process and other sizes run eager")
+            return
+        start = time.perf_counter()
+        self.programs = programs.load(program_dir, self.device)
+        self.program_range = programs.record_range(program_dir)
+        self.startup["programs loaded"] = time.perf_counter() - start
+
+    # -- the networks, when a size needs them -------------------------------------------------
+
+    @property
+    def stages(self) -> Stages:
+        if self._stages is None:
+            source = self._networks_source
+            start = time.perf_counter()
+            nets = source() if callable(source) else source
+            read = time.perf_counter()
+            self._stages = self._stages_of(nets)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if callable(source):
+                self.startup["checkpoint read"] = read - start
+            self.startup["networks to device"] = time.perf_counter() - read
+        return self._stages
+
+    def _stages_of(self, networks: Networks) -> Stages:
+        nets = networks.to(self.device, self.dtype)
+        if self.fp32_islands:
+            for net in (nets.clip, nets.controlnet, nets.unet, nets.vae):
+                to_mixed_precision(net, self.dtype)
+        for net in (nets.controlnet, nets.unet):
+            for module in net.modules():
+                if isinstance(module, BasicTransformerBlock):
+                    module.fuse_projections()
+        channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
+        if channels_last:
+            for net in (nets.controlnet, nets.unet, nets.vae):
+                net.to(memory_format=torch.channels_last)
+        return Stages.of(nets.clip, nets.controlnet, nets.unet, nets.vae, channels_last)
+
+    def _stage_fns_for(self, sizes: tuple) -> tuple[dict, str]:
+        """The stage callables that serve these tensor sizes, and which form they are."""
+        num_samples, height, width, tokens = sizes
+        if self.programs is not None:
+            problem = self.program_range.problem(num_samples, height // 8, width // 8, tokens)
+            if problem is None:
+                return self.programs, "compiled ahead"
+            if not any(note.startswith(problem) for note in self.notes):
+                self.notes.append(f"{problem}: that size runs eager")
+        if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):
+            if self._compiled_here is None:
+                options = dict(fullgraph=True, dynamic=False, options=self.inductor_options)
+                self._compiled_here = {name: torch.compile(stage, **options) for name, stage in self.stages.items()}
+                self._compiled_size = sizes
+            return self._compiled_here, "compiled here"
+        return dict(self.stages.items()), "eager"
+
+    # -- the three graph stages, written against the static buffers ---------------------------
+
+    def _encode(self, fns: dict, b: Buffers) -> None:
+        b.context, b.hint_features = fns["encode"](b.tokens, b.hint)
+
+    def _loop(self, fns: dict, b: Buffers, steps: int | None = None) -> None:
         x = b.x_init
-        for n, i in enumerate(reversed(range(len(b.steps)))):
-            x = self._step(b, x, b.steps[i], b.step_noise[i] if b.step_noise is not None else None)
+        for n, i in enumerate(list(reversed(range(len(b.steps))))[:steps]):
+            x = self._step(fns, b, x, b.steps[i], b.step_noise[i])
             if self.step_callback is not None:
                 self.step_callback(n, x)
         b.latents = x
 
-    def _step(self, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """guided_ddim_step, with the ControlNet forked onto the side stream (on a GPU) while the UNet
-        encoder runs here; the two join before the decoder half."""
-        control_fn, encode_fn, decode_fn = self.parts
+    def _step(self, fns: dict, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One sampler step, the ControlNet forked onto the side stream (on a GPU) while the UNet's
+        encoder half runs here; the two join before the decoder half."""
         x2, t = step_inputs(x, step, self.dtype)
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = control_fn(self.union.controlnet, x2, t, b.context, b.hint_features, b.control_scales)
-        h, skips, emb = encode_fn(self.union.unet, x2, t, b.context)
+            controls = fns["control"](x2, t, b.context, b.hint_features, b.control_scales)
+        h, skips, emb = fns["unet_encode"](x2, t, b.context)
         if fork:
             main.wait_stream(self.side_stream)
-        return decode_fn(self.union.unet, h, skips, emb, b.context, controls, x, step, b.guidance, noise)
+        return fns["unet_decode"](h, skips, emb, b.context, controls, x, step, b.guidance, noise)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae(latents.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                          if self.device.type == "cuda" else latents.to(self.dtype))
-        return to_uint8_hwc(images.float())
-
-    def _decode_stage(self, b: Buffers) -> None:
-        b.images = self.decode_fn(b.latents)
+    def _decode(self, fns: dict, b: Buffers) -> None:
+        b.images = fns["decode"](b.latents)
 
     STAGES = ("encode", "loop", "decode")
+
+    def _graph_stages(self, fns: dict, b: Buffers) -> list:
+        return [lambda: self._encode(fns, b), lambda: self._loop(fns, b), lambda: self._decode(fns, b)]
 
     # -- buffers, capture, replay -------------------------------------------------------------
 
@@ -222,13 +273,15 @@ class FastTorchBackend:
             guidance=torch.zeros((), dtype=f32, device=dev),
             steps=torch.zeros(steps, STEP_ROW, dtype=f32, device=dev),
             x_init=torch.zeros(request.latent_shape, dtype=f32, device=dev),
-            step_noise=torch.zeros((steps, *request.latent_shape), dtype=f32, device=dev) if request.has_step_noise else None)
+            step_noise=torch.zeros((steps, *request.latent_shape), dtype=f32, device=dev))
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
         x, step_noise = draw_noise(request, self.device)
         b.x_init.copy_(x)
         if step_noise is not None:
             b.step_noise.copy_(step_noise)
+        else:  # sigma is 0 then, so any finite noise would do; zeros say so
+            b.step_noise.zero_()
 
     def _copy_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op
@@ -240,21 +293,23 @@ class FastTorchBackend:
         b.guidance.fill_(request.guidance_scale)
         b.steps.copy_(step_table(request.schedule))
 
-    def _stage_fns(self, b: Buffers):
-        return [lambda: self._encode(b), lambda: self._loop(b), lambda: self._decode_stage(b)]
+    def _warm_up(self, fns: dict, b: Buffers) -> None:
+        """Each stage once, with one sampler step, on a side stream: compiles (in-process form),
+        times cuDNN's algorithms for the new size and creates library handles before capture."""
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._encode(fns, b)
+            self._loop(fns, b, steps=1)
+            self._decode(fns, b)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
 
-    def _capture(self, b: Buffers) -> list:
-        """Warm up on a side stream (compiles and autotunes), then capture one graph per stage."""
-        fns = self._stage_fns(b)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                for fn in fns:
-                    fn()
-        torch.cuda.current_stream().wait_stream(side)
+    def _capture(self, fns: dict, b: Buffers) -> list:
         pool, graphs = None, []
-        for fn in fns:
+        for fn in self._graph_stages(fns, b):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 fn()
@@ -262,21 +317,34 @@ class FastTorchBackend:
             graphs.append(graph)
         return graphs
 
-    def _runner(self, request: GenerationRequest) -> tuple[Buffers, list | None]:
-        key = (request.num_samples, *request.hint.shape[2:], len(request.schedule),
-               request.has_step_noise, request.cond_tokens.shape[1])
-        if key not in self.runs:
-            b = self._new_buffers(request)
-            self._copy_inputs(b, request)  # warm-up and capture run on real inputs, zero noise
-            self.runs[key] = (b, self._capture(b) if self.cuda_graphs else None)
-        return self.runs[key]
+    def _run_for(self, request: GenerationRequest) -> Run:
+        key = size_key(request)
+        if key in self.runs:
+            self.runs.move_to_end(key)
+            return self.runs[key]
+        while len(self.runs) >= self.max_captured_sizes:
+            self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
+        fns, form = self._stage_fns_for(tensor_sizes(request))
+        b = self._new_buffers(request)
+        self._copy_inputs(b, request)  # warm-up and capture run on real inputs, zero noise
+        start = time.perf_counter()
+        if self.cuda_graphs:
+            self._warm_up(fns, b)
+        warmed = time.perf_counter()
+        graphs = self._capture(fns, b) if self.cuda_graphs else None
+        run = self.runs[key] = Run(b, fns, graphs, form, warmed - start, time.perf_counter() - warmed)
+        if len(self.runs) == 1 and not self.startup.get("first size warm-up"):
+            self.startup["first size warm-up"] = run.warm_up_s
+            self.startup["first size capture"] = run.capture_s
+        return run
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
-        b, graphs = self._runner(request)
+        run = self._run_for(request)
+        b = run.buffers
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
-        captured = graphs is not None and self.step_callback is None
-        stages = [g.replay for g in graphs] if captured else self._stage_fns(b)
+        captured = run.graphs is not None and self.step_callback is None
+        stages = [g.replay for g in run.graphs] if captured else self._graph_stages(run.fns, b)
         if self.time_stages and self.device.type == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
             events[0].record()
@@ -289,29 +357,82 @@ class FastTorchBackend:
             for stage in stages:
                 stage()
         self.last_latents = b.latents
+        self.last_form = run.form
         return b.images.cpu().numpy()
 
+    def startup_summary(self) -> str:
+        """One line: seconds per start-up stage and the form the first size runs in."""
+        parts = [f"{name} {seconds:.1f} s" for name, seconds in self.startup.items()]
+        first = next(iter(self.runs.values()), None)
+        form = f"; first size: {first.form}" if first is not None else ""
+        return "torch back-end start-up: " + (", ".join(parts) or "nothing yet") + form
 
-def prepare(checkpoint: Path, config: str = "sd15") -> None:
-    """Compile and capture the graded shape once, so later starts load from the cache in engines/."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from canny2image_TRT import hackathon
 
-    h = hackathon(backend="torch", checkpoint=checkpoint, config=config)
-    h.initialize()  # warms up on the graded call
-    print(f"torch back-end prepared in {h.initialize_seconds:.0f} s (compile cache: {DEFAULT_CACHE_DIR})")
+def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
+            device: str = "cuda", force: bool = False, **backend_options) -> None:
+    """Compile every stage ahead into program_dir (nothing to do where they are current), then
+    check them against the eager stages at two sizes."""
+    builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
+    identity = builder.identity(checkpoint, cfg)
+    reason = programs.stale_reason(program_dir, identity)
+    if reason is None and not force:
+        print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
+        return
+    print(f"prepare: compiling the five stages into {program_dir} ({reason or 'forced'})")
+    seconds = programs.prepare(builder.stages, cfg, program_dir, identity, builder.device, builder.dtype,
+                               builder.inductor_options)
+    size = sum(programs.package_path(program_dir, name).stat().st_size for name in seconds) / 2 ** 30
+    print(f"prepare: {size:.2f} GiB of programs, compiled in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    del builder
+    for name, error in check_programs(checkpoint, cfg, program_dir, device, **backend_options).items():
+        print(f"prepare: {name}: final latents differ from the eager stages' by {error:.2e} (relative L2)")
+        if not error < 1e-2:
+            raise SystemExit(f"prepare: the compiled programs disagree with the eager stages at {name}")
+
+
+def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device: str = "cuda",
+                   **backend_options) -> dict[str, float]:
+    """Relative L2 between the final latents of the programs and of the eager stages, at the graded
+    call and at another size (two samples, image_resolution 320, 10 steps)."""
+    from .image import stand_in_photo
+    from .pipeline import GRADED_CALL, Canny2Image
+
+    aot = FastTorchBackend.create(checkpoint, cfg, device, program_dir, **backend_options)
+    if aot.programs is None:
+        raise RuntimeError("; ".join(aot.notes))
+    eager = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **{**backend_options, "compile": None})
+    pipes = [Canny2Image(backend, cfg) for backend in (aot, eager)]
+    image = stand_in_photo((256, 384, 3))
+    calls = {"the graded call": GRADED_CALL,
+             "2 samples at image_resolution 320": {**GRADED_CALL, "num_samples": 2, "image_resolution": 320, "ddim_steps": 10}}
+    errors = {}
+    for name, call in calls.items():
+        latents = []
+        for pipe in pipes:
+            pipe.process(image, **call)
+            latents.append(pipe.backend.last_latents.float().clone())
+        errors[name] = float((latents[0] - latents[1]).norm() / latents[1].norm())
+    return errors
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Prepare the fast PyTorch back-end (compile cache).")
+    ap = argparse.ArgumentParser(description="Compile the fast PyTorch back-end's stages ahead of time.")
     ap.add_argument("--prepare", action="store_true", required=True)
     ap.add_argument("--checkpoint", type=Path, default=default_checkpoint())
-    ap.add_argument("--config", default="sd15")
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
+    ap.add_argument("--program-dir", type=Path, default=programs.DEFAULT_PROGRAM_DIR)
+    ap.add_argument("--compile", default="default", choices=sorted(FastTorchBackend.COMPILE_MODES))
+    ap.add_argument("--fp32-islands", action="store_true")
+    ap.add_argument("--force", action="store_true", help="rebuild even where the programs are current")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("the torch back-end needs a CUDA GPU; nothing to prepare here")
-    prepare(args.checkpoint, args.config)
+        raise SystemExit(f"the torch back-end needs a CUDA GPU; nothing to prepare here ({compat.cuda_unavailable_reason()})")
+    reason = compat.aot_unavailable_reason()
+    if reason is not None:
+        raise SystemExit(f"cannot prepare ahead-of-time programs: {reason}. The torch back-end compiles "
+                         "in-process instead, at its first size")
+    prepare(args.checkpoint, CONFIGS[args.config], args.program_dir, force=args.force, compile=args.compile,
+            fp32_islands=args.fp32_islands)
 
 
 if __name__ == "__main__":

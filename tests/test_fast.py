@@ -11,10 +11,11 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import FastTorchBackend, guided_ddim_step, step_table
-from sdcanny.networks import UnionModel, fp32_islands
+from sdcanny.fast import FastTorchBackend, step_table
+from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
+from sdcanny.stages import Stages, guided_ddim_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
 
@@ -47,7 +48,7 @@ def test_fast_pipeline_equals_reference_in_fp32(tiny_checkpoint, kw):
 
 def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
     nets = load_networks(tiny_checkpoint, TINY)
-    union = UnionModel(nets.controlnet, nets.unet)
+    stages = Stages.of(nets.clip, nets.controlnet, nets.unet, nets.vae, channels_last=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
@@ -58,7 +59,8 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
     sched = make_schedule(ScheduleConfig(), 20, 0.0)
     i = 13
     with torch.no_grad():
-        got = guided_ddim_step(union, x, step_table(sched)[i], ctx, feats, scales, torch.tensor(7.5), None)
+        got = guided_ddim_step(stages, x, step_table(sched)[i], ctx, feats, scales, torch.tensor(7.5),
+                               torch.zeros_like(x))
         t = sched.timesteps[i:i + 1]
         e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
         e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
@@ -114,9 +116,10 @@ def test_fp32_islands_compute_in_fp32_inside_an_fp16_network(tiny_checkpoint):
     and the sampler's result stays within fp16's reach of the fp32 reference."""
     backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float16, compile=None,
                                fp32_islands=True)
-    islands = fp32_islands(backend.union)
+    union = torch.nn.ModuleList([backend.stages.control, backend.stages.unet_encode])
+    islands = fp32_islands(union)
     assert islands and all(p.dtype == torch.float32 for m in islands for p in m.parameters())
-    convs = [m for m in backend.union.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in union.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(m.weight.dtype == torch.float16 for m in convs)
     lat_ref, lat_fast, _, _ = generate_both(tiny_checkpoint, backend_kw=dict(dtype=torch.float16, fp32_islands=True))
     rel = ((lat_fast.float() - lat_ref).norm() / lat_ref.norm()).item()
