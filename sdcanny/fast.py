@@ -379,8 +379,15 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
     print(f"prepare: compiling the five stages into {program_dir} ({reason or 'forced'})")
-    seconds = programs.prepare(builder.stages, cfg, program_dir, identity, builder.device, builder.dtype,
-                               builder.inductor_options)
+    try:
+        seconds = programs.prepare(builder.stages, cfg, program_dir, identity, builder.device, builder.dtype,
+                                   builder.inductor_options)
+    except programs.UnusablePrograms as exc:
+        print(f"prepare: the compiled programs cannot be used on this machine: {exc}. The torch back-end "
+              "will compile in-process at its first size instead; filling that compile cache now")
+        del builder
+        warm_compile_cache(checkpoint, cfg, device, **backend_options)
+        return
     size = sum(programs.package_path(program_dir, name).stat().st_size for name in seconds) / 2 ** 30
     print(f"prepare: {size:.2f} GiB of programs, compiled in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     del builder
@@ -388,6 +395,19 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
         print(f"prepare: {name}: final latents differ from the eager stages' by {error:.2e} (relative L2)")
         if not error < 1e-2:
             raise SystemExit(f"prepare: the compiled programs disagree with the eager stages at {name}")
+
+
+def warm_compile_cache(checkpoint: Path, cfg: ModelConfig, device: str = "cuda", **backend_options) -> None:
+    """The in-process form's compile cache (engines/torch_inductor_cache) filled at the graded
+    size, so that a later initialize() reads compiled code instead of generating it."""
+    from .image import stand_in_photo
+    from .pipeline import GRADED_ARGS, GRADED_IMAGE_SHAPE, Canny2Image
+
+    start = time.perf_counter()
+    backend = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
+    Canny2Image(backend, cfg).process(stand_in_photo(GRADED_IMAGE_SHAPE), *GRADED_ARGS)
+    print(f"prepare: compile cache filled at the graded size in {time.perf_counter() - start:.0f} s "
+          f"({backend.startup_summary()})")
 
 
 def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device: str = "cuda",
@@ -429,8 +449,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"the torch back-end needs a CUDA GPU; nothing to prepare here ({compat.cuda_unavailable_reason()})")
     reason = compat.aot_unavailable_reason()
     if reason is not None:
-        raise SystemExit(f"cannot prepare ahead-of-time programs: {reason}. The torch back-end compiles "
-                         "in-process instead, at its first size")
+        print(f"prepare: no ahead-of-time programs with this torch: {reason}. Filling the in-process "
+              "compile cache at the graded size instead")
+        warm_compile_cache(args.checkpoint, CONFIGS[args.config], compile=args.compile, fp32_islands=args.fp32_islands)
+        return
     prepare(args.checkpoint, CONFIGS[args.config], args.program_dir, force=args.force, compile=args.compile,
             fp32_islands=args.fp32_islands)
 

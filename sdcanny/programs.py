@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 from . import compat
 from .config import ModelConfig
 from .optional import progress
-from .paths import DEFAULT_ENGINE_DIR
+from .paths import DEFAULT_ENGINE_DIR, PROJECT_ROOT
 from .stages import STAGE_NAMES, STEP_ROW, Stages, step_inputs
 
 PROGRAM_DIR_NAME = "torch_programs"
@@ -176,10 +179,15 @@ def record_range(program_dir: Path) -> ShapeRange:
     return ShapeRange(**read_record(program_dir)["range"])
 
 
+class UnusablePrograms(RuntimeError):
+    """The programs compiled but cannot be loaded here."""
+
+
 def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict, device, dtype: torch.dtype,
             inductor_options: dict, shape_range: ShapeRange = ShapeRange()) -> dict[str, float]:
     """Export and compile every stage into program_dir; returns seconds per stage. The record is
-    written last, so an interrupted run leaves stale (never half-current) programs."""
+    written last, once the packages load in a child process: an interrupted run, or packages
+    that cannot load here, leave no record, so nothing ever tries to use them."""
     program_dir = Path(program_dir)
     program_dir.mkdir(parents=True, exist_ok=True)
     (program_dir / RECORD_NAME).unlink(missing_ok=True)
@@ -191,12 +199,32 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
         with torch.no_grad():
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(name, args, shape_range))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path(program_dir, name)),
-                                                     inductor_configs=inductor_options)
+                                                     inductor_configs=dict(inductor_options))  # it adds keys
         seconds[name] = round(time.perf_counter() - start, 1)
+    problem = load_problem(program_dir, device)
+    if problem is not None:
+        raise UnusablePrograms(problem)
     record = {"identity": identity, "range": asdict(shape_range), "inductor_options": inductor_options,
               "compile_seconds": seconds}
     (program_dir / RECORD_NAME).write_text(json.dumps(record, indent=1))
     return seconds
+
+
+def load_problem(program_dir: Path, device) -> str | None:
+    """Loads every package in a child process: None if that works, else what went wrong. A loader
+    that crashes (seen on the H100 machine's image: SIGSEGV inside AOTInductor's generated wrapper,
+    docs/benchmarks.md) then cannot take the caller's process with it."""
+    code = ("import sys, torch; from pathlib import Path; from sdcanny import programs; "
+            "programs.load(Path(sys.argv[1]), torch.device(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(program_dir).resolve()), str(device)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return (f"loading them kills the process with {signal.Signals(-proc.returncode).name} (torch "
+                f"{torch.__version__}'s AOTInductor runtime with this machine's compiler)")
+    lines = proc.stderr.strip().splitlines()
+    return f"loading them fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
 
 
 def load(program_dir: Path, device: torch.device) -> dict:
