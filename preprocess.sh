@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares the fast back-ends: exports the ONNX graphs, then builds the TensorRT engines where
-# TensorRT is installed (otherwise prepares the PyTorch back-end instead). Re-runnable: current
-# ONNX files and engines are kept. Any failing step stops the script with a non-zero status.
+# TensorRT is installed (otherwise compiles the PyTorch back-end's stages ahead of time into
+# $ENGINE_DIR/torch_programs). Re-runnable: current ONNX files, engines and programs are kept.
+# Any failing step stops the script with a non-zero status.
 #
 #   bash preprocess.sh
 #   CHECKPOINT=/path/to.pth CONFIG=tiny ENGINE_DIR=/tmp/engines PYTHON=python3.8 bash preprocess.sh
@@ -39,7 +40,8 @@ if $PYTHON -c 'import tensorrt' 2>/dev/null; then
 else
     echo "== [2/2] TensorRT is not installed (python3 -c 'import tensorrt' fails): preparing the torch back-end instead"
     if $PYTHON -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-        $PYTHON -m sdcanny.fast --prepare --checkpoint "$CHECKPOINT" --config "$CONFIG"
+        $PYTHON -m sdcanny.fast --prepare --checkpoint "$CHECKPOINT" --config "$CONFIG" \
+            --program-dir "$ENGINE_DIR/torch_programs"
     else
         echo "   no CUDA GPU visible: nothing to prepare for the torch back-end on this machine"
     fi

@@ -127,6 +127,29 @@ def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | Non
     return result
 
 
+def run_diffusers(images: dict) -> dict:
+    """The diffusers recipe (benchmarks/diffusers_recipe.py) on the same images; random weights, so
+    no fidelity columns."""
+    from diffusers_recipe import build_pipeline, time_calls
+    from sdcanny.pipeline import GRADED_CALL
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    pipe = build_pipeline("sd15", "cuda")
+    built = time.perf_counter() - start
+    g = GRADED_CALL
+    warm_up_s, seconds = time_calls(pipe, list(images.values()), warm_up=3, prompt=f"{g['prompt']}, {g['a_prompt']}",
+                                    negative=g["n_prompt"], steps=g["ddim_steps"], scale=g["scale"], seed=g["seed"],
+                                    resolution=g["image_resolution"])
+    ms = np.array(seconds) * 1000
+    result = {"backend": "diffusers", "options": {"recipe": "fp16, channels-last, compile reduce-overhead fullgraph"},
+              "initialize_s": built + warm_up_s, "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+              "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30, "stages_ms": None,
+              "rows": {name: {"ms": t} for name, t in zip(images, ms)}}
+    del pipe
+    torch.cuda.empty_cache()
+    return result
+
+
 def summary(results: list[dict], meta: dict) -> str:
     ref = results[0]
     lines = [f"device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; commit {meta['commit']}",
@@ -137,13 +160,14 @@ def summary(results: list[dict], meta: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows = r["rows"].values()
-        fid = ("-", "-", "-", "-") if r is ref else (
+        compared = r is not ref and "psnr" in next(iter(rows))
+        fid = ("-", "-", "-", "-") if not compared else (
             f"{min(x['psnr'] for x in rows):.1f}", f"{np.mean([min(x['psnr'], 99) for x in rows]):.1f}",
             f"{max(x['max_abs'] for x in rows)}", f"{max(x['latent_rel_l2'] for x in rows):.2e}")
-        opts = " ".join(r["options"].get(k, "") for k in ("backend_options", "form")).strip() or "-"
+        opts = " ".join(r["options"].get(k, "") for k in ("backend_options", "form", "recipe")).strip() or "-"
         lines.append(f"| {r['backend']} | {opts} | {r['initialize_s']:.1f} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} "
                      f"| {ref['median_ms'] / r['median_ms']:.1f}x | {r['peak_gpu_gib']:.1f} | {fid[0]} | {fid[1]} "
-                     f"| {fid[2]} | {fid[3]} | {all(x['finite'] for x in rows)} |")
+                     f"| {fid[2]} | {fid[3]} | {all(x['finite'] for x in rows) if 'finite' in next(iter(rows)) else '-'} |")
     staged = [r for r in results if r["stages_ms"]]
     if staged:
         keys = list(staged[0]["stages_ms"])
@@ -171,6 +195,7 @@ def main() -> None:
     ap.add_argument("--variants", default="eager,compiled", help=f"fast back-end variants: {', '.join(VARIANTS)}; "
                     "a variant named twice shows the warm-cache initialize() the second time")
     ap.add_argument("--profile", action="store_true", help="kernel table of one process() of the last variant")
+    ap.add_argument("--diffusers", action="store_true", help="also time the diffusers recipe (benchmarks/diffusers_recipe.py)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
     args = ap.parse_args()
@@ -196,6 +221,10 @@ def main() -> None:
         engine_dir = NO_PROGRAMS_DIR if variant == "jit" else DEFAULT_ENGINE_DIR
         results.append(run_backend("torch", args.checkpoint, images, results[0], engine_dir=engine_dir,
                                    backend_options=VARIANTS[variant]))
+        save(results, meta, args.out)
+        print(summary(results, meta), flush=True)
+    if args.diffusers:
+        results.append(run_diffusers(images))
         save(results, meta, args.out)
         print(summary(results, meta), flush=True)
     if args.profile:

@@ -14,6 +14,8 @@
 #                                            (benchmarks/hint_influence.py ARGS)
 # Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
 # tokenizer files are built from it into a Hugging Face cache, as the hackathon docker has them.
+# Wheels carried in .whl/ (e.g. diffusers and what it needs, for `bench ... --diffusers`) are
+# installed into /tmp/site first.
 # Writes logs and tables under $OUT (or outputs/gpu_checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +24,10 @@ mkdir -p "$OUT"
 export SDCANNY_CLIP_BPE=$PWD/.carry/bpe_simple_vocab_16e6.txt.gz
 export HF_HUB_CACHE=/tmp/sdcanny_hf_hub PYTHONUNBUFFERED=1
 python3 tests/clip_files.py "$SDCANNY_CLIP_BPE" "$HF_HUB_CACHE" >/dev/null
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 CKPT=/tmp/sd15.pth
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
 if [[ ${1:-} == hint ]]; then

@@ -64,16 +64,21 @@ def missing_checkpoint_message(path: Path) -> str:
             f"    python3 -m sdcanny.synthetic --config sd15 --out {path}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth/.ckpt (torch.load, weights only, memory-mapped where possible) or
-    .safetensors file."""
-    path = Path(path)
+def check_checkpoint_path(path: Path) -> None:
+    """Refuses a missing file or a directory with a message that says what to do."""
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".ckpt", ".safetensors"))
         hint = f"; it holds {', '.join(inside)}" if inside else "; it holds no .pth, .ckpt or .safetensors file"
         raise CheckpointError(f"checkpoint {path} is a directory: pass the checkpoint file itself{hint}")
     if not path.is_file():
         raise FileNotFoundError(missing_checkpoint_message(path))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.ckpt (torch.load, weights only, memory-mapped where possible) or
+    .safetensors file."""
+    path = Path(path)
+    check_checkpoint_path(path)
     if path.suffix == ".safetensors" and not installed("safetensors"):
         raise CheckpointError(f"reading {path} needs the safetensors package (pip install safetensors), "
                               "or a .pth copy of the checkpoint")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import compat, programs
-from .checkpoint import Networks, load_networks
+from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import BasicTransformerBlock, to_mixed_precision
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
@@ -154,6 +154,7 @@ class FastTorchBackend:
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
                program_dir: Path = programs.DEFAULT_PROGRAM_DIR, **options) -> "FastTorchBackend":
         """The back-end for `checkpoint`, on the programs in `program_dir` where they are current."""
+        check_checkpoint_path(Path(checkpoint))  # the programs are matched to it, and may need it
         backend = cls(lambda: load_networks(checkpoint, cfg), device, **options)
         if backend.compiled is not None:
             backend.attach_programs(program_dir, backend.identity(checkpoint, cfg))

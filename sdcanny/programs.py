@@ -179,6 +179,12 @@ def record_range(program_dir: Path) -> ShapeRange:
     return ShapeRange(**read_record(program_dir)["range"])
 
 
+# AOTInductor options: the generated wrapper is compiled without precompiled headers. On the H100
+# machine's image every package, even a two-layer model's, crashed when loaded (inside std::regex in
+# the wrapper); the header precompilation is the suspect (benchmarks/aoti_smoke.py compares both).
+AOT_OPTIONS = {"aot_inductor.precompile_headers": False}
+
+
 class UnusablePrograms(RuntimeError):
     """The programs compiled but cannot be loaded here."""
 
@@ -199,7 +205,7 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
         with torch.no_grad():
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(name, args, shape_range))
             torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path(program_dir, name)),
-                                                     inductor_configs=dict(inductor_options))  # it adds keys
+                                                     inductor_configs={**inductor_options, **AOT_OPTIONS})
         seconds[name] = round(time.perf_counter() - start, 1)
     problem = load_problem(program_dir, device)
     if problem is not None:
