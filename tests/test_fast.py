@@ -70,18 +70,22 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
 
 
 @needs_cuda
-def test_gpu_graph_replay_equals_eager(tiny_checkpoint):
+def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
+    """One back-end meets several sizes in turn (and comes back to the first, whose graphs were
+    released): every captured replay equals the uncaptured stages bit for bit."""
     request_args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64,
                         ddim_steps=6, guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3,
                         low_threshold=100, high_threshold=200)
-    outs = []
-    for graphs in (False, True):
-        backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None, cuda_graphs=graphs)
-        pipe = Canny2Image(backend, TINY)
-        pipe.process(photo(), **request_args)  # first call captures
-        outs.append((pipe.process(photo(), **request_args)[0], backend.last_latents.clone()))
-    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=0, atol=0)
-    assert np.array_equal(outs[0][0], outs[1][0])
+    sizes = [dict(), dict(num_samples=2), dict(image_resolution=128), dict(num_samples=3, eta=0.0), dict()]
+    pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None,
+                                          cuda_graphs=graphs, max_captured_sizes=2), TINY) for graphs in (False, True)]
+    for size in sizes:
+        args = {**request_args, **size}
+        (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
+                                           for pipe in pipes]
+        torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
+        assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), size
+    assert len(pipes[1].backend.runs) == 2 and all(run.graphs for run in pipes[1].backend.runs.values())
 
 
 @needs_cuda
