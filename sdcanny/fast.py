@@ -297,16 +297,14 @@ class FastTorchBackend:
     def _warm_up(self, fns: dict, b: Buffers) -> None:
         """Each stage once, with one sampler step, on a side stream: compiles (in-process form),
         times cuDNN's algorithms for the new size and creates library handles before capture."""
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
             self._encode(fns, b)
             self._loop(fns, b, steps=1)
             self._decode(fns, b)
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
 
     def _capture(self, fns: dict, b: Buffers) -> list:
         pool, graphs = None, []

@@ -120,12 +120,3 @@ def step_inputs(x: torch.Tensor, step: torch.Tensor, dtype: torch.dtype):
     `unet_encode` take; two small kernels between the stages)."""
     x2 = torch.cat([x, x]).to(dtype)
     return x2, step[0].expand(x2.shape[0])
-
-
-def guided_ddim_step(stages: Stages, x, step, context, hint_features, control_scales, guidance, noise):
-    """One sampler step through the three per-step stages on one stream (the back-end forks the
-    first two onto two streams on a GPU)."""
-    x2, t = step_inputs(x, step, next(stages.unet_encode.parameters()).dtype)
-    controls = stages.control(x2, t, context, hint_features, control_scales)
-    h, skips, emb = stages.unet_encode(x2, t, context)
-    return stages.unet_decode(h, skips, emb, context, controls, x, step, guidance, noise)

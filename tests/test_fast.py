@@ -15,7 +15,7 @@ from sdcanny.fast import FastTorchBackend, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
-from sdcanny.stages import Stages, guided_ddim_step
+from sdcanny.stages import Stages, step_inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the H100)")
 
@@ -59,8 +59,11 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
     sched = make_schedule(ScheduleConfig(), 20, 0.0)
     i = 13
     with torch.no_grad():
-        got = guided_ddim_step(stages, x, step_table(sched)[i], ctx, feats, scales, torch.tensor(7.5),
-                               torch.zeros_like(x))
+        step = step_table(sched)[i]
+        x2, t2 = step_inputs(x, step, torch.float32)
+        controls = stages.control(x2, t2, ctx, feats, scales)
+        h, skips, emb = stages.unet_encode(x2, t2, ctx)
+        got = stages.unet_decode(h, skips, emb, ctx, controls, x, step, torch.tensor(7.5), torch.zeros_like(x))
         t = sched.timesteps[i:i + 1]
         e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
         e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
