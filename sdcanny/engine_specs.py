@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Tuple
@@ -26,6 +25,7 @@ from typing import Callable, Tuple
 import onnx
 
 from .config import ModelConfig
+from .records import file_stats, read_record, write_record
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 384
 GUIDANCE_BATCH = 2  # [cond, uncond]
@@ -268,24 +268,15 @@ def build_flags(spec: EngineSpec, tensorrt_version: str, gpu: str,
     }
 
 
-def file_stats(paths: list[Path]) -> dict[str, list[int]]:
-    """{file name: [size, mtime_ns]}: enough to see, without reading gigabytes, that a file changed."""
-    return {Path(p).name: [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths}
-
-
 def write_build_record(spec: EngineSpec, engine_dir: Path, onnx_hash: str, flags: dict, seconds: float) -> None:
     record = {"onnx": spec.onnx_path(engine_dir).name, "onnx_sha256": onnx_hash,
               "onnx_files": file_stats(external_data_files(spec.onnx_path(engine_dir))),
               "flags": flags, "build_seconds": round(seconds, 1)}
-    spec.build_record_path(engine_dir).write_text(json.dumps(record, indent=1))
+    write_record(spec.build_record_path(engine_dir), record)
 
 
 def read_build_record(spec: EngineSpec, engine_dir: Path) -> dict | None:
-    try:
-        record = json.loads(spec.build_record_path(engine_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_record(spec.build_record_path(engine_dir))
 
 
 def needs_rebuild(spec: EngineSpec, engine_dir: Path, flags: dict, onnx_hash: str | None = None) -> str | None:

@@ -63,3 +63,11 @@ def resize_image(image: np.ndarray, resolution: int) -> np.ndarray:
 
 def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndarray:
     return cv2.Canny(image, low_threshold, high_threshold)
+
+
+def work_image_and_edges(image: np.ndarray, resolution: int, low_threshold: float,
+                         high_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """The original process()'s first steps: the input at the work size, and its Canny edges as
+    three channels (the ControlNet's hint)."""
+    work = resize_image(hwc3(image), resolution)
+    return work, hwc3(canny(work, low_threshold, high_threshold))

@@ -13,7 +13,6 @@ stale, and the back-end says why and compiles in-process instead.
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from . import compat
 from .config import ModelConfig
 from .optional import progress
 from .paths import DEFAULT_ENGINE_DIR, PROJECT_ROOT
+from .records import file_stats, read_record, write_record
 from .stages import STAGE_NAMES, STEP_ROW, Stages, step_inputs
 
 PROGRAM_DIR_NAME = "torch_programs"
@@ -58,7 +58,6 @@ class ShapeRange:
             return f"prompts of {tokens} tokens (prepared: {self.tokens})"
         return None
 
-
     def example_latent(self) -> tuple[int, int]:
         """Export traces at the graded latent size (kernel choices are tuned for it), or the
         largest the range holds; never at 8, where the eighths would be 1 and specialised."""
@@ -84,7 +83,7 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     """Inputs for every stage at the example size, each made by running the stages before it."""
     n, (h, w) = EXAMPLE_SAMPLES, shape_range.example_latent()
     g = torch.Generator(device).manual_seed(0)
-    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, 77), device=device, generator=g)
+    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, shape_range.tokens), device=device, generator=g)
     hint = torch.rand(n, 3, 8 * h, 8 * w, device=device, generator=g)
     x = torch.randn(n, 4, h, w, device=device, generator=g)
     step = torch.tensor([500, 0.3, 0.4, 0.1, 0.8] + [0] * (STEP_ROW - 5), dtype=torch.float32, device=device)
@@ -139,8 +138,7 @@ def device_name(device: torch.device) -> str:
 def build_identity(checkpoint: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                    numerics: dict) -> dict:
     """Everything the packages depend on besides their range; compared field by field at load."""
-    stat = Path(checkpoint).stat()
-    return {"checkpoint": [Path(checkpoint).name, stat.st_size, stat.st_mtime_ns], "config": cfg.name,
+    return {"checkpoint": file_stats([Path(checkpoint)]), "config": cfg.name,
             "torch": torch.__version__, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
             **numerics, "source": source_digest()}
 
@@ -149,12 +147,8 @@ def package_path(program_dir: Path, stage: str) -> Path:
     return Path(program_dir) / f"{stage}.pt2"
 
 
-def read_record(program_dir: Path) -> dict | None:
-    try:
-        record = json.loads((Path(program_dir) / RECORD_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
+def read_program_record(program_dir: Path) -> dict | None:
+    return read_record(Path(program_dir) / RECORD_NAME)
 
 
 def stale_reason(program_dir: Path, identity: dict) -> str | None:
@@ -162,7 +156,7 @@ def stale_reason(program_dir: Path, identity: dict) -> str | None:
     unavailable = compat.aot_unavailable_reason()
     if unavailable is not None:
         return unavailable
-    record = read_record(program_dir)
+    record = read_program_record(program_dir)
     if record is None:
         return f"no prepared programs in {program_dir}"
     built = record.get("identity", {})
@@ -176,7 +170,7 @@ def stale_reason(program_dir: Path, identity: dict) -> str | None:
 
 
 def record_range(program_dir: Path) -> ShapeRange:
-    return ShapeRange(**read_record(program_dir)["range"])
+    return ShapeRange(**read_program_record(program_dir)["range"])
 
 
 # AOTInductor options: the generated wrapper is compiled without precompiled headers. On the H100
@@ -212,7 +206,7 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
         raise UnusablePrograms(problem)
     record = {"identity": identity, "range": asdict(shape_range), "inductor_options": inductor_options,
               "compile_seconds": seconds}
-    (program_dir / RECORD_NAME).write_text(json.dumps(record, indent=1))
+    write_record(program_dir / RECORD_NAME, record)
     return seconds
 
 

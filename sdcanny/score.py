@@ -36,7 +36,7 @@ from .backends import BACKENDS, fastest_available, unavailable_reason
 from .checkpoint import CheckpointError, missing_checkpoint_message
 from .config import CONFIGS
 from .ddim import ddim_timesteps
-from .image import canny, hwc3, resize_image, stand_in_photo
+from .image import stand_in_photo, work_image_and_edges
 from .optional import optional, progress
 from .paths import OUTPUTS_DIR, default_checkpoint
 from .pipeline import GRADED_CALL, GRADED_IMAGE_SHAPE
@@ -673,8 +673,8 @@ def run(opts: ScoreOptions, make_hackathon: Callable | None = None, echo=print) 
                "reference_rerun_max_abs_diff": reproduced.get(i),
                "candidate_image": f"images/{stem}_candidate.png", "reference_image": f"images/{stem}_reference.png"}
         rows.append(row)
-        resized = resize_image(hwc3(img.image), opts.resolution)
-        edges = hwc3(canny(resized, GRADED["low_threshold"], GRADED["high_threshold"]))
+        resized, edges = work_image_and_edges(img.image, opts.resolution, GRADED["low_threshold"],
+                                              GRADED["high_threshold"])
         diff = np.clip(metrics.abs_diff(c, r).astype(np.int32) * DIFF_GAIN, 0, 255).astype(np.uint8)
         sheet_rows.append({"cells": [resized, edges, r, c, diff],
                            "lines": [img.name[:26], f"PSNR {fmt_psnr(row['psnr'])} dB", f"SSIM {fmt_ssim(row['ssim'])}",

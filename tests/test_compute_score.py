@@ -304,7 +304,8 @@ def test_without_scikit_image_the_builtins_are_distinct_generated_patterns(monke
     monkeypatch.setattr(score, "optional", lambda module, missing_means: None)  # as when it is not installed
     imgs = score.load_builtin_images()
     assert [i.name for i in imgs] == ["pattern0", "pattern1", "pattern2"]
-    edges = [score.canny(score.resize_image(i.image, 256), 100, 200) for i in imgs]
+    from sdcanny.image import canny, resize_image
+    edges = [canny(resize_image(i.image, 256), 100, 200) for i in imgs]
     assert all(e.shape == (256, 384) and (e > 0).mean() > 0.005 for e in edges)  # the graded size, with edges
     assert not np.array_equal(edges[0], edges[1]) and not np.array_equal(edges[1], edges[2])
 

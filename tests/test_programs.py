@@ -111,8 +111,7 @@ def test_stale_or_missing_programs_are_not_used_and_the_reason_is_given(tiny_che
         os.link(path, directory / path.name)  # hard links: no copy of the packages
     checkpoint = tmp_path / "tiny.pth"
     shutil.copy2(tiny_checkpoint, checkpoint)  # same size and mtime; touching it leaves the original alone
-    record = programs.read_record(directory)
-    record["identity"]["checkpoint"][0] = checkpoint.name
+    record = programs.read_program_record(directory)
     options = {}
     if change == "touch":
         os.utime(checkpoint, ns=(1, 1))
