@@ -47,8 +47,9 @@ class hackathon:  # noqa: N801 - the name the hackathon's harness imports
         self.initialize_seconds: float | None = None
 
     def initialize(self, warm_up: bool = True) -> None:
-        """Load the back-end; for the fast back-ends also run the graded call once, so that
-        compilation and CUDA-graph capture for that shape happen here and not in process()."""
+        """Load the back-end; for the fast back-ends also run the graded call twice, so that
+        compilation (first call) and CUDA-graph capture (second) for that shape happen here and
+        not in process()."""
         start = time.perf_counter()
         name = self.backend_name
         if name is None:
@@ -61,7 +62,8 @@ class hackathon:  # noqa: N801 - the name the hackathon's harness imports
         self.backend_name = name
         loaded = time.perf_counter()
         if warm_up and name != "reference":
-            self.pipeline.process(stand_in_photo(GRADED_IMAGE_SHAPE), *GRADED_ARGS)
+            for _ in range(2):
+                self.pipeline.process(stand_in_photo(GRADED_IMAGE_SHAPE), *GRADED_ARGS)
         end = time.perf_counter()
         self.initialize_seconds = end - start
         notes = list(getattr(backend, "notes", ()))

@@ -35,7 +35,7 @@ if [[ ${1:-} == hint ]]; then
     python3 benchmarks/hint_influence.py "$@" 2>&1 | tee "$OUT/hint.log" | grep -v Warning
     exit
 fi
-if [[ ${1:-tests} != tests && ! -f $CKPT ]]; then
+if [[ ${1:-tests} != tests && ${1:-} != smoke && ! -f $CKPT ]]; then
     python3 -m sdcanny.synthetic --config sd15 --control-gain 4 --out $CKPT | tail -1  # synthetic.HINT_GAIN
 fi
 case "${1:-tests}" in
@@ -46,7 +46,7 @@ tests)
     python3 -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
     ;;
 smoke)
-    python3 benchmarks/aoti_smoke.py 2>&1 | grep "^aoti"
+    python3 benchmarks/aoti_smoke.py "${@:2}" 2>&1 | tee "$OUT/smoke.log" | grep --line-buffered "^aoti"
     ;;
 prepare)
     start=$SECONDS

@@ -15,9 +15,13 @@ The stages run in one of three forms, chosen per size (num_samples, height, widt
                      warm-up, the graded call); used where there are no current packages
     eager            every other size: the networks' own kernels, still CUDA-graph captured
 
-A size never seen before costs a warm-up step and a capture (about a second), never a compilation.
-Graphs are kept for the `max_captured_sizes` most recently used sizes. docs/benchmarks.md records
-what each choice costs and buys on the H100.
+A size's first call runs its stages uncaptured and is its own warm-up (compilation in the
+in-process form, library handles); its second call captures the graphs, and every later call
+replays them. So a size never seen before costs no more than running it once, never a compilation
+outside the in-process form's one size. Sizes served eager take cuDNN's heuristic choice of
+convolution algorithm rather than timing every candidate (seconds per size at large sizes);
+`tune_new_sizes` times them. Graphs are kept for the `max_captured_sizes` most recently used sizes.
+docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
 
@@ -79,8 +83,8 @@ class Run:
     fns: dict  # stage name -> callable
     graphs: list | None
     form: str  # "compiled ahead", "compiled here" or "eager"
-    warm_up_s: float
-    capture_s: float
+    first_call_s: float | None = None  # the uncaptured first call, host clock, device synchronised
+    capture_s: float | None = None  # at the second call
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
@@ -96,6 +100,18 @@ def size_key(request: GenerationRequest) -> tuple:
 NetworksSource = Union[Networks, Callable[[], Networks]]
 
 
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    """torch.backends.cudnn.benchmark set for a block (torch 2.0's cudnn.flags() would also reset
+    the other flags to its defaults)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 class FastTorchBackend:
     name = "torch"
 
@@ -107,12 +123,14 @@ class FastTorchBackend:
     def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
-                 max_captured_sizes: int = 8):
+                 max_captured_sizes: int = 8, tune_new_sizes: bool = False):
         """`networks`: the networks, or a function that loads them (called only when a size needs
         them: with current prepared programs, never for sizes in their range).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
-        numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md)."""
+        numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md).
+        `tune_new_sizes`: sizes served eager time cuDNN's convolution algorithms too (the compiled
+        forms always do); off, they take cuDNN's heuristic choice and start seconds sooner."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -120,6 +138,7 @@ class FastTorchBackend:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.fp32_islands = fp32_islands
         self.max_captured_sizes = max_captured_sizes
+        self.tune_new_sizes = tune_new_sizes
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -134,8 +153,6 @@ class FastTorchBackend:
             self.inductor_options, dropped = compat.inductor_options(self.COMPILE_MODES[compile])
             if dropped:
                 self.notes.append(f"TorchInductor options this torch lacks, not used: {', '.join(dropped)}")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # each size times its convolution algorithms once
         self._networks_source = networks
         self._stages: Stages | None = None
         self._compiled_here: dict | None = None  # torch.compile'd stages, serving `_compiled_size` only
@@ -294,47 +311,37 @@ class FastTorchBackend:
         b.guidance.fill_(request.guidance_scale)
         b.steps.copy_(step_table(request.schedule))
 
-    def _warm_up(self, fns: dict, b: Buffers) -> None:
-        """Each stage once, with one sampler step, on a side stream: compiles (in-process form),
-        times cuDNN's algorithms for the new size and creates library handles before capture."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._encode(fns, b)
-            self._loop(fns, b, steps=1)
-            self._decode(fns, b)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+    def _conv_algorithms(self, form: str):
+        """cuDNN times its convolution algorithms for each new size (once per size, then cached)
+        in the compiled forms, or everywhere with tune_new_sizes; else its heuristics choose."""
+        return cudnn_benchmark(self.device.type == "cuda" and (form != "eager" or self.tune_new_sizes))
 
-    def _capture(self, fns: dict, b: Buffers) -> list:
-        pool, graphs = None, []
-        for fn in self._graph_stages(fns, b):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                fn()
-            pool = graph.pool()
-            graphs.append(graph)
-        return graphs
+    def _capture(self, run: Run) -> None:
+        start, pool, run.graphs = time.perf_counter(), None, []
+        with self._conv_algorithms(run.form):
+            for fn in self._graph_stages(run.fns, run.buffers):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    fn()
+                pool = graph.pool()
+                run.graphs.append(graph)
+        run.capture_s = time.perf_counter() - start
+        if len(self.runs) == 1 and "first size capture" not in self.startup:
+            self.startup["first size capture"] = run.capture_s
 
     def _run_for(self, request: GenerationRequest) -> Run:
+        """This size's run: new (its first call runs uncaptured), or captured at its second call."""
         key = size_key(request)
         if key in self.runs:
             self.runs.move_to_end(key)
-            return self.runs[key]
+            run = self.runs[key]
+            if self.cuda_graphs and run.graphs is None:
+                self._capture(run)
+            return run
         while len(self.runs) >= self.max_captured_sizes:
             self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
         fns, form = self._stage_fns_for(tensor_sizes(request))
-        b = self._new_buffers(request)
-        self._copy_inputs(b, request)  # warm-up and capture run on real inputs, zero noise
-        start = time.perf_counter()
-        if self.cuda_graphs:
-            self._warm_up(fns, b)
-        warmed = time.perf_counter()
-        graphs = self._capture(fns, b) if self.cuda_graphs else None
-        run = self.runs[key] = Run(b, fns, graphs, form, warmed - start, time.perf_counter() - warmed)
-        if len(self.runs) == 1 and not self.startup.get("first size warm-up"):
-            self.startup["first size warm-up"] = run.warm_up_s
-            self.startup["first size capture"] = run.capture_s
+        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form)
         return run
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
@@ -344,20 +351,31 @@ class FastTorchBackend:
         self._copy_inputs(b, request)
         captured = run.graphs is not None and self.step_callback is None
         stages = [g.replay for g in run.graphs] if captured else self._graph_stages(run.fns, b)
-        if self.time_stages and self.device.type == "cuda":
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
-            events[0].record()
-            for stage, event in zip(stages, events[1:]):
-                stage()
-                event.record()
-            torch.cuda.synchronize()
-            self.last_stage_ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(self.STAGES)}
-        else:
-            for stage in stages:
-                stage()
+        start = time.perf_counter()
+        with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
+            self._run_stages(stages)
+        if run.first_call_s is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            run.first_call_s = time.perf_counter() - start
+            if len(self.runs) == 1 and "first size first call" not in self.startup:
+                self.startup["first size first call"] = run.first_call_s
         self.last_latents = b.latents
         self.last_form = run.form
         return b.images.cpu().numpy()
+
+    def _run_stages(self, stages: list) -> None:
+        if not (self.time_stages and self.device.type == "cuda"):
+            for stage in stages:
+                stage()
+            return
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
+        events[0].record()
+        for stage, event in zip(stages, events[1:]):
+            stage()
+            event.record()
+        torch.cuda.synchronize()
+        self.last_stage_ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(self.STAGES)}
 
     def startup_summary(self) -> str:
         """One line: seconds per start-up stage and the form the first size runs in."""

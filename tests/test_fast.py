@@ -11,7 +11,7 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import FastTorchBackend, step_table
+from sdcanny.fast import FastTorchBackend, cudnn_benchmark, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -75,7 +75,8 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
 @needs_cuda
 def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
     """One back-end meets several sizes in turn (and comes back to the first, whose graphs were
-    released): every captured replay equals the uncaptured stages bit for bit."""
+    released). Each size's first call runs uncaptured, its second captures and replays: both equal
+    the never-captured back-end's results bit for bit."""
     request_args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64,
                         ddim_steps=6, guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3,
                         low_threshold=100, high_threshold=200)
@@ -84,11 +85,27 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
                                           cuda_graphs=graphs, max_captured_sizes=2), TINY) for graphs in (False, True)]
     for size in sizes:
         args = {**request_args, **size}
-        (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
-                                           for pipe in pipes]
-        torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
-        assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), size
+        for call in ("first", "second"):
+            (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
+                                               for pipe in pipes]
+            run = next(reversed(pipes[1].backend.runs.values()))
+            assert (run.graphs is None) == (call == "first"), (size, call)
+            torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
+            assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), (size, call)
     assert len(pipes[1].backend.runs) == 2 and all(run.graphs for run in pipes[1].backend.runs.values())
+
+
+def test_cudnn_benchmark_is_set_for_a_block_and_restored():
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with pytest.raises(KeyError):
+            with cudnn_benchmark(False):
+                assert torch.backends.cudnn.benchmark is False
+                raise KeyError("inside")
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 @needs_cuda

@@ -76,7 +76,7 @@ def test_programs_serve_every_size_in_their_range_like_the_eager_stages(tiny_che
         torch.testing.assert_close(aot.backend.last_latents, eager.backend.last_latents, **tol)
         assert max(np.abs(g.astype(int) - w).max() for g, w in zip(got, want)) <= (8 if ON_GPU else 1)
     assert aot.backend._stages is None  # the checkpoint was never read: the programs hold the weights
-    assert list(aot.backend.startup) == ["programs loaded", "first size warm-up", "first size capture"]
+    assert list(aot.backend.startup) == ["programs loaded", "first size first call", "first size capture"]
 
 
 @needs_aot
