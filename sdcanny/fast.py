@@ -1,10 +1,11 @@
 """The fast PyTorch back-end: fp16 stages, batched guidance, CUDA-graph-captured sampling.
 
-Per image the GPU work is three captured graphs, replayed back to back:
+Per image the GPU work is three captured graphs:
 
     encode  CLIP on [cond, uncond] tokens (batch 2N) and the ControlNet hint block (once per image)
-    loop    every DDIM step: the ControlNet on a second stream beside the UNet's encoder half, then
-            the decoder half, guidance and the DDIM update in fp32 (sdcanny/stages.py)
+    step    one DDIM step, replayed once per step: the ControlNet on a second stream beside the
+            UNet's encoder half, then the decoder half, guidance and the DDIM update in fp32
+            (sdcanny/stages.py)
     decode  VAE decoder and the uint8 HWC conversion
 
 The stages run in one of three forms, chosen per size (num_samples, height, width):
@@ -67,12 +68,14 @@ class Buffers:
     hint: torch.Tensor  # fp32 (N, 3, H, W)
     control_scales: torch.Tensor  # fp32 (2N, 13)
     guidance: torch.Tensor  # fp32 scalar
-    steps: torch.Tensor  # fp32 (S, 8): step_table, in ascending timestep order
-    x_init: torch.Tensor  # fp32 (N, 4, h, w)
-    step_noise: torch.Tensor  # fp32 (S, N, 4, h, w); stays zero when eta = 0
+    x: torch.Tensor  # fp32 (N, 4, h, w): the initial noise, updated in place by each step
+    step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
+    noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise`
     context: torch.Tensor | None = None  # written by encode
     hint_features: torch.Tensor | None = None
-    latents: torch.Tensor | None = None  # written by loop
+    # Read only outside the graphs, so a new step count reallocates them and captures nothing:
+    steps: torch.Tensor | None = None  # fp32 (S, 8): step_table, in ascending timestep order
+    step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); stays zero when eta = 0
     images: torch.Tensor | None = None  # uint8 (N, H, W, 3), written by decode
 
 
@@ -81,20 +84,16 @@ class Run:
     """One size's buffers, graphs, and how its stages were made."""
     buffers: Buffers
     fns: dict  # stage name -> callable
-    graphs: list | None
+    graphs: list | None  # encode, one sampler step, decode
     form: str  # "compiled ahead", "compiled here" or "eager"
     first_call_s: float | None = None  # the uncaptured first call, host clock, device synchronised
     capture_s: float | None = None  # at the second call
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
-    """What the stages' tensor shapes depend on: (num_samples, height, width, tokens)."""
+    """What the stages' tensor shapes, and so a size's graphs, depend on: (num_samples, height,
+    width, tokens). Not the step count: the loop replays one step's graph per step."""
     return (request.num_samples, *request.hint.shape[2:], request.cond_tokens.shape[1])
-
-
-def size_key(request: GenerationRequest) -> tuple:
-    """What a captured run depends on: the tensor sizes and the number of steps."""
-    return (*tensor_sizes(request), len(request.schedule))
 
 
 NetworksSource = Union[Networks, Callable[[], Networks]]
@@ -243,23 +242,26 @@ class FastTorchBackend:
             return self._compiled_here, "compiled here"
         return dict(self.stages.items()), "eager"
 
-    # -- the three graph stages, written against the static buffers ---------------------------
+    # -- the graph stages, written against the static buffers ----------------------------------
+    # Encode, one sampler step and decode are captured each; the loop replays the step's graph once
+    # per step after copying that step's row in. A capture then costs one step's launches, not
+    # twenty steps' (about a second at every size on the H100, docs/benchmarks.md).
 
     def _encode(self, fns: dict, b: Buffers) -> None:
         b.context, b.hint_features = fns["encode"](b.tokens, b.hint)
 
-    def _loop(self, fns: dict, b: Buffers, steps: int | None = None) -> None:
-        x = b.x_init
-        for n, i in enumerate(list(reversed(range(len(b.steps))))[:steps]):
-            x = self._step(fns, b, x, b.steps[i], b.step_noise[i])
+    def _loop(self, b: Buffers, step: Callable[[], None]) -> None:
+        for n, i in enumerate(reversed(range(len(b.steps)))):
+            b.step_row.copy_(b.steps[i])
+            b.noise.copy_(b.step_noise[i])
+            step()
             if self.step_callback is not None:
-                self.step_callback(n, x)
-        b.latents = x
+                self.step_callback(n, b.x.clone())
 
-    def _step(self, fns: dict, b: Buffers, x: torch.Tensor, step: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """One sampler step, the ControlNet forked onto the side stream (on a GPU) while the UNet's
-        encoder half runs here; the two join before the decoder half."""
-        x2, t = step_inputs(x, step, self.dtype)
+    def _step(self, fns: dict, b: Buffers) -> None:
+        """One sampler step on b.x, the ControlNet forked onto the side stream (on a GPU) while the
+        UNet's encoder half runs here; the two join before the decoder half."""
+        x2, t = step_inputs(b.x, b.step_row, self.dtype)
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
@@ -269,33 +271,44 @@ class FastTorchBackend:
         h, skips, emb = fns["unet_encode"](x2, t, b.context)
         if fork:
             main.wait_stream(self.side_stream)
-        return fns["unet_decode"](h, skips, emb, b.context, controls, x, step, b.guidance, noise)
+        b.x.copy_(fns["unet_decode"](h, skips, emb, b.context, controls, b.x, b.step_row, b.guidance, b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
-        b.images = fns["decode"](b.latents)
+        b.images = fns["decode"](b.x)
 
     STAGES = ("encode", "loop", "decode")
 
-    def _graph_stages(self, fns: dict, b: Buffers) -> list:
-        return [lambda: self._encode(fns, b), lambda: self._loop(fns, b), lambda: self._decode(fns, b)]
+    def _captured_parts(self, fns: dict, b: Buffers) -> list:
+        return [lambda: self._encode(fns, b), lambda: self._step(fns, b), lambda: self._decode(fns, b)]
+
+    def _stage_calls(self, run: Run, captured: bool) -> list:
+        """The three stages to run, as graph replays or uncaptured."""
+        encode, step, decode = [g.replay for g in run.graphs] if captured else self._captured_parts(run.fns, run.buffers)
+        return [encode, lambda: self._loop(run.buffers, step), decode]
 
     # -- buffers, capture, replay -------------------------------------------------------------
 
     def _new_buffers(self, request: GenerationRequest) -> Buffers:
-        n, (_, _, h, w), steps = request.num_samples, request.hint.shape, len(request.schedule)
+        n, (_, _, h, w) = request.num_samples, request.hint.shape
         dev, f32 = self.device, torch.float32
         return Buffers(
             tokens=torch.zeros(2 * n, request.cond_tokens.shape[1], dtype=torch.long, device=dev),
             hint=torch.zeros(n, 3, h, w, dtype=f32, device=dev),
             control_scales=torch.zeros(2 * n, len(request.control_scales), dtype=f32, device=dev),
             guidance=torch.zeros((), dtype=f32, device=dev),
-            steps=torch.zeros(steps, STEP_ROW, dtype=f32, device=dev),
-            x_init=torch.zeros(request.latent_shape, dtype=f32, device=dev),
-            step_noise=torch.zeros((steps, *request.latent_shape), dtype=f32, device=dev))
+            x=torch.zeros(request.latent_shape, dtype=f32, device=dev),
+            step_row=torch.zeros(STEP_ROW, dtype=f32, device=dev),
+            noise=torch.zeros(request.latent_shape, dtype=f32, device=dev))
+
+    def _fit_step_buffers(self, b: Buffers, request: GenerationRequest) -> None:
+        steps = len(request.schedule)
+        if b.steps is None or len(b.steps) != steps:
+            b.steps = torch.zeros(steps, STEP_ROW, dtype=torch.float32, device=self.device)
+            b.step_noise = torch.zeros((steps, *request.latent_shape), dtype=torch.float32, device=self.device)
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
         x, step_noise = draw_noise(request, self.device)
-        b.x_init.copy_(x)
+        b.x.copy_(x)
         if step_noise is not None:
             b.step_noise.copy_(step_noise)
         else:  # sigma is 0 then, so any finite noise would do; zeros say so
@@ -319,7 +332,7 @@ class FastTorchBackend:
     def _capture(self, run: Run) -> None:
         start, pool, run.graphs = time.perf_counter(), None, []
         with self._conv_algorithms(run.form):
-            for fn in self._graph_stages(run.fns, run.buffers):
+            for fn in self._captured_parts(run.fns, run.buffers):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     fn()
@@ -331,7 +344,7 @@ class FastTorchBackend:
 
     def _run_for(self, request: GenerationRequest) -> Run:
         """This size's run: new (its first call runs uncaptured), or captured at its second call."""
-        key = size_key(request)
+        key = tensor_sizes(request)
         if key in self.runs:
             self.runs.move_to_end(key)
             run = self.runs[key]
@@ -347,10 +360,11 @@ class FastTorchBackend:
     def generate(self, request: GenerationRequest) -> np.ndarray:
         run = self._run_for(request)
         b = run.buffers
+        self._fit_step_buffers(b, request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
         captured = run.graphs is not None and self.step_callback is None
-        stages = [g.replay for g in run.graphs] if captured else self._graph_stages(run.fns, b)
+        stages = self._stage_calls(run, captured)
         start = time.perf_counter()
         with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
             self._run_stages(stages)
@@ -360,7 +374,7 @@ class FastTorchBackend:
             run.first_call_s = time.perf_counter() - start
             if len(self.runs) == 1 and "first size first call" not in self.startup:
                 self.startup["first size first call"] = run.first_call_s
-        self.last_latents = b.latents
+        self.last_latents = b.x
         self.last_form = run.form
         return b.images.cpu().numpy()
 

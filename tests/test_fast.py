@@ -93,6 +93,23 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
             torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
             assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), (size, call)
     assert len(pipes[1].backend.runs) == 2 and all(run.graphs for run in pipes[1].backend.runs.values())
+    graphs = next(reversed(pipes[1].backend.runs.values())).graphs
+    (eager, captured) = [pipe.process(photo(), **{**request_args, "ddim_steps": 4}) for pipe in pipes]
+    assert next(reversed(pipes[1].backend.runs.values())).graphs is graphs  # another step count: same graphs
+    assert all(np.array_equal(a, b) for a, b in zip(eager, captured))
+
+
+def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):
+    """The step count sizes only buffers read outside the graphs: 6 steps then 4 at one size keep
+    one run, and the 4-step result equals a fresh back-end's."""
+    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=6,
+                guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3, low_threshold=100, high_threshold=200)
+    pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                          compile=None), TINY) for _ in range(2)]
+    pipes[0].process(photo(), **args)
+    reused, fresh = [pipe.process(photo(), **{**args, "ddim_steps": 4}) for pipe in pipes]
+    assert len(pipes[0].backend.runs) == 1 and len(pipes[0].backend.runs[next(iter(pipes[0].backend.runs))].buffers.steps) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(reused, fresh))
 
 
 def test_cudnn_benchmark_is_set_for_a_block_and_restored():
