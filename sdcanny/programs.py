@@ -175,7 +175,8 @@ def record_range(program_dir: Path) -> ShapeRange:
 
 # AOTInductor options: the generated wrapper is compiled without precompiled headers. On the H100
 # machine's image every package, even a two-layer model's, crashed when loaded (inside std::regex in
-# the wrapper); the header precompilation is the suspect (benchmarks/aoti_smoke.py compares both).
+# the wrapper) or did not load within 40 s, with or without them (benchmarks/aoti_smoke.py); without
+# them the compile is faster.
 AOT_OPTIONS = {"aot_inductor.precompile_headers": False}
 
 
@@ -210,21 +211,34 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
     return seconds
 
 
-def load_problem(program_dir: Path, device) -> str | None:
+# A load takes seconds; on the H100 machine's image (2026-11-25) loads also hung, even a two-layer
+# model's, so the check gives up after this long.
+LOAD_TIMEOUT_S = 300
+
+
+def load_problem(program_dir: Path, device, timeout_s: float = LOAD_TIMEOUT_S) -> str | None:
     """Loads every package in a child process: None if that works, else what went wrong. A loader
-    that crashes (seen on the H100 machine's image: SIGSEGV inside AOTInductor's generated wrapper,
-    docs/benchmarks.md) then cannot take the caller's process with it."""
+    that crashes or hangs (both seen on the H100 machine's image, docs/benchmarks.md) then cannot
+    take the caller's process with it."""
     code = ("import sys, torch; from pathlib import Path; from sdcanny import programs; "
             "programs.load(Path(sys.argv[1]), torch.device(sys.argv[2]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(Path(program_dir).resolve()), str(device)],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True)
+    problem = child_problem([sys.executable, "-c", code, str(Path(program_dir).resolve()), str(device)], timeout_s)
+    return None if problem is None else f"loading them {problem}"
+
+
+def child_problem(command: list[str], timeout_s: float) -> str | None:
+    """Runs `command` in the project root: None if it exits 0, else what went wrong, as a phrase."""
+    try:
+        proc = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {timeout_s:g} s"
     if proc.returncode == 0:
         return None
     if proc.returncode < 0:
-        return (f"loading them kills the process with {signal.Signals(-proc.returncode).name} (torch "
+        return (f"kills the process with {signal.Signals(-proc.returncode).name} (torch "
                 f"{torch.__version__}'s AOTInductor runtime with this machine's compiler)")
     lines = proc.stderr.strip().splitlines()
-    return f"loading them fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+    return f"fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
 
 
 def load(program_dir: Path, device: torch.device) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import cv2
 import numpy as np
@@ -184,3 +185,17 @@ def test_the_least_recently_used_size_is_released(tiny_checkpoint):
     for n in (1, 2, 1, 3):
         pipe.process(photo(), **{**CALL, "num_samples": n, "ddim_steps": 1})
     assert [key[0] for key in backend.runs] == [1, 3]
+
+
+@pytest.mark.parametrize("code, timeout_s, expected", [
+    ("pass", 60, None),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", 60, "kills the process with SIGSEGV"),
+    ("raise ValueError('no such package')", 60, "fails: ValueError: no such package"),
+    ("import time; time.sleep(30)", 1, "did not finish within 1 s"),
+])
+def test_a_child_that_crashes_fails_or_hangs_is_reported_not_suffered(code, timeout_s, expected):
+    problem = programs.child_problem([sys.executable, "-c", code], timeout_s)
+    if expected is None:
+        assert problem is None, problem
+    else:
+        assert problem is not None and problem.startswith(expected), problem
