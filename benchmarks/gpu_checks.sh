@@ -2,7 +2,6 @@
 # One device call's worth of GPU work (the device machine keeps nothing between sessions):
 #   bash benchmarks/gpu_checks.sh tests [PYTEST ARGS]  the tests that need a GPU (the rest run in CI);
 #                                            PYTEST ARGS replace the default selection
-#   bash benchmarks/gpu_checks.sh smoke      does AOTInductor compile and load here (benchmarks/aoti_smoke.py)
 #   bash benchmarks/gpu_checks.sh export     the full-size ONNX exports for TensorRT 8.6 (fp32, opset 17)
 #                                            and 11 (fp16 + fp32 islands), each checked in onnxruntime
 #   bash benchmarks/gpu_checks.sh prepare    the torch back-end's ahead-of-time programs into engines/
@@ -35,7 +34,7 @@ if [[ ${1:-} == hint ]]; then
     python3 benchmarks/hint_influence.py "$@" 2>&1 | tee "$OUT/hint.log" | grep -v Warning
     exit
 fi
-if [[ ${1:-tests} != tests && ${1:-} != smoke && ! -f $CKPT ]]; then
+if [[ ${1:-tests} != tests && ! -f $CKPT ]]; then
     python3 -m sdcanny.synthetic --config sd15 --control-gain 4 --out $CKPT | tail -1  # synthetic.HINT_GAIN
 fi
 case "${1:-tests}" in
@@ -44,9 +43,6 @@ tests)
     [[ $# -gt 0 ]] || set -- tests/test_programs.py tests/test_fast.py tests/test_engines.py tests/test_onnx_export.py \
         -k "programs or gpu or captured or fp16 or strong"
     python3 -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-    ;;
-smoke)
-    python3 benchmarks/aoti_smoke.py "${@:2}" 2>&1 | tee "$OUT/smoke.log" | grep --line-buffered "^aoti"
     ;;
 prepare)
     start=$SECONDS

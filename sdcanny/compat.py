@@ -12,7 +12,7 @@ versions or probes signatures.
 | highest ONNX opset of the TorchScript exporter | 18 | 20 |
 | TorchInductor option `conv_1x1_as_mm` | absent | present |
 | `torch.compile` on Python 3.11+ | unsupported | supported |
-| AOTInductor packages with dynamic sizes, runnable under CUDA-graph capture | absent | 2.7+ |
+| torch.compile's generated code saved for a later process (`aot_compile`, `torch.compiler.load_compiled_function`) | absent | 2.11 has it |
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
 """
 from __future__ import annotations
@@ -86,17 +86,13 @@ def compile_unavailable_reason(device_type: str = "cuda") -> str | None:
 
 
 def aot_unavailable_reason() -> str | None:
-    """None if this torch can export the stages with dynamic sizes and load AOTInductor packages
-    that a CUDA graph can capture (the single-threaded runner, pytorch/pytorch#148601, torch 2.7),
-    else why not in one line."""
+    """None if this torch can save torch.compile's generated code for a later process to load
+    (`aot_compile` and torch.compiler.load_compiled_function), else why not in one line."""
     reason = compile_unavailable_reason("cpu")
     if reason is not None:
         return reason
-    import torch._inductor
-    load = getattr(torch._inductor, "aoti_load_package", None)
-    if load is None or "run_single_threaded" not in inspect.signature(load).parameters:
-        return (f"torch {torch.__version__} cannot load ahead-of-time compiled programs for CUDA-graph capture "
-                "(torch 2.7 or later can)")
+    if getattr(getattr(torch, "compiler", None), "load_compiled_function", None) is None:
+        return f"torch {torch.__version__} cannot save compiled code for a later process (torch 2.11 can)"
     return None
 
 

@@ -10,10 +10,11 @@ Per image the GPU work is three captured graphs:
 
 The stages run in one of three forms, chosen per size (num_samples, height, width):
 
-    compiled ahead   AOTInductor packages from `python3 -m sdcanny.fast --prepare` (preprocess.sh):
-                     every size in their range; a start loads them in seconds, reads no checkpoint
+    compiled ahead   programs from `python3 -m sdcanny.fast --prepare` (preprocess.sh), saved by
+                     torch.compile's aot_compile: every size in their range; a start loads them
+                     in seconds instead of compiling (sdcanny/programs.py)
     compiled here    torch.compile in this process, for the first size it meets (initialize()'s
-                     warm-up, the graded call); used where there are no current packages
+                     warm-up, the graded call); used where there are no current programs
     eager            every other size: the networks' own kernels, still CUDA-graph captured
 
 A size's first call runs its stages uncaptured and is its own warm-up (compilation in the
@@ -156,8 +157,9 @@ class FastTorchBackend:
         self._stages: Stages | None = None
         self._compiled_here: dict | None = None  # torch.compile'd stages, serving `_compiled_size` only
         self._compiled_size: tuple | None = None
-        self.programs: dict | None = None  # AOTInductor packages, serving `program_range`
+        self.programs: dict | None = None  # variant -> stage -> compiled program, serving `program_range`
         self.program_range: programs.ShapeRange | None = None
+        self.program_variants: tuple[str, ...] = ()
         self.startup: dict[str, float] = {}  # seconds per start-up stage, in order
         self.runs: OrderedDict[tuple, Run] = OrderedDict()
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
@@ -170,16 +172,16 @@ class FastTorchBackend:
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
                program_dir: Path = programs.DEFAULT_PROGRAM_DIR, **options) -> "FastTorchBackend":
         """The back-end for `checkpoint`, on the programs in `program_dir` where they are current."""
-        check_checkpoint_path(Path(checkpoint))  # the programs are matched to it, and may need it
+        check_checkpoint_path(Path(checkpoint))  # a clear error now, not at the first size
         backend = cls(lambda: load_networks(checkpoint, cfg), device, **options)
         if backend.compiled is not None:
-            backend.attach_programs(program_dir, backend.identity(checkpoint, cfg))
+            backend.attach_programs(program_dir, backend.identity(cfg))
         return backend
 
-    def identity(self, checkpoint: Path, cfg: ModelConfig) -> dict:
+    def identity(self, cfg: ModelConfig) -> dict:
         """What prepared programs must have been built from to serve this back-end."""
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands}
-        return programs.build_identity(checkpoint, cfg, self.device, self.dtype, numerics)
+        return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
         reason = programs.stale_reason(program_dir, identity)
@@ -189,8 +191,8 @@ class FastTorchBackend:
                               "the first size is compiled in this process and other sizes run eager")
             return
         start = time.perf_counter()
-        self.programs = programs.load(program_dir, self.device)
-        self.program_range = programs.record_range(program_dir)
+        self.program_range, self.program_variants = programs.record_range(program_dir)
+        self.programs = programs.load(program_dir, self.program_variants)
         self.startup["programs loaded"] = time.perf_counter() - start
 
     # -- the networks, when a size needs them -------------------------------------------------
@@ -229,11 +231,12 @@ class FastTorchBackend:
         """The stage callables that serve these tensor sizes, and which form they are."""
         num_samples, height, width, tokens = sizes
         if self.programs is not None:
-            problem = self.program_range.problem(num_samples, height // 8, width // 8, tokens)
-            if problem is None:
-                return self.programs, "compiled ahead"
-            if not any(note.startswith(problem) for note in self.notes):
-                self.notes.append(f"{problem}: that size runs eager")
+            variant, problem = self.program_range.variant_for(num_samples, height // 8, width // 8, tokens,
+                                                              self.program_variants)
+            if variant is not None:
+                return {name: programs.PreparedStage(name, self.programs[variant][name], stage)
+                        for name, stage in self.stages.items()}, "compiled ahead"
+            self._note_once(f"{problem}: that size runs eager")
         if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):
             if self._compiled_here is None:
                 options = dict(fullgraph=True, dynamic=False, options=self.inductor_options)
@@ -360,14 +363,14 @@ class FastTorchBackend:
     def generate(self, request: GenerationRequest) -> np.ndarray:
         run = self._run_for(request)
         b = run.buffers
-        self._fit_step_buffers(b, request)
-        self._draw_noise(b, request)
-        self._copy_inputs(b, request)
         captured = run.graphs is not None and self.step_callback is None
-        stages = self._stage_calls(run, captured)
         start = time.perf_counter()
-        with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
-            self._run_stages(stages)
+        try:
+            self._run_request(run, request, captured)
+        except programs.OutsidePreparedShapes as exc:  # only uncaptured: a capture follows a good run
+            self._note_once(f"{exc}: that size runs eager")
+            run.fns, run.form = dict(self.stages.items()), "eager"
+            self._run_request(run, request, captured=False)
         if run.first_call_s is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -377,6 +380,14 @@ class FastTorchBackend:
         self.last_latents = b.x
         self.last_form = run.form
         return b.images.cpu().numpy()
+
+    def _run_request(self, run: Run, request: GenerationRequest, captured: bool) -> None:
+        b = run.buffers
+        self._fit_step_buffers(b, request)
+        self._draw_noise(b, request)
+        self._copy_inputs(b, request)
+        with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
+            self._run_stages(self._stage_calls(run, captured))
 
     def _run_stages(self, stages: list) -> None:
         if not (self.time_stages and self.device.type == "cuda"):
@@ -391,6 +402,10 @@ class FastTorchBackend:
         torch.cuda.synchronize()
         self.last_stage_ms = {name: events[i].elapsed_time(events[i + 1]) for i, name in enumerate(self.STAGES)}
 
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+
     def startup_summary(self) -> str:
         """One line: seconds per start-up stage and the form the first size runs in."""
         parts = [f"{name} {seconds:.1f} s" for name, seconds in self.startup.items()]
@@ -402,14 +417,15 @@ class FastTorchBackend:
 def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
             device: str = "cuda", force: bool = False, **backend_options) -> None:
     """Compile every stage ahead into program_dir (nothing to do where they are current), then
-    check them against the eager stages at two sizes."""
+    check them against the eager stages at a size of each kind."""
     builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
-    identity = builder.identity(checkpoint, cfg)
+    identity = builder.identity(cfg)
     reason = programs.stale_reason(program_dir, identity)
     if reason is None and not force:
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
-    print(f"prepare: compiling the five stages into {program_dir} ({reason or 'forced'})")
+    print(f"prepare: compiling the five stages for {len(programs.VARIANTS)} kinds of size into {program_dir} "
+          f"({reason or 'forced'})")
     try:
         seconds = programs.prepare(builder.stages, cfg, program_dir, identity, builder.device, builder.dtype,
                                    builder.inductor_options)
@@ -419,8 +435,8 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
         del builder
         warm_compile_cache(checkpoint, cfg, device, **backend_options)
         return
-    size = sum(programs.package_path(program_dir, name).stat().st_size for name in seconds) / 2 ** 30
-    print(f"prepare: {size:.2f} GiB of programs, compiled in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    size = sum(path.stat().st_size for path in Path(program_dir).glob("*.bin")) / 2 ** 20
+    print(f"prepare: {size:.0f} MiB of programs, compiled in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     del builder
     for name, error in check_programs(checkpoint, cfg, program_dir, device, **backend_options).items():
         print(f"prepare: {name}: final latents differ from the eager stages' by {error:.2e} (relative L2)")
@@ -443,8 +459,8 @@ def warm_compile_cache(checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
 
 def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device: str = "cuda",
                    **backend_options) -> dict[str, float]:
-    """Relative L2 between the final latents of the programs and of the eager stages, at the graded
-    call and at another size (two samples, image_resolution 320, 10 steps)."""
+    """Relative L2 between the final latents of the programs and of the eager stages, at a size of
+    each kind: the graded call, one sample and two samples at image_resolution 320 (10 steps)."""
     from .image import stand_in_photo
     from .pipeline import GRADED_CALL, Canny2Image
 
@@ -454,14 +470,17 @@ def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device
     eager = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **{**backend_options, "compile": None})
     pipes = [Canny2Image(backend, cfg) for backend in (aot, eager)]
     image = stand_in_photo((256, 384, 3))
-    calls = {"the graded call": GRADED_CALL,
-             "2 samples at image_resolution 320": {**GRADED_CALL, "num_samples": 2, "image_resolution": 320, "ddim_steps": 10}}
+    other = {**GRADED_CALL, "image_resolution": 320, "ddim_steps": 10}
+    calls = {"the graded call": GRADED_CALL, "1 sample at image_resolution 320": other,
+             "2 samples at image_resolution 320": {**other, "num_samples": 2}}
     errors = {}
     for name, call in calls.items():
         latents = []
         for pipe in pipes:
             pipe.process(image, **call)
             latents.append(pipe.backend.last_latents.float().clone())
+        if aot.last_form != "compiled ahead":
+            raise RuntimeError(f"the programs did not serve {name}: {'; '.join(aot.notes)}")
         errors[name] = float((latents[0] - latents[1]).norm() / latents[1].norm())
     return errors
 

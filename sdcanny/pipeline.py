@@ -141,7 +141,9 @@ class Canny2Image:
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) -> Images:
         start = time.perf_counter()
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the ahead-of-time programs' guards check that their inputs
+        # are the kind of tensor they were compiled for, and inference tensors are another kind
+        with torch.no_grad():
             request = self.request(input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution,
                                    ddim_steps, guess_mode, strength, scale, seed, eta, low_threshold,
                                    high_threshold)

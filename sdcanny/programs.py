@@ -1,14 +1,26 @@
 """Ahead-of-time compiled programs for the fast back-end.
 
-Each stage of sdcanny/stages.py is exported with dynamic batch and latent sizes and compiled by
-AOTInductor into a package in engines/torch_programs/, weights included. `preprocess.sh` makes
-them (`python3 -m sdcanny.fast --prepare`); `initialize()` then loads them in seconds without
-reading the checkpoint, and every size in their range runs compiled code from its first call:
-a new size costs a CUDA-graph capture, never a compilation.
+Each stage of sdcanny/stages.py is compiled by TorchInductor once, ahead of time, with
+torch.compile's `aot_compile`: dynamo's trace and guards and Inductor's generated code (Python
+wrappers and Triton or C++ kernels) are saved to a file per stage and kind of size, in
+engines/torch_programs/. `preprocess.sh` makes them (`python3 -m sdcanny.fast --prepare`);
+`initialize()` loads them in seconds, and every size in their range runs compiled code from its
+first call: a new size costs a CUDA-graph capture, never a compilation. The weights are not in
+them: each program takes its stage module as an argument, so they serve any checkpoint of the
+config they were built for.
 
-A record beside the packages says what they were built from (checkpoint size and mtime, config,
-torch build, GPU, dtype, numerics, the source of the networks); anything different makes them
-stale, and the back-end says why and compiles in-process instead.
+Three kinds of size (VARIANTS): the graded size exactly, as the in-process form compiles it; one
+sample at any size of the range; 2..max_samples samples at any size of the range. The last two
+are compiled with symbolic batch, height and width, and their guards say at call time whether a
+size fits them (a size that does not runs eager, with a note).
+
+A record beside the programs says what they were built from (config, torch build, GPU, dtype,
+numerics, the source of the networks); anything different makes them stale, and the back-end says
+why and compiles in-process instead.
+
+AOTInductor packages were this module's first form (commits 4310cc3..c9bd972): on the H100
+machine's image they crashed or hung when loaded, even a two-layer model's (docs/benchmarks.md).
+The form here runs the same generated code as the in-process compilation, which works there.
 """
 from __future__ import annotations
 
@@ -26,21 +38,24 @@ from . import compat
 from .config import ModelConfig
 from .optional import progress
 from .paths import DEFAULT_ENGINE_DIR, PROJECT_ROOT
-from .records import file_stats, read_record, write_record
+from .records import read_record, write_record
 from .stages import STAGE_NAMES, STEP_ROW, Stages, step_inputs
 
 PROGRAM_DIR_NAME = "torch_programs"
 DEFAULT_PROGRAM_DIR = DEFAULT_ENGINE_DIR / PROGRAM_DIR_NAME
 RECORD_NAME = "record.json"
 LATENT_MULTIPLE = 8  # work images are multiples of 64 px, latents of 8 (the UNet halves them 3 times)
-# The files whose code the packages compile: a change to any of them makes the packages stale.
+MIN_LATENT_SIDE = 16  # at 8 the UNet's bottom is 1 wide, a size the compiler specialises
+# The files whose code the programs compile: a change to any of them makes the programs stale.
 SOURCE_FILES = ("networks.py", "stages.py", "ddim.py", "reference.py")
+# The kinds of size, each compiled once per stage: (samples in the example, which axes are symbolic)
+VARIANTS = {"graded": (1, ()), "one sample": (1, ("size",)), "samples": (2, ("batch", "size"))}
 
 
 @dataclass(frozen=True)
 class ShapeRange:
-    """The sizes one set of packages serves: 1..max_samples samples, latent sides that are
-    multiples of 8 up to max_latent_side (8x that in pixels), prompts of `tokens` tokens. The
+    """The sizes one set of programs serves: 1..max_samples samples, latent sides that are
+    multiples of 8 from MIN_LATENT_SIDE to max_latent_side (8x that in pixels), prompts of `tokens` tokens. The
     default covers every work image the default WorkSizeLimits admit (longest side 2873 px)."""
     max_samples: int = 16
     max_latent_side: int = 360
@@ -51,21 +66,33 @@ class ShapeRange:
         if not 1 <= num_samples <= self.max_samples:
             return f"num_samples {num_samples} is outside the prepared 1..{self.max_samples}"
         for side in (latent_h, latent_w):
-            if side % LATENT_MULTIPLE or not LATENT_MULTIPLE <= side <= self.max_latent_side:
+            if side % LATENT_MULTIPLE or not MIN_LATENT_SIDE <= side <= self.max_latent_side:
                 return (f"a {8 * latent_h}x{8 * latent_w} work image is outside the prepared sizes "
-                        f"(multiples of 64 px up to {8 * self.max_latent_side})")
+                        f"(multiples of 64 px from {8 * MIN_LATENT_SIDE} to {8 * self.max_latent_side})")
         if tokens != self.tokens:
             return f"prompts of {tokens} tokens (prepared: {self.tokens})"
         return None
 
+    def variant_for(self, num_samples: int, latent_h: int, latent_w: int, tokens: int,
+                    prepared: tuple[str, ...]) -> tuple[str | None, str | None]:
+        """The prepared variant that serves this size, or None and why none does."""
+        problem = self.problem(num_samples, latent_h, latent_w, tokens)
+        if problem is not None:
+            return None, problem
+        if num_samples == 1 and (latent_h, latent_w) == GRADED_LATENT and "graded" in prepared:
+            return "graded", None
+        wanted = "one sample" if num_samples == 1 else "samples"
+        if wanted not in prepared:
+            return None, f"no programs for {'one sample' if num_samples == 1 else 'several samples'} were prepared"
+        return wanted, None
+
     def example_latent(self) -> tuple[int, int]:
-        """Export traces at the graded latent size (kernel choices are tuned for it), or the
-        largest the range holds; never at 8, where the eighths would be 1 and specialised."""
-        return tuple(max(2 * LATENT_MULTIPLE, min(side, self.max_latent_side)) for side in GRADED_LATENT)
+        """Compiled at the graded latent size (kernel choices are tuned for it), or the largest
+        the range holds."""
+        return tuple(max(MIN_LATENT_SIDE, min(side, self.max_latent_side)) for side in GRADED_LATENT)
 
 
 GRADED_LATENT = (32, 48)  # 256x384 pixels
-EXAMPLE_SAMPLES = 2  # a dimension of size 1 would be specialised by export
 
 # Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples) or None
 # (per-call values). Every 4-D input's height and width are multiples of the latent's / 8.
@@ -78,12 +105,12 @@ BATCH_AXES = {
 }
 
 
-def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
-                   shape_range: ShapeRange = ShapeRange()) -> dict[str, tuple]:
-    """Inputs for every stage at the example size, each made by running the stages before it."""
-    n, (h, w) = EXAMPLE_SAMPLES, shape_range.example_latent()
+def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype, num_samples: int,
+                   latent: tuple[int, int], tokens: int = 77) -> dict[str, tuple]:
+    """Inputs for every stage at one size, each made by running the stages before it."""
+    n, (h, w) = num_samples, latent
     g = torch.Generator(device).manual_seed(0)
-    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, shape_range.tokens), device=device, generator=g)
+    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, tokens), device=device, generator=g)
     hint = torch.rand(n, 3, 8 * h, 8 * w, device=device, generator=g)
     x = torch.randn(n, 4, h, w, device=device, generator=g)
     step = torch.tensor([500, 0.3, 0.4, 0.1, 0.8] + [0] * (STEP_ROW - 5), dtype=torch.float32, device=device)
@@ -100,27 +127,23 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
             "decode": (x,)}
 
 
-def dynamic_shapes(stage: str, args: tuple, shape_range: ShapeRange) -> tuple:
-    """torch.export's dynamic_shapes for a stage's example inputs: the batch axis as N or 2N, and
-    height and width of 4-D inputs as multiples of latent / 8."""
-    from torch.export import Dim
-    samples = Dim("samples", min=1, max=shape_range.max_samples)
-    eighths = [Dim(f"latent_{axis}_8", min=1, max=shape_range.max_latent_side // LATENT_MULTIPLE) for axis in "hw"]
-    example_eighths = [side // LATENT_MULTIPLE for side in shape_range.example_latent()]
+def mark_symbolic(stage: str, args: tuple, axes: tuple[str, ...]) -> None:
+    """Marks the example inputs' axes that the compiled code must take at any value: "batch" (the
+    N or 2N axis of every input that has one) and "size" (height and width of every 4-D input)."""
+    def mark(tensor: torch.Tensor, batch: str | None) -> None:
+        if "batch" in axes and batch is not None:
+            torch._dynamo.mark_dynamic(tensor, 0)
+        if "size" in axes and tensor.dim() == 4:
+            torch._dynamo.mark_dynamic(tensor, [2, 3])
 
-    def spec(tensor: torch.Tensor, batch: str | None):
-        if batch is None:
-            return None
-        axes = {0: samples if batch == "N" else 2 * samples}
-        if tensor.dim() == 4:
-            for axis, root, example in zip((2, 3), eighths, example_eighths):
-                factor, rest = divmod(tensor.shape[axis], example)
-                assert rest == 0, (stage, tensor.shape)
-                axes[axis] = root if factor == 1 else factor * root
-        return axes
+    for arg, batch in zip(args, BATCH_AXES[stage]):
+        for tensor in arg if isinstance(arg, (list, tuple)) else [arg]:
+            mark(tensor, batch)
 
-    return tuple([spec(t, batch) for t in arg] if isinstance(arg, (list, tuple)) else spec(arg, batch)
-                 for arg, batch in zip(args, BATCH_AXES[stage]))
+
+def call_stage(module: torch.nn.Module, *args):
+    """What is compiled: the module is an argument, so its weights are inputs of the program."""
+    return module(*args)
 
 
 def source_digest() -> str:
@@ -135,16 +158,15 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def build_identity(checkpoint: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                   numerics: dict) -> dict:
-    """Everything the packages depend on besides their range; compared field by field at load."""
-    return {"checkpoint": file_stats([Path(checkpoint)]), "config": cfg.name,
-            "torch": torch.__version__, "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
-            **numerics, "source": source_digest()}
+def build_identity(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, numerics: dict) -> dict:
+    """Everything the programs depend on besides their range; compared field by field at load.
+    Not the checkpoint: the weights are inputs."""
+    return {"config": cfg.name, "torch": torch.__version__, "device": device_name(device),
+            "dtype": str(dtype).replace("torch.", ""), **numerics, "source": source_digest()}
 
 
-def package_path(program_dir: Path, stage: str) -> Path:
-    return Path(program_dir) / f"{stage}.pt2"
+def program_path(program_dir: Path, stage: str, variant: str) -> Path:
+    return Path(program_dir) / f"{stage}.{variant.replace(' ', '_')}.bin"
 
 
 def read_program_record(program_dir: Path) -> dict | None:
@@ -152,7 +174,7 @@ def read_program_record(program_dir: Path) -> dict | None:
 
 
 def stale_reason(program_dir: Path, identity: dict) -> str | None:
-    """None if program_dir holds packages for exactly `identity`, else what is missing or differs."""
+    """None if program_dir holds programs for exactly `identity`, else what is missing or differs."""
     unavailable = compat.aot_unavailable_reason()
     if unavailable is not None:
         return unavailable
@@ -163,21 +185,17 @@ def stale_reason(program_dir: Path, identity: dict) -> str | None:
     for key, now in identity.items():
         if built.get(key) != now:
             return f"the programs in {program_dir} were built for {key} {built.get(key)!r}, this is {now!r}"
-    missing = [s for s in STAGE_NAMES if not package_path(program_dir, s).is_file()]
+    missing = [program_path(program_dir, s, v).name for v in record.get("variants", ()) for s in STAGE_NAMES
+               if not program_path(program_dir, s, v).is_file()]
     if missing:
-        return f"{program_dir} lacks {', '.join(package_path(program_dir, s).name for s in missing)}"
+        return f"{program_dir} lacks {', '.join(missing)}"
     return None
 
 
-def record_range(program_dir: Path) -> ShapeRange:
-    return ShapeRange(**read_program_record(program_dir)["range"])
-
-
-# AOTInductor options: the generated wrapper is compiled without precompiled headers. On the H100
-# machine's image every package, even a two-layer model's, crashed when loaded (inside std::regex in
-# the wrapper) or did not load within 40 s, with or without them (benchmarks/aoti_smoke.py); without
-# them the compile is faster.
-AOT_OPTIONS = {"aot_inductor.precompile_headers": False}
+def record_range(program_dir: Path) -> tuple[ShapeRange, tuple[str, ...]]:
+    """The range the programs serve and the variants prepared."""
+    record = read_program_record(program_dir)
+    return ShapeRange(**record["range"]), tuple(record["variants"])
 
 
 class UnusablePrograms(RuntimeError):
@@ -185,28 +203,35 @@ class UnusablePrograms(RuntimeError):
 
 
 def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict, device, dtype: torch.dtype,
-            inductor_options: dict, shape_range: ShapeRange = ShapeRange()) -> dict[str, float]:
-    """Export and compile every stage into program_dir; returns seconds per stage. The record is
-    written last, once the packages load in a child process: an interrupted run, or packages
-    that cannot load here, leave no record, so nothing ever tries to use them."""
+            inductor_options: dict, shape_range: ShapeRange = ShapeRange(),
+            variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, float]:
+    """Compile every stage for every variant into program_dir; returns seconds per variant. The
+    record is written last, once the programs load in a child process: an interrupted run, or
+    programs that cannot load here, leave no record, so nothing ever tries to use them."""
     program_dir = Path(program_dir)
     program_dir.mkdir(parents=True, exist_ok=True)
     (program_dir / RECORD_NAME).unlink(missing_ok=True)
-    examples = example_inputs(stages, cfg, device, dtype, shape_range)
     seconds = {}
-    for name, module in progress(list(stages.items()), desc="compiling stages", unit="stage"):
+    for variant in progress(variants, desc="compiling programs", unit="kind of size"):
         start = time.perf_counter()
-        args = examples[name]
-        with torch.no_grad():
-            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes(name, args, shape_range))
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(package_path(program_dir, name)),
-                                                     inductor_configs={**inductor_options, **AOT_OPTIONS})
-        seconds[name] = round(time.perf_counter() - start, 1)
-    problem = load_problem(program_dir, device)
+        samples, axes = VARIANTS[variant]
+        examples = example_inputs(stages, cfg, device, dtype, samples, shape_range.example_latent(),
+                                  shape_range.tokens)
+        for name, module in stages.items():
+            mark_symbolic(name, examples[name], axes)
+            # Duck sizing would give every symbolic axis that happens to share a value in the
+            # example (a batch of 4 and a 4-wide feature map) one symbol, and the program would then
+            # demand that they stay equal. no_grad, as the pipeline runs: the guards check it.
+            with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
+                compiled = torch.compile(call_stage, fullgraph=True, options=inductor_options).aot_compile(
+                    ((module, *examples[name]), {}))
+            compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
+        seconds[variant] = round(time.perf_counter() - start, 1)
+    problem = load_problem(program_dir, variants)
     if problem is not None:
         raise UnusablePrograms(problem)
-    record = {"identity": identity, "range": asdict(shape_range), "inductor_options": inductor_options,
-              "compile_seconds": seconds}
+    record = {"identity": identity, "range": asdict(shape_range), "variants": list(variants),
+              "inductor_options": inductor_options, "compile_seconds": seconds}
     write_record(program_dir / RECORD_NAME, record)
     return seconds
 
@@ -216,13 +241,13 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
 LOAD_TIMEOUT_S = 300
 
 
-def load_problem(program_dir: Path, device, timeout_s: float = LOAD_TIMEOUT_S) -> str | None:
-    """Loads every package in a child process: None if that works, else what went wrong. A loader
-    that crashes or hangs (both seen on the H100 machine's image, docs/benchmarks.md) then cannot
-    take the caller's process with it."""
-    code = ("import sys, torch; from pathlib import Path; from sdcanny import programs; "
-            "programs.load(Path(sys.argv[1]), torch.device(sys.argv[2]))")
-    problem = child_problem([sys.executable, "-c", code, str(Path(program_dir).resolve()), str(device)], timeout_s)
+def load_problem(program_dir: Path, variants: tuple[str, ...], timeout_s: float = LOAD_TIMEOUT_S) -> str | None:
+    """Loads every program in a child process: None if that works, else what went wrong. A loader
+    that crashes or hangs (as AOTInductor's did on the H100 machine's image, docs/benchmarks.md)
+    then cannot take the caller's process with it."""
+    code = ("import sys; from pathlib import Path; from sdcanny import programs; "
+            "programs.load(Path(sys.argv[1]), tuple(sys.argv[2:]))")
+    problem = child_problem([sys.executable, "-c", code, str(Path(program_dir).resolve()), *variants], timeout_s)
     return None if problem is None else f"loading them {problem}"
 
 
@@ -235,16 +260,46 @@ def child_problem(command: list[str], timeout_s: float) -> str | None:
     if proc.returncode == 0:
         return None
     if proc.returncode < 0:
-        return (f"kills the process with {signal.Signals(-proc.returncode).name} (torch "
-                f"{torch.__version__}'s AOTInductor runtime with this machine's compiler)")
+        return f"kills the process with {signal.Signals(-proc.returncode).name}"
     lines = proc.stderr.strip().splitlines()
     return f"fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
 
 
-def load(program_dir: Path, device: torch.device) -> dict:
-    """The compiled stages as callables taking and returning what the stage modules do. They run
-    on the current CUDA stream without host synchronisation, so CUDA graphs can capture them."""
-    index = device.index if device.index is not None else -1
-    return {name: torch._inductor.aoti_load_package(str(package_path(program_dir, name)), run_single_threaded=True,
-                                                    device_index=index if device.type == "cuda" else -1)
-            for name in STAGE_NAMES}
+def load(program_dir: Path, variants: tuple[str, ...]) -> dict[str, dict]:
+    """variant -> stage name -> the compiled function, taking the stage module then its inputs."""
+    programs = {}
+    for variant in variants:
+        programs[variant] = {}
+        for name in STAGE_NAMES:
+            with open(program_path(program_dir, name, variant), "rb") as file:
+                programs[variant][name] = torch.compiler.load_compiled_function(file)
+    return programs
+
+
+class OutsidePreparedShapes(RuntimeError):
+    """A program's guards refuse these inputs (a size its symbolic shapes do not cover)."""
+
+
+class PreparedStage:
+    """A stage served by its program: called like the stage module. Inputs that the program's
+    guards refuse raise OutsidePreparedShapes (the back-end then runs that size eager)."""
+
+    def __init__(self, name: str, compiled, module: torch.nn.Module):
+        self.name, self.compiled, self.module = name, compiled, module
+
+    def __call__(self, *args):
+        if not self.compiled.guard_check(self.module, *args):
+            raise OutsidePreparedShapes(f"the {self.name} program's guards refuse these inputs "
+                                        f"({guard_failure(self.compiled, self.module, *args)})")
+        return self.compiled(self.module, *args)
+
+
+def guard_failure(compiled, *args) -> str:
+    """The first guard a compiled program's inputs fail, in dynamo's words (its internals, so
+    only where this torch has them)."""
+    try:
+        manager = compiled._artifacts.guard_manager
+        parts = manager.check_verbose(compiled.prepare_f_locals(*args)).verbose_code_parts
+    except AttributeError:
+        return "this torch does not say which guard"
+    return parts[0] if parts else "no guard named"

@@ -1,6 +1,6 @@
 """The fast back-end's GPU work as five stage modules, defined once and run three ways: eager,
-compiled in-process by torch.compile, or exported ahead of time to AOTInductor packages that
-serve every batch and image size in a range (sdcanny/programs.py).
+compiled in-process by torch.compile, or compiled ahead of time into programs that serve every
+batch and image size in a range (sdcanny/programs.py).
 
     encode        once per image: CLIP on [cond, uncond] tokens, the ControlNet's hint block
     control       per step: the ControlNet's 13 residuals, scaled per sample
@@ -9,8 +9,7 @@ serve every batch and image size in a range (sdcanny/programs.py).
     decode        once per image: VAE decoder and the uint8 HWC conversion
 
 Batches are [cond, uncond]: rows [:N] the conditional branch, [N:] the unconditional one. The
-stage modules hold whole networks; what a stage does not use is not exported (AOTInductor keeps
-only the constants its graph reads).
+stage modules hold whole networks; a compiled stage reads only the weights its graph uses.
 """
 from __future__ import annotations
 
@@ -41,7 +40,9 @@ class EncodeStage(nn.Module):
 
     def forward(self, tokens: torch.Tensor, hint: torch.Tensor):
         features = self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
-        return self.clip(tokens), torch.cat([features, features])
+        # repeat, not cat([f, f]): the same rows, and Inductor (torch 2.13) fails to lower that cat
+        # when height and width are symbolic
+        return self.clip(tokens), features.repeat(2, 1, 1, 1)
 
 
 class ControlStage(nn.Module):
