@@ -106,11 +106,11 @@ BATCH_AXES = {
 
 
 def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype, num_samples: int,
-                   latent: tuple[int, int], tokens: int = 77) -> dict[str, tuple]:
+                   latent: tuple[int, int], token_count: int = 77) -> dict[str, tuple]:
     """Inputs for every stage at one size, each made by running the stages before it."""
     n, (h, w) = num_samples, latent
     g = torch.Generator(device).manual_seed(0)
-    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, tokens), device=device, generator=g)
+    tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, token_count), device=device, generator=g)
     hint = torch.rand(n, 3, 8 * h, 8 * w, device=device, generator=g)
     x = torch.randn(n, 4, h, w, device=device, generator=g)
     step = torch.tensor([500, 0.3, 0.4, 0.1, 0.8] + [0] * (STEP_ROW - 5), dtype=torch.float32, device=device)
@@ -215,8 +215,8 @@ def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict,
     for variant in progress(variants, desc="compiling programs", unit="kind of size"):
         start = time.perf_counter()
         samples, axes = VARIANTS[variant]
-        examples = example_inputs(stages, cfg, device, dtype, samples, shape_range.example_latent(),
-                                  shape_range.tokens)
+        latent = GRADED_LATENT if variant == "graded" else shape_range.example_latent()
+        examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
         for name, module in stages.items():
             mark_symbolic(name, examples[name], axes)
             # Duck sizing would give every symbolic axis that happens to share a value in the
