@@ -124,8 +124,8 @@ class FastTorchBackend:
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False):
-        """`networks`: the networks, or a function that loads them (called only when a size needs
-        them: with current prepared programs, never for sizes in their range).
+        """`networks`: the networks, or a function that loads them (called when the first size
+        needs them; prepared programs take the stage modules as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
         numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md).
@@ -356,7 +356,7 @@ class FastTorchBackend:
             return run
         while len(self.runs) >= self.max_captured_sizes:
             self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
-        fns, form = self._stage_fns_for(tensor_sizes(request))
+        fns, form = self._stage_fns_for(key)
         run = self.runs[key] = Run(self._new_buffers(request), fns, None, form)
         return run
 
