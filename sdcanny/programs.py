@@ -266,13 +266,16 @@ def child_problem(command: list[str], timeout_s: float) -> str | None:
 
 
 def load(program_dir: Path, variants: tuple[str, ...]) -> dict[str, dict]:
-    """variant -> stage name -> the compiled function, taking the stage module then its inputs."""
+    """variant -> stage name -> the compiled function, taking the stage module then its inputs.
+    Their own guard check is off: PreparedStage checks the guards before each call (to name the
+    one that fails), and a second check per call would repeat the work."""
     programs = {}
     for variant in variants:
         programs[variant] = {}
         for name in STAGE_NAMES:
             with open(program_path(program_dir, name, variant), "rb") as file:
                 programs[variant][name] = torch.compiler.load_compiled_function(file)
+            programs[variant][name].disable_guard_check()
     return programs
 
 
