@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import functools
 import os
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -415,33 +416,48 @@ class FastTorchBackend:
 
 
 def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
-            device: str = "cuda", force: bool = False, **backend_options) -> None:
+            device: str = "cuda", force: bool = False, compile: str = "default", fp32_islands: bool = False) -> None:
     """Compile every stage ahead into program_dir (nothing to do where they are current), then
-    check them against the eager stages at a size of each kind."""
-    builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
+    check them against the eager stages at a size of each kind. Each kind of size is compiled by
+    a process of its own, all at once: one kind took 2.5-4 minutes on the H100 machine, mostly in
+    single-threaded Python, and one after another they overran a 10-minute device call."""
+    options = dict(compile=compile, fp32_islands=fp32_islands)
+    builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **options)  # reads nothing yet
     identity = builder.identity(cfg)
     reason = programs.stale_reason(program_dir, identity)
     if reason is None and not force:
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
-    print(f"prepare: compiling the five stages for {len(programs.VARIANTS)} kinds of size into {program_dir} "
-          f"({reason or 'forced'})")
+    print(f"prepare: compiling the five stages for {len(programs.VARIANTS)} kinds of size into {program_dir}, "
+          f"a process each ({reason or 'forced'}); their logs are beside the programs")
+    programs.start_programs(program_dir)
+    commands = {variant: [sys.executable, "-m", "sdcanny.fast", "--prepare", "--variant", variant,
+                          "--checkpoint", str(checkpoint), "--config", cfg.name, "--program-dir", str(program_dir),
+                          "--compile", compile] + (["--fp32-islands"] if fp32_islands else [])
+                for variant in programs.VARIANTS}
+    seconds = programs.run_in_parallel(commands, Path(program_dir))
     try:
-        seconds = programs.prepare(builder.stages, cfg, program_dir, identity, builder.device, builder.dtype,
-                                   builder.inductor_options)
+        programs.finish(program_dir, identity, builder.inductor_options, programs.ShapeRange(), seconds)
     except programs.UnusablePrograms as exc:
         print(f"prepare: the compiled programs cannot be used on this machine: {exc}. The torch back-end "
               "will compile in-process at its first size instead; filling that compile cache now")
-        del builder
-        warm_compile_cache(checkpoint, cfg, device, **backend_options)
+        warm_compile_cache(checkpoint, cfg, device, **options)
         return
     size = sum(path.stat().st_size for path in Path(program_dir).glob("*.bin")) / 2 ** 20
     print(f"prepare: {size:.0f} MiB of programs, compiled in " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
-    del builder
-    for name, error in check_programs(checkpoint, cfg, program_dir, device, **backend_options).items():
+    for name, error in check_programs(checkpoint, cfg, program_dir, device, **options).items():
         print(f"prepare: {name}: final latents differ from the eager stages' by {error:.2e} (relative L2)")
         if not error < 1e-2:
             raise SystemExit(f"prepare: the compiled programs disagree with the eager stages at {name}")
+
+
+def compile_one_variant(checkpoint: Path, cfg: ModelConfig, program_dir: Path, variant: str,
+                        device: str = "cuda", **backend_options) -> None:
+    """One kind of size's programs (prepare's child processes run this); no record."""
+    builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
+    seconds = programs.compile_variant(builder.stages, cfg, program_dir, builder.device, builder.dtype,
+                                       builder.inductor_options, programs.ShapeRange(), variant)
+    print(f"prepare: {variant}: compiled in {seconds:.0f} s ({builder.startup_summary()})")
 
 
 def warm_compile_cache(checkpoint: Path, cfg: ModelConfig, device: str = "cuda", **backend_options) -> None:
@@ -494,6 +510,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="default", choices=sorted(FastTorchBackend.COMPILE_MODES))
     ap.add_argument("--fp32-islands", action="store_true")
     ap.add_argument("--force", action="store_true", help="rebuild even where the programs are current")
+    ap.add_argument("--variant", choices=list(programs.VARIANTS),
+                    help="compile only this kind of size and write no record (what --prepare's child processes do)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(f"the torch back-end needs a CUDA GPU; nothing to prepare here ({compat.cuda_unavailable_reason()})")
@@ -502,6 +520,10 @@ def main(argv=None) -> None:
         print(f"prepare: no ahead-of-time programs with this torch: {reason}. Filling the in-process "
               "compile cache at the graded size instead")
         warm_compile_cache(args.checkpoint, CONFIGS[args.config], compile=args.compile, fp32_islands=args.fp32_islands)
+        return
+    if args.variant is not None:
+        compile_one_variant(args.checkpoint, CONFIGS[args.config], args.program_dir, args.variant,
+                            compile=args.compile, fp32_islands=args.fp32_islands)
         return
     prepare(args.checkpoint, CONFIGS[args.config], args.program_dir, force=args.force, compile=args.compile,
             fp32_islands=args.fp32_islands)

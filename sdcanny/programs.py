@@ -36,7 +36,7 @@ import torch
 
 from . import compat
 from .config import ModelConfig
-from .optional import progress
+from .optional import progress, write
 from .paths import DEFAULT_ENGINE_DIR, PROJECT_ROOT
 from .records import read_record, write_record
 from .stages import STAGE_NAMES, STEP_ROW, Stages, step_inputs
@@ -205,35 +205,58 @@ class UnusablePrograms(RuntimeError):
 def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict, device, dtype: torch.dtype,
             inductor_options: dict, shape_range: ShapeRange = ShapeRange(),
             variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, float]:
-    """Compile every stage for every variant into program_dir; returns seconds per variant. The
-    record is written last, once the programs load in a child process: an interrupted run, or
-    programs that cannot load here, leave no record, so nothing ever tries to use them."""
-    program_dir = Path(program_dir)
-    program_dir.mkdir(parents=True, exist_ok=True)
-    (program_dir / RECORD_NAME).unlink(missing_ok=True)
+    """Compile every stage for every variant into program_dir, one variant after another in this
+    process; returns seconds per variant. (`sdcanny.fast --prepare` compiles the variants in
+    parallel processes instead, with the same compile_variant and finish.)"""
+    start_programs(program_dir)
     seconds = {}
     for variant in progress(variants, desc="compiling programs", unit="kind of size"):
-        start = time.perf_counter()
-        samples, axes = VARIANTS[variant]
-        latent = GRADED_LATENT if variant == "graded" else shape_range.example_latent()
-        examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
-        for name, module in stages.items():
-            mark_symbolic(name, examples[name], axes)
-            # Duck sizing would give every symbolic axis that happens to share a value in the
-            # example (a batch of 4 and a 4-wide feature map) one symbol, and the program would then
-            # demand that they stay equal. no_grad, as the pipeline runs: the guards check it.
-            with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False):
-                compiled = torch.compile(call_stage, fullgraph=True, options=inductor_options).aot_compile(
-                    ((module, *examples[name]), {}))
-            compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
-        seconds[variant] = round(time.perf_counter() - start, 1)
+        seconds[variant] = compile_variant(stages, cfg, program_dir, device, dtype, inductor_options,
+                                           shape_range, variant)
+    finish(program_dir, identity, inductor_options, shape_range, seconds)
+    return seconds
+
+
+def start_programs(program_dir: Path) -> None:
+    """The directory made and its record removed: until finish() writes a new one, nothing uses
+    what is in it."""
+    Path(program_dir).mkdir(parents=True, exist_ok=True)
+    (Path(program_dir) / RECORD_NAME).unlink(missing_ok=True)
+
+
+def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device, dtype: torch.dtype,
+                    inductor_options: dict, shape_range: ShapeRange, variant: str) -> float:
+    """Every stage compiled for one kind of size and saved; returns the seconds it took."""
+    start = time.perf_counter()
+    samples, axes = VARIANTS[variant]
+    latent = GRADED_LATENT if variant == "graded" else shape_range.example_latent()
+    examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
+    for name, module in stages.items():
+        mark_symbolic(name, examples[name], axes)
+        # Duck sizing would give every symbolic axis that happens to share a value in the
+        # example (a batch of 4 and a 4-wide feature map) one symbol, and the program would then
+        # demand that they stay equal. no_grad, as the pipeline runs: the guards check it.
+        # torch 2.11 offers aot_compile only with enable_aot_compile set (2.13 sets it already).
+        with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False), \
+                torch._dynamo.config.patch(enable_aot_compile=True):
+            compiled = torch.compile(call_stage, fullgraph=True, options=inductor_options).aot_compile(
+                ((module, *examples[name]), {}))
+        compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
+    return round(time.perf_counter() - start, 1)
+
+
+def finish(program_dir: Path, identity: dict, inductor_options: dict, shape_range: ShapeRange,
+           seconds: dict[str, float]) -> None:
+    """The record written, once the programs of every variant in `seconds` load in a child
+    process: an interrupted run, or programs that cannot load here, leave no record, so nothing
+    ever tries to use them. Raises UnusablePrograms where they do not load."""
+    variants = tuple(seconds)
     problem = load_problem(program_dir, variants)
     if problem is not None:
         raise UnusablePrograms(problem)
     record = {"identity": identity, "range": asdict(shape_range), "variants": list(variants),
               "inductor_options": inductor_options, "compile_seconds": seconds}
-    write_record(program_dir / RECORD_NAME, record)
-    return seconds
+    write_record(Path(program_dir) / RECORD_NAME, record)
 
 
 # A load takes seconds; on the H100 machine's image (2026-11-25) loads also hung, even a two-layer
@@ -263,6 +286,38 @@ def child_problem(command: list[str], timeout_s: float) -> str | None:
         return f"kills the process with {signal.Signals(-proc.returncode).name}"
     lines = proc.stderr.strip().splitlines()
     return f"fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
+
+
+def run_in_parallel(commands: dict[str, list[str]], log_dir: Path, poll_s: float = 1.0) -> dict[str, float]:
+    """Runs every command at once in the project root, each writing its output to
+    log_dir/<name>.log; returns each one's wall seconds. Where one fails, the others are stopped
+    and RuntimeError names it, its log and the log's last line."""
+    procs, logs = {}, {}
+    start = time.perf_counter()
+    for name, command in commands.items():
+        logs[name] = Path(log_dir) / f"{name.replace(' ', '_')}.log"
+        with open(logs[name], "w") as log:  # the child keeps its own handle
+            procs[name] = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    seconds = {}
+    try:
+        while len(seconds) < len(procs):
+            for name, proc in procs.items():
+                if name in seconds or proc.poll() is None:
+                    continue
+                if proc.returncode != 0:
+                    lines = logs[name].read_text(errors="replace").strip().splitlines()
+                    raise RuntimeError(f"{name} failed (exit status {proc.returncode}; {logs[name]}): "
+                                       f"{lines[-1] if lines else 'no output'}")
+                seconds[name] = round(time.perf_counter() - start, 1)
+                write(f"{name}: done in {seconds[name]:.0f} s")
+            if len(seconds) < len(procs):
+                time.sleep(poll_s)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return seconds
 
 
 def load(program_dir: Path, variants: tuple[str, ...]) -> dict[str, dict]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import cv2
 import numpy as np
@@ -213,3 +214,23 @@ def test_a_child_that_crashes_fails_or_hangs_is_reported_not_suffered(code, time
         assert problem is None, problem
     else:
         assert problem is not None and problem.startswith(expected), problem
+
+
+def test_parallel_children_run_at_once_and_a_failure_stops_the_rest(tmp_path):
+    """prepare compiles each kind of size in a child of its own: they overlap in time, each writes
+    its log, and one that fails is named with its log's last line while the others are stopped."""
+    stamp = "import sys, time; print('start', time.time()); time.sleep({}); print('end', time.time()); sys.exit({})"
+    ok = {name: [sys.executable, "-c", stamp.format(1.0, 0)] for name in ("graded", "one sample")}
+    seconds = programs.run_in_parallel(ok, tmp_path, poll_s=0.05)
+    assert set(seconds) == set(ok)
+    spans = [[float(line.split()[1]) for line in (tmp_path / f"{n.replace(' ', '_')}.log").read_text().splitlines()]
+             for n in ok]
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # both started before either ended
+    assert all(1.0 <= s < 30 for s in seconds.values())
+
+    slow = [sys.executable, "-c", "import time; print('slow child started', flush=True); time.sleep(60)"]
+    failing = [sys.executable, "-c", "raise SystemExit('no room left on the device')"]
+    with pytest.raises(RuntimeError, match=r"failing failed \(exit status 1; .*failing.log\): no room left"):
+        start = time.perf_counter()
+        programs.run_in_parallel({"slow": slow, "failing": failing}, tmp_path, poll_s=0.05)
+    assert time.perf_counter() - start < 30  # the slow one was stopped, not waited for
