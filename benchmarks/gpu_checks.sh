@@ -4,8 +4,8 @@
 #                                            PYTEST ARGS replace the default selection
 #   bash benchmarks/gpu_checks.sh export     the full-size ONNX exports for TensorRT 8.6 (fp32, opset 17)
 #                                            and 11 (fp16 + fp32 islands), each checked in onnxruntime
-#   bash benchmarks/gpu_checks.sh prepare    the torch back-end's ahead-of-time programs into engines/
-#                                            (python3 -m sdcanny.fast --prepare), timed
+#   bash benchmarks/gpu_checks.sh prepare ARGS  the torch back-end's ahead-of-time programs into engines/
+#                                            (python3 -m sdcanny.fast --prepare ARGS), timed
 #   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh shapes ARGS first-call and steady latency per size in a fresh process
 #                                            (benchmarks/shape_benchmark.py ARGS)
@@ -45,9 +45,11 @@ tests)
     python3 -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
     ;;
 prepare)
+    shift
     start=$SECONDS
-    python3 -m sdcanny.fast --prepare --checkpoint $CKPT 2>&1 | tee "$OUT/prepare.log" | grep -v -i warn
+    python3 -m sdcanny.fast --prepare --checkpoint $CKPT "$@" 2>&1 | tee "$OUT/prepare.log" | grep -v -i warn
     echo "prepare: $((SECONDS - start)) s"
+    cp engines/torch_programs/*.log "$OUT/" 2>/dev/null || true  # each kind's compile log
     ;;
 shapes)
     shift

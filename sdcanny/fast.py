@@ -159,6 +159,7 @@ class FastTorchBackend:
         self._compiled_here: dict | None = None  # torch.compile'd stages, serving `_compiled_size` only
         self._compiled_size: tuple | None = None
         self.programs: dict | None = None  # variant -> stage -> compiled program, serving `program_range`
+        self.program_dir: Path | None = None  # where the programs of the kinds not loaded yet are
         self.program_range: programs.ShapeRange | None = None
         self.program_variants: tuple[str, ...] = ()
         self.startup: dict[str, float] = {}  # seconds per start-up stage, in order
@@ -191,10 +192,23 @@ class FastTorchBackend:
                               "(run by preprocess.sh) compiles every size ahead for a start in seconds; until then "
                               "the first size is compiled in this process and other sizes run eager")
             return
-        start = time.perf_counter()
+        self.program_dir = Path(program_dir)
         self.program_range, self.program_variants = programs.record_range(program_dir)
-        self.programs = programs.load(program_dir, self.program_variants)
-        self.startup["programs loaded"] = time.perf_counter() - start
+        self.programs = {}
+        if "graded" in self.program_variants:  # the size initialize() runs
+            self._load_programs("graded")
+
+    def _load_programs(self, variant: str) -> dict:
+        """One kind of size's programs, loaded when a size first needs them: loading every kind
+        took 17-20 s on the H100 machine, most of a start, for kinds a session may never use."""
+        start = time.perf_counter()
+        self.programs[variant] = programs.load(self.program_dir, (variant,))[variant]
+        seconds = time.perf_counter() - start
+        if not self.runs:
+            self.startup[f"programs loaded ({variant})"] = seconds
+        else:
+            self.notes.append(f"the programs for {variant} loaded in {seconds:.1f} s, at the first size of that kind")
+        return self.programs[variant]
 
     # -- the networks, when a size needs them -------------------------------------------------
 
@@ -235,7 +249,8 @@ class FastTorchBackend:
             variant, problem = self.program_range.variant_for(num_samples, height // 8, width // 8, tokens,
                                                               self.program_variants)
             if variant is not None:
-                return {name: programs.PreparedStage(name, self.programs[variant][name], stage)
+                loaded = self.programs.get(variant) or self._load_programs(variant)
+                return {name: programs.PreparedStage(name, loaded[name], stage)
                         for name, stage in self.stages.items()}, "compiled ahead"
             self._note_once(f"{problem}: that size runs eager")
         if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):
@@ -416,9 +431,11 @@ class FastTorchBackend:
 
 
 def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
-            device: str = "cuda", force: bool = False, compile: str = "default", fp32_islands: bool = False) -> None:
+            device: str = "cuda", force: bool = False, compile: str = "default", fp32_islands: bool = False,
+            kinds: tuple[str, ...] = tuple(programs.VARIANTS)) -> None:
     """Compile every stage ahead into program_dir (nothing to do where they are current), then
-    check them against the eager stages at a size of each kind. Each kind of size is compiled by
+    check them against the eager stages at a size of each kind. `kinds`: the kinds of size
+    (programs.VARIANTS) to prepare; "graded" alone serves the graded call. Each kind is compiled by
     a process of its own, all at once: one kind took 2.5-4 minutes on the H100 machine, mostly in
     single-threaded Python, and one after another they overran a 10-minute device call."""
     options = dict(compile=compile, fp32_islands=fp32_islands)
@@ -428,13 +445,13 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
     if reason is None and not force:
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
-    print(f"prepare: compiling the five stages for {len(programs.VARIANTS)} kinds of size into {program_dir}, "
+    print(f"prepare: compiling the five stages for {len(kinds)} kinds of size into {program_dir}, "
           f"a process each ({reason or 'forced'}); their logs are beside the programs")
     programs.start_programs(program_dir)
     commands = {variant: [sys.executable, "-m", "sdcanny.fast", "--prepare", "--variant", variant,
                           "--checkpoint", str(checkpoint), "--config", cfg.name, "--program-dir", str(program_dir),
                           "--compile", compile] + (["--fp32-islands"] if fp32_islands else [])
-                for variant in programs.VARIANTS}
+                for variant in kinds}
     seconds = programs.run_in_parallel(commands, Path(program_dir))
     try:
         programs.finish(program_dir, identity, builder.inductor_options, programs.ShapeRange(), seconds)
@@ -476,7 +493,8 @@ def warm_compile_cache(checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
 def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device: str = "cuda",
                    **backend_options) -> dict[str, float]:
     """Relative L2 between the final latents of the programs and of the eager stages, at a size of
-    each kind: the graded call, one sample and two samples at image_resolution 320 (10 steps)."""
+    each kind prepared: the graded call, one sample and two samples at image_resolution 320 (10
+    steps)."""
     from .image import stand_in_photo
     from .pipeline import GRADED_CALL, Canny2Image
 
@@ -487,10 +505,11 @@ def check_programs(checkpoint: Path, cfg: ModelConfig, program_dir: Path, device
     pipes = [Canny2Image(backend, cfg) for backend in (aot, eager)]
     image = stand_in_photo((256, 384, 3))
     other = {**GRADED_CALL, "image_resolution": 320, "ddim_steps": 10}
-    calls = {"the graded call": GRADED_CALL, "1 sample at image_resolution 320": other,
-             "2 samples at image_resolution 320": {**other, "num_samples": 2}}
+    calls = {"graded": ("the graded call", GRADED_CALL),
+             "one sample": ("1 sample at image_resolution 320", other),
+             "samples": ("2 samples at image_resolution 320", {**other, "num_samples": 2})}
     errors = {}
-    for name, call in calls.items():
+    for name, call in (calls[kind] for kind in aot.program_variants):
         latents = []
         for pipe in pipes:
             pipe.process(image, **call)
@@ -510,6 +529,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="default", choices=sorted(FastTorchBackend.COMPILE_MODES))
     ap.add_argument("--fp32-islands", action="store_true")
     ap.add_argument("--force", action="store_true", help="rebuild even where the programs are current")
+    ap.add_argument("--kinds", nargs="+", choices=list(programs.VARIANTS), default=list(programs.VARIANTS),
+                    help="the kinds of size to prepare (default: all); graded alone serves the graded call")
     ap.add_argument("--variant", choices=list(programs.VARIANTS),
                     help="compile only this kind of size and write no record (what --prepare's child processes do)")
     args = ap.parse_args(argv)
@@ -526,7 +547,7 @@ def main(argv=None) -> None:
                             compile=args.compile, fp32_islands=args.fp32_islands)
         return
     prepare(args.checkpoint, CONFIGS[args.config], args.program_dir, force=args.force, compile=args.compile,
-            fp32_islands=args.fp32_islands)
+            fp32_islands=args.fp32_islands, kinds=tuple(args.kinds))
 
 
 if __name__ == "__main__":

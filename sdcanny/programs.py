@@ -4,8 +4,9 @@ Each stage of sdcanny/stages.py is compiled by TorchInductor once, ahead of time
 torch.compile's `aot_compile`: dynamo's trace and guards and Inductor's generated code (Python
 wrappers and Triton or C++ kernels) are saved to a file per stage and kind of size, in
 engines/torch_programs/. `preprocess.sh` makes them (`python3 -m sdcanny.fast --prepare`);
-`initialize()` loads them in seconds, and every size in their range runs compiled code from its
-first call: a new size costs a CUDA-graph capture, never a compilation. The weights are not in
+the back-end loads the graded kind at its start and every other kind when a size first needs it,
+and every size in their range runs compiled code from its first call: never a compilation in a
+request. The weights are not in
 them: each program takes its stage module as an argument, so they serve any checkpoint of the
 config they were built for.
 

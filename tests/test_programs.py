@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -22,6 +23,7 @@ from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
 from sdcanny.fast import FastTorchBackend
 from sdcanny.pipeline import Canny2Image
+from sdcanny.stages import STAGE_NAMES
 from sdcanny.synthetic import HINT_GAIN, synthetic_state_dict, write_checkpoint
 
 needs_aot = pytest.mark.skipif(compat.aot_unavailable_reason() is not None,
@@ -82,7 +84,8 @@ def test_programs_serve_every_size_in_their_range_like_the_eager_stages(tiny_che
     for size, img in ((dict(), photo()), (dict(num_samples=3), photo()), (dict(eta=0.5), photo(128, 128)),
                       (dict(), photo())):
         assert_same_generation(aot, eager, img, {**CALL, **size})
-    assert list(aot.backend.startup) == ["programs loaded", "checkpoint read", "networks to device",
+    # only the kind the first size needs is loaded, when it needs it
+    assert list(aot.backend.startup) == ["programs loaded (samples)", "checkpoint read", "networks to device",
                                          "first size first call"]
     assert aot.backend.notes == []
 
@@ -94,6 +97,28 @@ def test_the_programs_take_the_weights_as_inputs(program_dir, tmp_path):
     other = tmp_path / "tiny_seed1.pth"
     write_checkpoint(synthetic_state_dict(TINY, seed=1, control_gain=HINT_GAIN), other)
     assert_same_generation(aot_pipeline(other, program_dir), eager_pipeline(other), photo(), CALL)
+
+
+@needs_aot
+def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint, program_dir, tmp_path):
+    """The graded kind loads at the start (initialize() runs the graded call); every other kind
+    at the first size that needs it. Stand-in graded programs: copies of the several-samples ones
+    (the tiny range holds no graded size, so they are loaded, never called)."""
+    both = tmp_path / "programs"
+    shutil.copytree(program_dir, both)
+    for stage in STAGE_NAMES:
+        shutil.copy(programs.program_path(both, stage, "samples"), programs.program_path(both, stage, "graded"))
+    record = json.loads((both / programs.RECORD_NAME).read_text())
+    (both / programs.RECORD_NAME).write_text(json.dumps({**record, "variants": ["graded", "samples"]}))
+
+    aot = aot_pipeline(tiny_checkpoint, both)
+    assert list(aot.backend.programs) == ["graded"]
+    assert list(aot.backend.startup) == ["programs loaded (graded)"]
+    aot.process(photo(), **{**CALL, "num_samples": 4})  # outside the range: eager, nothing more loaded
+    assert aot.backend.last_form == "eager" and list(aot.backend.programs) == ["graded"]
+    aot.process(photo(), **CALL)
+    assert aot.backend.last_form == "compiled ahead" and list(aot.backend.programs) == ["graded", "samples"]
+    assert [n for n in aot.backend.notes if n.startswith("the programs for samples loaded in ")]
 
 
 @needs_aot
