@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from canny2image_TRT import hackathon  # noqa: E402
+import kernel_profile  # noqa: E402
 from sdcanny.metrics import psnr  # noqa: E402
 from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint  # noqa: E402
-from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
+from sdcanny.pipeline import GRADED_ARGS, GRADED_CALL  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
           "immunohistochemistry", "retina", "page", "moon", "clock", "brick", "grass", "gravel", "text")
@@ -56,21 +57,21 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 
-def profile_fast(checkpoint: Path, images: dict, options: dict, out: Path) -> None:
-    """Top CUDA kernels of one process() call (graph replays included), to see where a step goes."""
+def profile_call(h, img, label: str, out: Path) -> dict:
+    """One process() call under the profiler: its kernels by kind (kernel_profile.summarize), and
+    the top kernels in profile_<label>.txt."""
     from torch.profiler import ProfilerActivity, profile
-    h = hackathon(backend="torch", checkpoint=checkpoint, backend_options=options)
-    h.initialize()
-    img = next(iter(images.values()))
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         h.process(img, *GRADED_ARGS)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-    (out / "profile.txt").write_text(table)
-    print(table[:6000])
+    top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    (out / f"profile_{label}.txt").write_text(top)
+    return kernel_profile.summarize(kernel_profile.cuda_kernels(prof))
 
 
-def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | None, **kw) -> dict:
+def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | None, profile_as: str | None = None,
+                out: Path | None = None, **kw) -> dict:
     torch.cuda.reset_peak_memory_stats()
     h = hackathon(backend=name, checkpoint=checkpoint, **kw)
     h.initialize()
@@ -122,6 +123,8 @@ def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | Non
               "p90_ms": float(np.percentile(ms, 90)), "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
               "stages_ms": stages, "request_ms_by_threads": request_ms, "rows": rows,
               "startup_s": dict(getattr(backend, "startup", {}))}
+    if profile_as is not None:
+        result["kernels"], result["profiled_as"] = profile_call(h, img, profile_as, out), profile_as
     del h, backend
     torch.cuda.empty_cache()
     return result
@@ -131,7 +134,6 @@ def run_diffusers(images: dict) -> dict:
     """The diffusers recipe (benchmarks/diffusers_recipe.py) on the same images; random weights, so
     no fidelity columns."""
     from diffusers_recipe import build_pipeline, time_calls
-    from sdcanny.pipeline import GRADED_CALL
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     pipe = build_pipeline("sd15", "cuda")
@@ -176,6 +178,10 @@ def summary(results: list[dict], meta: dict) -> str:
         for r in staged:
             opts = " ".join(r["options"].get(k, "") for k in ("backend_options", "form")).strip() or "-"
             lines.append(f"| {r['backend']} | {opts} | " + " | ".join(f"{r['stages_ms'][k]:.2f}" for k in keys) + " |")
+    profiled = {r["profiled_as"]: r["kernels"] for r in results if r.get("kernels")}
+    if profiled:
+        lines += ["", "GPU time of one graded process() by kernel kind (torch.profiler; --profile):", "",
+                  kernel_profile.table(profiled, steps=GRADED_CALL["ddim_steps"])]
     return "\n".join(lines) + "\n"
 
 
@@ -194,7 +200,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--variants", default="eager,compiled", help=f"fast back-end variants: {', '.join(VARIANTS)}; "
                     "a variant named twice shows the warm-cache initialize() the second time")
-    ap.add_argument("--profile", action="store_true", help="kernel table of one process() of the last variant")
+    ap.add_argument("--profile", action="store_true", help="GPU time of one process() by kernel kind, per variant "
+                    "(and each one's top kernels in profile_<variant>.txt)")
     ap.add_argument("--diffusers", action="store_true", help="also time the diffusers recipe (benchmarks/diffusers_recipe.py)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("outputs/benchmark"))
@@ -220,15 +227,14 @@ def main() -> None:
     for variant in args.variants.split(","):
         engine_dir = NO_PROGRAMS_DIR if variant == "jit" else DEFAULT_ENGINE_DIR
         results.append(run_backend("torch", args.checkpoint, images, results[0], engine_dir=engine_dir,
-                                   backend_options=VARIANTS[variant]))
+                                   backend_options=VARIANTS[variant], profile_as=variant if args.profile else None,
+                                   out=args.out))
         save(results, meta, args.out)
         print(summary(results, meta), flush=True)
     if args.diffusers:
         results.append(run_diffusers(images))
         save(results, meta, args.out)
         print(summary(results, meta), flush=True)
-    if args.profile:
-        profile_fast(args.checkpoint, images, VARIANTS[args.variants.split(",")[-1]], args.out)
 
 
 if __name__ == "__main__":
