@@ -452,7 +452,7 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
                           "--checkpoint", str(checkpoint), "--config", cfg.name, "--program-dir", str(program_dir),
                           "--compile", compile] + (["--fp32-islands"] if fp32_islands else [])
                 for variant in kinds}
-    seconds = programs.run_in_parallel(commands, Path(program_dir))
+    seconds = programs.run_in_parallel(commands, Path(program_dir), desc="compiling programs")
     try:
         programs.finish(program_dir, identity, builder.inductor_options, programs.ShapeRange(), seconds)
     except programs.UnusablePrograms as exc:

@@ -289,10 +289,11 @@ def child_problem(command: list[str], timeout_s: float) -> str | None:
     return f"fails: {lines[-1] if lines else f'exit status {proc.returncode}'}"
 
 
-def run_in_parallel(commands: dict[str, list[str]], log_dir: Path, poll_s: float = 1.0) -> dict[str, float]:
+def run_in_parallel(commands: dict[str, list[str]], log_dir: Path, poll_s: float = 1.0,
+                    desc: str = "running") -> dict[str, float]:
     """Runs every command at once in the project root, each writing its output to
-    log_dir/<name>.log; returns each one's wall seconds. Where one fails, the others are stopped
-    and RuntimeError names it, its log and the log's last line."""
+    log_dir/<name>.log, under a progress bar; returns each one's wall seconds. Where one fails,
+    the others are stopped and RuntimeError names it, its log and the log's last line."""
     procs, logs = {}, {}
     start = time.perf_counter()
     for name, command in commands.items():
@@ -300,6 +301,7 @@ def run_in_parallel(commands: dict[str, list[str]], log_dir: Path, poll_s: float
         with open(logs[name], "w") as log:  # the child keeps its own handle
             procs[name] = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     seconds = {}
+    bar = progress(total=len(procs), desc=desc)
     try:
         while len(seconds) < len(procs):
             for name, proc in procs.items():
@@ -311,9 +313,12 @@ def run_in_parallel(commands: dict[str, list[str]], log_dir: Path, poll_s: float
                                        f"{lines[-1] if lines else 'no output'}")
                 seconds[name] = round(time.perf_counter() - start, 1)
                 write(f"{name}: done in {seconds[name]:.0f} s")
+                bar.update(1)
             if len(seconds) < len(procs):
                 time.sleep(poll_s)
+                bar.update(0)  # the elapsed time moves on while nothing finishes
     finally:
+        bar.close()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
