@@ -441,7 +441,7 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
     options = dict(compile=compile, fp32_islands=fp32_islands)
     builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **options)  # reads nothing yet
     identity = builder.identity(cfg)
-    reason = programs.stale_reason(program_dir, identity)
+    reason = programs.rebuild_reason(program_dir, identity, kinds)
     if reason is None and not force:
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
@@ -452,7 +452,10 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
                           "--checkpoint", str(checkpoint), "--config", cfg.name, "--program-dir", str(program_dir),
                           "--compile", compile] + (["--fp32-islands"] if fp32_islands else [])
                 for variant in kinds}
-    seconds = programs.run_in_parallel(commands, Path(program_dir), desc="compiling programs")
+    try:
+        seconds = programs.run_in_parallel(commands, Path(program_dir), desc="compiling programs")
+    except RuntimeError as exc:
+        raise SystemExit(f"prepare: compiling the kind {exc}") from exc
     try:
         programs.finish(program_dir, identity, builder.inductor_options, programs.ShapeRange(), seconds)
     except programs.UnusablePrograms as exc:

@@ -193,6 +193,16 @@ def stale_reason(program_dir: Path, identity: dict) -> str | None:
     return None
 
 
+def rebuild_reason(program_dir: Path, identity: dict, kinds: tuple[str, ...]) -> str | None:
+    """Why `prepare` must compile for these kinds of size, or None where the programs in
+    program_dir are current and hold every one of them."""
+    reason = stale_reason(program_dir, identity)
+    if reason is not None:
+        return reason
+    missing = [kind for kind in kinds if kind not in read_program_record(program_dir).get("variants", ())]
+    return f"the programs in {program_dir} lack the kinds {', '.join(missing)}" if missing else None
+
+
 def record_range(program_dir: Path) -> tuple[ShapeRange, tuple[str, ...]]:
     """The range the programs serve and the variants prepared."""
     record = read_program_record(program_dir)

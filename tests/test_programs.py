@@ -122,6 +122,16 @@ def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint,
 
 
 @needs_aot
+def test_prepare_rebuilds_for_kinds_the_programs_lack(tiny_checkpoint, program_dir):
+    identity = FastTorchBackend(lambda: None, DEVICE, **backend_options()).identity(TINY)
+    assert programs.rebuild_reason(program_dir, identity, ("samples",)) is None
+    assert programs.rebuild_reason(program_dir, identity, ("graded", "samples")) == \
+        f"the programs in {program_dir} lack the kinds graded"
+    other = FastTorchBackend(lambda: None, DEVICE, **backend_options(fp32_islands=True)).identity(TINY)
+    assert "fp32_islands" in programs.rebuild_reason(program_dir, other, ("samples",))
+
+
+@needs_aot
 def test_a_size_outside_the_range_runs_eager_and_says_why(tiny_checkpoint, program_dir):
     pipe = aot_pipeline(tiny_checkpoint, program_dir)
     eager = eager_pipeline(tiny_checkpoint)
