@@ -45,6 +45,9 @@ def table(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['resolution']} | {r['work']} | {r['samples']} | {r['form']} | {r['first_s']:.2f} "
                      f"| {r['second_s']:.2f} | {r['capture_s']:.2f} | {r['steady_ms']:.1f} "
                      f"| {r['first_s'] * 1000 / r['steady_ms']:.2f}x | {r['second_s'] * 1000 / r['steady_ms']:.2f}x |")
+    noted = [f"- {r['work']} x{r['samples']}: {note}" for r in rows for note in r.get("notes", ())]
+    if noted:
+        lines += ["", "Said during a first call:", *noted]
     if rows:
         worst = max(rows, key=lambda r: r["first_s"])
         res = sorted({r["resolution"] for r in rows})
@@ -87,15 +90,17 @@ def main() -> None:
             print(f"budget reached: {len(sizes) - len(rows)} sizes not run", flush=True)
             break
         call = {**GRADED_CALL, "num_samples": samples, "image_resolution": resolution}
+        said = len(backend.notes)
         first = timed_call(h, img, **call)
         run = next(reversed(backend.runs.values()))  # the size just used is the most recent
+        notes = backend.notes[said:]  # e.g. a kind of programs loaded for this size, inside its first call
         second = timed_call(h, img, **call)
         steady = [timed_call(h, img, **call) for _ in range(args.repeats)]
         rows.append({"resolution": resolution, "samples": samples, "work": "x".join(map(str, run.buffers.hint.shape[2:])),
                      "form": run.form, "first_s": first, "second_s": second, "capture_s": run.capture_s,
-                     "steady_ms": float(np.median(steady)) * 1000})
-        print(f"{resolution} x{samples}: first {first:.2f} s, second {second:.2f} s, steady {rows[-1]['steady_ms']:.1f} ms ({run.form})",
-              flush=True)
+                     "steady_ms": float(np.median(steady)) * 1000, "notes": notes})
+        print(f"{resolution} x{samples}: first {first:.2f} s, second {second:.2f} s, steady {rows[-1]['steady_ms']:.1f} ms "
+              f"({run.form}){''.join('; ' + n for n in notes)}", flush=True)
         (args.out / "shapes.md").write_text(table(meta, rows))
         (args.out / "shapes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(meta, rows))
