@@ -213,24 +213,10 @@ class UnusablePrograms(RuntimeError):
     """The programs compiled but cannot be loaded here."""
 
 
-def prepare(stages: Stages, cfg: ModelConfig, program_dir: Path, identity: dict, device, dtype: torch.dtype,
-            inductor_options: dict, shape_range: ShapeRange = ShapeRange(),
-            variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, float]:
-    """Compile every stage for every variant into program_dir, one variant after another in this
-    process; returns seconds per variant. (`sdcanny.fast --prepare` compiles the variants in
-    parallel processes instead, with the same compile_variant and finish.)"""
-    start_programs(program_dir)
-    seconds = {}
-    for variant in progress(variants, desc="compiling programs", unit="kind of size"):
-        seconds[variant] = compile_variant(stages, cfg, program_dir, device, dtype, inductor_options,
-                                           shape_range, variant)
-    finish(program_dir, identity, inductor_options, shape_range, seconds)
-    return seconds
-
-
 def start_programs(program_dir: Path) -> None:
-    """The directory made and its record removed: until finish() writes a new one, nothing uses
-    what is in it."""
+    """The first step of preparing programs (then compile_variant per kind, in any order or at
+    once, then finish): the directory made and its record removed, so that until finish() writes
+    a new one nothing uses what is in it."""
     Path(program_dir).mkdir(parents=True, exist_ok=True)
     (Path(program_dir) / RECORD_NAME).unlink(missing_ok=True)
 

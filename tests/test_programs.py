@@ -53,8 +53,10 @@ def program_dir(tiny_checkpoint, tmp_path_factory):
         pytest.skip(compat.aot_unavailable_reason())
     directory = tmp_path_factory.mktemp("programs")
     builder = FastTorchBackend(lambda: load_networks(tiny_checkpoint, TINY), DEVICE, **backend_options())
-    programs.prepare(builder.stages, TINY, directory, builder.identity(TINY), builder.device, builder.dtype,
-                     builder.inductor_options, RANGE, VARIANTS)
+    programs.start_programs(directory)  # the steps of `sdcanny.fast --prepare`, its children's in this process
+    seconds = {kind: programs.compile_variant(builder.stages, TINY, directory, builder.device, builder.dtype,
+                                              builder.inductor_options, RANGE, kind) for kind in VARIANTS}
+    programs.finish(directory, builder.identity(TINY), builder.inductor_options, RANGE, seconds)
     return directory
 
 
