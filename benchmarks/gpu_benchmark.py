@@ -51,9 +51,12 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 
 # fast back-end options per variant: "compiled" runs the programs prepared in engines/ where they
 # are current, "jit" compiles in this process (an engine directory without programs); "islands"
-# has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding)
+# has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding);
+# "unstacked" is "jit" with one timestep projection per ResBlock (what stack_time_projections saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
-            "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True}}
+            "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
+            "unstacked": {"compile": "default", "stack_time_projections": False}}
+COMPILED_IN_PROCESS = ("jit", "unstacked")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 
@@ -225,7 +228,7 @@ def main() -> None:
     save(results, meta, args.out)
     print(summary(results, meta), flush=True)
     for variant in args.variants.split(","):
-        engine_dir = NO_PROGRAMS_DIR if variant == "jit" else DEFAULT_ENGINE_DIR
+        engine_dir = NO_PROGRAMS_DIR if variant in COMPILED_IN_PROCESS else DEFAULT_ENGINE_DIR
         results.append(run_backend("torch", args.checkpoint, images, results[0], engine_dir=engine_dir,
                                    backend_options=VARIANTS[variant], profile_as=variant if args.profile else None,
                                    out=args.out))

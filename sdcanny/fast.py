@@ -44,7 +44,7 @@ import torch
 from . import compat, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
-from .networks import BasicTransformerBlock, to_mixed_precision
+from .networks import BasicTransformerBlock, stack_time_projections, to_mixed_precision
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -124,14 +124,16 @@ class FastTorchBackend:
     def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
-                 max_captured_sizes: int = 8, tune_new_sizes: bool = False):
+                 max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them; prepared programs take the stage modules as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
         numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md).
         `tune_new_sizes`: sizes served eager time cuDNN's convolution algorithms too (the compiled
-        forms always do); off, they take cuDNN's heuristic choice and start seconds sooner."""
+        forms always do); off, they take cuDNN's heuristic choice and start seconds sooner.
+        `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
+        network and step (networks.stack_time_projections); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -140,6 +142,7 @@ class FastTorchBackend:
         self.fp32_islands = fp32_islands
         self.max_captured_sizes = max_captured_sizes
         self.tune_new_sizes = tune_new_sizes
+        self.stack_time_projections = stack_time_projections
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -182,7 +185,8 @@ class FastTorchBackend:
 
     def identity(self, cfg: ModelConfig) -> dict:
         """What prepared programs must have been built from to serve this back-end."""
-        numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands}
+        numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
+                    "stack_time_projections": self.stack_time_projections}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -236,6 +240,8 @@ class FastTorchBackend:
             for module in net.modules():
                 if isinstance(module, BasicTransformerBlock):
                     module.fuse_projections()
+            if self.stack_time_projections:
+                stack_time_projections(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

@@ -174,11 +174,16 @@ class ResBlock(nn.Module):
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
+        self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
-        h = h + self.emb_layers(emb.to(self.emb_layers[1].weight.dtype)).to(h.dtype)[:, :, None, None]
+        if self.emb_columns is None:
+            # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
+            projected = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype))
+        else:  # emb already holds every ResBlock's projection side by side: this block's columns
+            projected = emb[:, self.emb_columns[0]:self.emb_columns[1]]
+        h = h + projected.to(h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -289,6 +294,32 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def stack_time_projections(net: nn.Module) -> None:
+    """Every ResBlock of `net` (a UNet or a ControlNet) takes its projection of the time embedding
+    (SiLU, then its own Linear) from one matrix product of the network's stacked Linear weights,
+    made once per call by embed_time, instead of one small product per block: the same maths, 2
+    matrix products per sampler step instead of 32 at SD1.5's size. The checkpoint's own weights
+    stay as they are; the stacked copy is a buffer outside the state dict."""
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    start = 0
+    for block in blocks:
+        width = block.emb_layers[1].out_features
+        block.emb_columns = (start, start + width)
+        start += width
+    net.stacked_time_weight = torch.cat([b.emb_layers[1].weight for b in blocks])
+    net.stacked_time_bias = torch.cat([b.emb_layers[1].bias for b in blocks])
+
+
+def embed_time(net: nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
+    """The network's time embedding, or, once stack_time_projections has run, every ResBlock's
+    projection of it side by side."""
+    emb = net.time_embed(timestep_embedding(timesteps, net.cfg.model_channels))
+    if net.stacked_time_weight is None:
+        return emb
+    weight = net.stacked_time_weight
+    return F.linear(F.silu(emb.to(weight.dtype)), weight, net.stacked_time_bias)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """Runs a block's layers in order, handing each the inputs it takes."""
 
@@ -357,6 +388,8 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.register_buffer("stacked_time_weight", None, persistent=False)  # see stack_time_projections
+        self.register_buffer("stacked_time_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 controls: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -364,8 +397,9 @@ class UNet(nn.Module):
 
     def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
         """The input blocks and the middle block: (h, skips, emb). Independent of the ControlNet,
-        so the fast back-end runs it concurrently with the ControlNet."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
+        so the fast back-end runs it concurrently with the ControlNet. `emb` is what embed_time
+        gives, for the output blocks' ResBlocks too."""
+        emb = embed_time(self, timesteps)
         skips = []
         h = x
         for block in self.input_blocks:
@@ -417,13 +451,15 @@ class ControlNet(nn.Module):
         self.middle_block = middle_block(cfg)
         ch = channels[-1]
         self.middle_block_out = TimestepEmbedSequential(nn.Conv2d(ch, ch, 1))
+        self.register_buffer("stacked_time_weight", None, persistent=False)  # see stack_time_projections
+        self.register_buffer("stacked_time_bias", None, persistent=False)
 
     def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
         return self.input_hint_block(hint)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 hint_features: torch.Tensor) -> list[torch.Tensor]:
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
+        emb = embed_time(self, timesteps)
         outs = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

@@ -54,3 +54,31 @@ def test_fused_attention_projections_compute_the_same(tiny_checkpoint):
     assert blocks and all(b.attn1.fused_weight.shape[0] == 3 * b.attn1.to_q.out_features for b in blocks)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert "attn1.fused_weight" not in "".join(nets.unet.state_dict())  # checkpoint layout unchanged
+
+
+def test_stacked_time_projections_compute_the_same(tiny_checkpoint):
+    """One matrix product of every ResBlock's stacked timestep Linear gives each block the columns
+    its own Linear gives: UNet and ControlNet outputs unchanged, the checkpoint layout too."""
+    from sdcanny.networks import ResBlock, stack_time_projections
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([751, 751])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
+    keys = {name: list(net.state_dict()) for name, net in (("unet", nets.unet), ("controlnet", nets.controlnet))}
+    with torch.no_grad():
+        before = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        for net in (nets.unet, nets.controlnet):
+            stack_time_projections(net)
+        after = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-5)
+    for name, net in (("unet", nets.unet), ("controlnet", nets.controlnet)):
+        blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+        columns = [b.emb_columns for b in blocks]
+        assert columns[0][0] == 0 and all(a[1] == b[0] for a, b in zip(columns, columns[1:]))  # side by side
+        assert columns[-1][1] == net.stacked_time_weight.shape[0] == sum(b.emb_layers[1].out_features for b in blocks)
+        assert list(net.state_dict()) == keys[name]  # the stacked copy is not in the checkpoint layout
+    with torch.no_grad():  # and the blocks do read the stacked copy, not their own Linear
+        nets.unet.stacked_time_weight *= 2  # (a bias shift the same for every channel would cancel in GroupNorm)
+        assert (nets.unet(x, t, ctx) - after[0]).abs().max() > 1e-3
