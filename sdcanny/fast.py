@@ -44,7 +44,7 @@ import torch
 from . import compat, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
-from .networks import BasicTransformerBlock, stack_time_projections, to_mixed_precision
+from .networks import BasicTransformerBlock, index_cross_attention, stack_time_projections, to_mixed_precision
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -73,7 +73,8 @@ class Buffers:
     x: torch.Tensor  # fp32 (N, 4, h, w): the initial noise, updated in place by each step
     step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
     noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise`
-    context: torch.Tensor | None = None  # written by encode
+    control_context: torch.Tensor | list | None = None  # written by encode: the context as each network takes it
+    unet_context: torch.Tensor | list | None = None
     hint_features: torch.Tensor | None = None
     # Read only outside the graphs, so a new step count reallocates them and captures nothing:
     steps: torch.Tensor | None = None  # fp32 (S, 8): step_table, in ascending timestep order
@@ -124,7 +125,8 @@ class FastTorchBackend:
     def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
-                 max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True):
+                 max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
+                 precompute_cross_attention: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them; prepared programs take the stage modules as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
@@ -133,7 +135,9 @@ class FastTorchBackend:
         `tune_new_sizes`: sizes served eager time cuDNN's convolution algorithms too (the compiled
         forms always do); off, they take cuDNN's heuristic choice and start seconds sooner.
         `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
-        network and step (networks.stack_time_projections); off only to measure what it buys."""
+        network and step (networks.stack_time_projections); off only to measure what it buys.
+        `precompute_cross_attention`: the text's cross-attention keys and values made once per image
+        (networks.index_cross_attention); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -143,6 +147,7 @@ class FastTorchBackend:
         self.max_captured_sizes = max_captured_sizes
         self.tune_new_sizes = tune_new_sizes
         self.stack_time_projections = stack_time_projections
+        self.precompute_cross_attention = precompute_cross_attention
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -186,7 +191,8 @@ class FastTorchBackend:
     def identity(self, cfg: ModelConfig) -> dict:
         """What prepared programs must have been built from to serve this back-end."""
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
-                    "stack_time_projections": self.stack_time_projections}
+                    "stack_time_projections": self.stack_time_projections,
+                    "precompute_cross_attention": self.precompute_cross_attention}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -242,6 +248,8 @@ class FastTorchBackend:
                     module.fuse_projections()
             if self.stack_time_projections:
                 stack_time_projections(net)
+            if self.precompute_cross_attention:
+                index_cross_attention(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):
@@ -273,7 +281,7 @@ class FastTorchBackend:
     # twenty steps' (about a second at every size on the H100, docs/benchmarks.md).
 
     def _encode(self, fns: dict, b: Buffers) -> None:
-        b.context, b.hint_features = fns["encode"](b.tokens, b.hint)
+        b.control_context, b.unet_context, b.hint_features = fns["encode"](b.tokens, b.hint)
 
     def _loop(self, b: Buffers, step: Callable[[], None]) -> None:
         for n, i in enumerate(reversed(range(len(b.steps)))):
@@ -292,11 +300,11 @@ class FastTorchBackend:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = fns["control"](x2, t, b.context, b.hint_features, b.control_scales)
-        h, skips, emb = fns["unet_encode"](x2, t, b.context)
+            controls = fns["control"](x2, t, b.control_context, b.hint_features, b.control_scales)
+        h, skips, emb = fns["unet_encode"](x2, t, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
-        b.x.copy_(fns["unet_decode"](h, skips, emb, b.context, controls, b.x, b.step_row, b.guidance, b.noise))
+        b.x.copy_(fns["unet_decode"](h, skips, emb, b.unet_context, controls, b.x, b.step_row, b.guidance, b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
         b.images = fns["decode"](b.x)

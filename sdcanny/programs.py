@@ -118,13 +118,13 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     scales = torch.ones(2 * n, cfg.unet.num_control_residuals, device=device)
     guidance = torch.tensor(9.0, device=device)
     with torch.no_grad():
-        context, features = stages.encode(tokens, hint)
+        control_context, unet_context, features = stages.encode(tokens, hint)
         x2, t = step_inputs(x, step, dtype)
-        controls = stages.control(x2, t, context, features, scales)
-        hidden, skips, emb = stages.unet_encode(x2, t, context)
-    return {"encode": (tokens, hint), "control": (x2, t, context, features, scales),
-            "unet_encode": (x2, t, context),
-            "unet_decode": (hidden, skips, emb, context, controls, x, step, guidance, torch.randn_like(x)),
+        controls = stages.control(x2, t, control_context, features, scales)
+        hidden, skips, emb = stages.unet_encode(x2, t, unet_context)
+    return {"encode": (tokens, hint), "control": (x2, t, control_context, features, scales),
+            "unet_encode": (x2, t, unet_context),
+            "unet_decode": (hidden, skips, emb, unet_context, controls, x, step, guidance, torch.randn_like(x)),
             "decode": (x,)}
 
 

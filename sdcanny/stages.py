@@ -2,7 +2,8 @@
 compiled in-process by torch.compile, or compiled ahead of time into programs that serve every
 batch and image size in a range (sdcanny/programs.py).
 
-    encode        once per image: CLIP on [cond, uncond] tokens, the ControlNet's hint block
+    encode        once per image: CLIP on [cond, uncond] tokens, the ControlNet's hint block and,
+                  where the networks are indexed for it, their cross-attention keys and values
     control       per step: the ControlNet's 13 residuals, scaled per sample
     unet_encode   per step, beside `control` on a second stream: the UNet's input and middle blocks
     unet_decode   per step: the UNet's output blocks with the residuals added, guidance, DDIM update
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .ddim import ddim_step
-from .networks import ClipTextModel, ControlNet, UNet, VAEDecoder, scale_controls
+from .networks import ClipTextModel, ControlNet, UNet, VAEDecoder, cross_attention_keys_values, scale_controls
 from .reference import to_uint8_hwc
 
 STAGE_NAMES = ("encode", "control", "unet_encode", "unet_decode", "decode")
@@ -30,19 +31,25 @@ STEP_ROW = 8
 
 
 class EncodeStage(nn.Module):
-    """tokens int64 (2N, 77) and the canny map fp32 (N, 3, H, W) -> the context (2N, 77, C) and
-    the hint features for both branches (2N, model_channels, H/8, W/8), in the network dtype."""
+    """tokens int64 (2N, 77) and the canny map fp32 (N, 3, H, W) -> the context as the ControlNet
+    takes it and as the UNet takes it, and the hint features for both branches (2N,
+    model_channels, H/8, W/8), in the network dtype. The context a network takes is the text
+    context (2N, 77, C) itself, or, where networks.index_cross_attention has run on the network,
+    its cross-attention keys and values (networks.cross_attention_keys_values)."""
 
-    def __init__(self, clip: ClipTextModel, controlnet: ControlNet):
+    def __init__(self, clip: ClipTextModel, controlnet: ControlNet, unet: UNet):
         super().__init__()
         self.clip = clip
         self.controlnet = controlnet
+        self.unet = unet
 
     def forward(self, tokens: torch.Tensor, hint: torch.Tensor):
         features = self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
+        context = self.clip(tokens)
         # repeat, not cat([f, f]): the same rows, and Inductor (torch 2.13) fails to lower that cat
         # when height and width are symbolic
-        return self.clip(tokens), features.repeat(2, 1, 1, 1)
+        return (cross_attention_keys_values(self.controlnet, context), cross_attention_keys_values(self.unet, context),
+                features.repeat(2, 1, 1, 1))
 
 
 class ControlStage(nn.Module):
@@ -109,7 +116,7 @@ class Stages:
 
     @classmethod
     def of(cls, clip, controlnet, unet, vae, channels_last: bool) -> "Stages":
-        return cls(EncodeStage(clip, controlnet), ControlStage(controlnet), UNetEncodeStage(unet),
+        return cls(EncodeStage(clip, controlnet, unet), ControlStage(controlnet), UNetEncodeStage(unet),
                    UNetDecodeStage(unet), DecodeStage(vae, channels_last))
 
     def items(self):

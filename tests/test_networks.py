@@ -82,3 +82,30 @@ def test_stacked_time_projections_compute_the_same(tiny_checkpoint):
     with torch.no_grad():  # and the blocks do read the stacked copy, not their own Linear
         nets.unet.stacked_time_weight *= 2  # (a bias shift the same for every channel would cancel in GroupNorm)
         assert (nets.unet(x, t, ctx) - after[0]).abs().max() > 1e-3
+
+
+def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint):
+    """Keys and values of the text made once (as the encode stage does) and taken by index give
+    the outputs of projecting the context in every layer, fused projections or not."""
+    from sdcanny.networks import (BasicTransformerBlock, cross_attention_keys_values, cross_attentions,
+                                  index_cross_attention)
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([301, 301])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
+    with torch.no_grad():
+        assert cross_attention_keys_values(nets.unet, ctx) is ctx  # not indexed: the context itself
+        want = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        for fused in (False, True):
+            for net in (nets.unet, nets.controlnet):
+                if fused:
+                    for block in (m for m in net.modules() if isinstance(m, BasicTransformerBlock)):
+                        block.fuse_projections()
+                index_cross_attention(net)
+            kv_unet, kv_control = (cross_attention_keys_values(n, ctx) for n in (nets.unet, nets.controlnet))
+            assert len(kv_unet) == 2 * len(cross_attentions(nets.unet)) and all(p.is_contiguous() for p in kv_unet)
+            torch.testing.assert_close(nets.unet(x, t, kv_unet), want[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(nets.controlnet(x, t, kv_control, feats), want[1], rtol=1e-5, atol=1e-5)
+        swapped = kv_unet[2:4] + kv_unet[:2] + kv_unet[4:]  # the layers do take their own entries
+        assert (nets.unet(x, t, swapped) - want[0]).abs().max() > 1e-3
