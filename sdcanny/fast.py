@@ -444,6 +444,10 @@ class FastTorchBackend:
         return "torch back-end start-up: " + (", ".join(parts) or "nothing yet") + form
 
 
+# The sizes `prepare` compiles for: its child processes compile to it and its record states it.
+PREPARED_RANGE = programs.ShapeRange()
+
+
 def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
             device: str = "cuda", force: bool = False, compile: str = "default", fp32_islands: bool = False,
             kinds: tuple[str, ...] = tuple(programs.VARIANTS)) -> None:
@@ -471,7 +475,7 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
     except RuntimeError as exc:
         raise SystemExit(f"prepare: compiling the kind {exc}") from exc
     try:
-        programs.finish(program_dir, identity, builder.inductor_options, programs.ShapeRange(), seconds)
+        programs.finish(program_dir, identity, builder.inductor_options, PREPARED_RANGE, seconds)
     except programs.UnusablePrograms as exc:
         print(f"prepare: the compiled programs cannot be used on this machine: {exc}. The torch back-end "
               "will compile in-process at its first size instead; filling that compile cache now")
@@ -490,7 +494,7 @@ def compile_one_variant(checkpoint: Path, cfg: ModelConfig, program_dir: Path, v
     """One kind of size's programs (prepare's child processes run this); no record."""
     builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
     seconds = programs.compile_variant(builder.stages, cfg, program_dir, builder.device, builder.dtype,
-                                       builder.inductor_options, programs.ShapeRange(), variant)
+                                       builder.inductor_options, PREPARED_RANGE, variant)
     print(f"prepare: {variant}: compiled in {seconds:.0f} s ({builder.startup_summary()})")
 
 
