@@ -53,26 +53,29 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # are current, "jit" compiles in this process (an engine directory without programs); "islands"
 # has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding);
 # "unstacked" is "jit" with one timestep projection per ResBlock (what stack_time_projections saves),
-# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step
+# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step; the
+# compile-mode variants are "jit" in that FastTorchBackend.COMPILE_MODES mode
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
-            "per-step-kv": {"compile": "default", "precompute_cross_attention": False}}
-COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv")  # run with an engine directory that holds no programs
+            "per-step-kv": {"compile": "default", "precompute_cross_attention": False},
+            **{mode: {"compile": mode} for mode in ("tuned-pointwise", "tuned-gemm", "unsplit-reductions")}}
+# run with an engine directory that holds no programs
+COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "tuned-pointwise", "tuned-gemm", "unsplit-reductions")
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 
 def profile_call(h, img, label: str, out: Path) -> dict:
     """One process() call under the profiler: its kernels by kind (kernel_profile.summarize), and
-    the top kernels in profile_<label>.txt."""
+    every kernel by name in profile_<label>.md."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         h.process(img, *GRADED_ARGS)
         torch.cuda.synchronize()
-    top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-    (out / f"profile_{label}.txt").write_text(top)
-    return kernel_profile.summarize(kernel_profile.cuda_kernels(prof))
+    kernels = kernel_profile.cuda_kernels(prof)
+    (out / f"profile_{label}.md").write_text(kernel_profile.name_table(kernels, steps=GRADED_CALL["ddim_steps"]))
+    return kernel_profile.summarize(kernels)
 
 
 def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | None, profile_as: str | None = None,
@@ -86,15 +89,15 @@ def run_backend(name: str, checkpoint: Path, images: dict, reference: dict | Non
     for img_name, img in images.items():
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = h.process(img, *GRADED_ARGS)[0]
+        image = h.process(img, *GRADED_ARGS)[0]
         latency = time.perf_counter() - start
         latents = backend.last_latents.float().clone()
-        row = {"ms": latency * 1000, "finite": bool(torch.isfinite(latents).all()), "image": out,
+        row = {"ms": latency * 1000, "finite": bool(torch.isfinite(latents).all()), "image": image,
                "latents": latents, "preprocess_ms": h.pipeline.last_timings["preprocess"] * 1000}
         if reference is not None:
             ref = reference["rows"][img_name]
-            row.update(psnr=psnr(ref["image"], out),
-                       max_abs=int(np.abs(ref["image"].astype(int) - out).max()),
+            row.update(psnr=psnr(ref["image"], image),
+                       max_abs=int(np.abs(ref["image"].astype(int) - image).max()),
                        latent_rel_l2=float((latents - ref["latents"]).norm() / ref["latents"].norm()))
         rows[img_name] = row
     stages = None
@@ -206,7 +209,7 @@ def main() -> None:
     ap.add_argument("--variants", default="eager,compiled", help=f"fast back-end variants: {', '.join(VARIANTS)}; "
                     "a variant named twice shows the warm-cache initialize() the second time")
     ap.add_argument("--profile", action="store_true", help="GPU time of one process() by kernel kind, per variant "
-                    "(and each one's top kernels in profile_<variant>.txt)")
+                    "(and each one's kernels by name in profile_<variant>.md)")
     ap.add_argument("--diffusers", action="store_true", help="also time the diffusers recipe (benchmarks/diffusers_recipe.py)")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("outputs/benchmark"))

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# (kind, lower-case name fragments); the first kind with a fragment in the kernel's name wins, so
-# cuDNN's "fprop ... implicit_gemm" convolutions count as convolutions, not matrix products.
+# (kind, lower-case name fragments); the first kind with a fragment in the kernel's name wins.
+# Triton comes first: Inductor names its fused kernels after the ops they hold, and a bias add
+# folded in from a convolution puts "convolution" in a Triton kernel's name. Then cuDNN's
+# "fprop ... implicit_gemm" convolutions count as convolutions, not matrix products.
 KERNEL_KINDS = (
+    ("Triton reductions (norms)", ("triton_per_", "triton_red_")),
+    ("Triton element-wise", ("triton",)),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("convolution", ("conv", "fprop", "implicit_gemm", "winograd")),
     ("matrix product", ("gemm", "cutlass", "nvjet", "cublas", "matmul")),
-    ("Triton (fused element-wise, norms)", ("triton",)),
     ("copy, fill", ("memcpy", "memset", "copy", "fill")),
 )
 OTHER = "other"
@@ -58,6 +61,25 @@ def summarize(kernels: list[Kernel]) -> dict:
         entry["ms"] += k.duration_us / 1000
     span = (max(k.start_us + k.duration_us for k in kernels) - min(k.start_us for k in kernels)) if kernels else 0.0
     return {"kinds": by_kind, "kernels": len(kernels), "busy_ms": busy_us(kernels) / 1000, "span_ms": span / 1000}
+
+
+def by_name(kernels: list[Kernel]) -> list[tuple[str, int, float]]:
+    """(name, launches, summed ms) per kernel name, the most GPU time first."""
+    totals: dict[str, list] = {}
+    for k in kernels:
+        entry = totals.setdefault(k.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += k.duration_us / 1000
+    return sorted(((name, n, ms) for name, (n, ms) in totals.items()), key=lambda row: -row[2])
+
+
+def name_table(kernels: list[Kernel], steps: int) -> str:
+    """Every kernel name with its kind, launches per step and ms per call, the most time first:
+    what a change to one kind of kernel can buy."""
+    lines = ["| ms | launches / step | µs each | kind | kernel |", "|---|---|---|---|---|"]
+    for name, n, ms in by_name(kernels):
+        lines.append(f"| {ms:.3f} | {n / steps:.1f} | {ms * 1000 / n:.1f} | {kernel_kind(name)} | `{name}` |")
+    return "\n".join(lines) + "\n"
 
 
 def cuda_kernels(profiler) -> list[Kernel]:

@@ -119,8 +119,16 @@ class FastTorchBackend:
 
     # TorchInductor options per compile mode. 1x1 convolutions (zero convs, attention projections,
     # skip connections) run as plain matrix products; CUDA graphs are captured here, not by inductor.
+    # "tuned-pointwise" searches each fused Triton kernel's block sizes at compile time; "tuned-gemm"
+    # times Triton matrix-product templates (which take the following element-wise work into the
+    # product's epilogue) against cuBLAS per shape; "unsplit-reductions" keeps each normalisation's
+    # statistics in one kernel. docs/benchmarks.md records what each bought on the H100.
     COMPILE_MODES = {"default": {"conv_1x1_as_mm": True},
-                     "max-autotune": {"conv_1x1_as_mm": True, "max_autotune": True, "triton.cudagraphs": False}}
+                     "max-autotune": {"conv_1x1_as_mm": True, "max_autotune": True, "triton.cudagraphs": False},
+                     "tuned-pointwise": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True},
+                     "tuned-gemm": {"conv_1x1_as_mm": True, "max_autotune_gemm": True,
+                                    "max_autotune_gemm_backends": "ATEN,TRITON", "triton.cudagraphs": False},
+                     "unsplit-reductions": {"conv_1x1_as_mm": True, "split_reductions": False}}
 
     def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,

@@ -20,7 +20,10 @@ from kernel_profile import Kernel, busy_us, kernel_kind, summarize  # noqa: E402
     ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matrix product"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
     ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"),
-    ("triton_per_fused_native_group_norm_silu_3", "Triton (fused element-wise, norms)"),
+    ("triton_per_fused_native_group_norm_silu_3", "Triton reductions (norms)"),
+    ("triton_red_fused_native_group_norm_0", "Triton reductions (norms)"),
+    # Inductor names a fused kernel after its ops: a convolution's bias add is not a convolution
+    ("triton_poi_fused_clone_convolution_native_group_norm_silu_74", "Triton element-wise"),
     ("Memcpy DtoD (Device -> Device)", "copy, fill"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "copy, fill"),
     ("void at::native::reduce_kernel<512, 1>", "other"),
@@ -46,6 +49,7 @@ def test_the_table_has_a_column_pair_per_variant_and_a_row_per_kind():
     assert rows[0].count("compiled here") == 2 and rows[0].count("compiled ahead") == 2
     assert len(rows) == 2 + len(kernel_profile.KIND_ORDER) + 2
     assert "| matrix product | 3.00 | 1 | 3.00 | 1 |" in rows
+    assert "| Triton element-wise | 1.00 | 1 | 1.00 | 1 |" in rows
     assert rows[-1].endswith("| 4.00 / 4.00 | 0 |")  # busy / span in ms, 2 kernels over 20 steps rounds to 0
 
 
@@ -56,3 +60,12 @@ def test_a_profile_is_read_back_on_any_device():
         torch.ones(64, 64) @ torch.ones(64, 64)
     kernels = kernel_profile.cuda_kernels(prof)
     assert kernels == [] if not torch.cuda.is_available() else all(isinstance(k, Kernel) for k in kernels)
+
+
+def test_kernels_by_name_sum_their_launches_most_time_first():
+    kernels = [Kernel("nvjet_a", 0, 4), Kernel("triton_poi_b", 4, 30), Kernel("nvjet_a", 40, 6)]
+    assert kernel_profile.by_name(kernels) == [("triton_poi_b", 1, pytest.approx(0.030)),
+                                               ("nvjet_a", 2, pytest.approx(0.010))]
+    rows = kernel_profile.name_table(kernels, steps=2).strip().splitlines()
+    assert rows[2] == "| 0.030 | 0.5 | 30.0 | Triton element-wise | `triton_poi_b` |"
+    assert rows[3] == "| 0.010 | 1.0 | 5.0 | matrix product | `nvjet_a` |"
