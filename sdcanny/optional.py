@@ -84,7 +84,11 @@ def progress_class():
 
 
 def progress(iterable=None, **kwargs):
-    return progress_class()(iterable, **kwargs)
+    cls = progress_class()
+    if cls is not _PlainProgress and not sys.stderr.isatty():
+        # a log file would otherwise take a line per refresh (prepare's wait refreshes every second)
+        kwargs.setdefault("mininterval", 30.0)
+    return cls(iterable, **kwargs)
 
 
 def write(line: str) -> None:

@@ -190,3 +190,18 @@ def test_a_directory_gets_its_own_message(tmp_path):
     (tmp_path / "control_sd15_canny.pth").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a directory: pass the checkpoint file itself; it holds control_sd15"):
         read_state_dict(tmp_path)
+
+
+def test_a_progress_bar_writing_to_a_log_refreshes_rarely(monkeypatch):
+    """prepare's wait refreshes its bar every second; where stderr is a log file rather than a
+    terminal, tqdm's bar may print at most every 30 s (the plain printer's interval is 5 s)."""
+    import io
+    import sys
+
+    from sdcanny import optional
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar = optional.progress(total=3, desc="compiling")
+    interval = bar.mininterval if hasattr(bar, "mininterval") else bar.interval
+    bar.close()
+    assert interval >= (30 if optional.progress_class() is not optional._PlainProgress else 5)
+    assert "compiling" in sys.stderr.getvalue()
