@@ -53,16 +53,12 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # are current, "jit" compiles in this process (an engine directory without programs); "islands"
 # has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding);
 # "unstacked" is "jit" with one timestep projection per ResBlock (what stack_time_projections saves),
-# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step;
-# "top10-convs" "jit" with cuDNN timing only torch's default 10 algorithms at the graded size. cuDNN
-# keeps its choice per convolution shape for the process, so that one needs a process of its own
+# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
-            "per-step-kv": {"compile": "default", "precompute_cross_attention": False},
-            "top10-convs": {"compile": "default", "all_conv_algorithms_first": False}}
-# run with an engine directory that holds no programs
-COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "top10-convs")
+            "per-step-kv": {"compile": "default", "precompute_cross_attention": False}}
+COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

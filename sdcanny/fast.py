@@ -89,7 +89,6 @@ class Run:
     fns: dict  # stage name -> callable
     graphs: list | None  # encode, one sampler step, decode
     form: str  # "compiled ahead", "compiled here" or "eager"
-    first: bool = False  # the size the back-end started with (initialize()'s warm-up)
     first_call_s: float | None = None  # the uncaptured first call, host clock, device synchronised
     capture_s: float | None = None  # at the second call
 
@@ -104,27 +103,15 @@ NetworksSource = Union[Networks, Callable[[], Networks]]
 
 
 @contextlib.contextmanager
-def cudnn_benchmark(enabled: bool, limit: int | None = None):
-    """torch.backends.cudnn.benchmark set for a block, and where `limit` is given, how many of
-    cuDNN's algorithms it times per convolution (0: all; torch's default is 10). torch 2.0's
-    cudnn.flags() would also reset the other flags to its defaults."""
-    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit if limit is not None else None
+def cudnn_benchmark(enabled: bool):
+    """torch.backends.cudnn.benchmark set for a block (torch 2.0's cudnn.flags() would also reset
+    the other flags to its defaults)."""
+    saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = enabled
-    if limit is not None:
-        torch.backends.cudnn.benchmark_limit = limit
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = saved[0]
-        if limit is not None:
-            torch.backends.cudnn.benchmark_limit = saved[1]
-
-
-def conv_timing(device_type: str, form: str, first: bool, tune_new_sizes: bool,
-                all_first: bool) -> tuple[bool, int | None]:
-    """(cudnn.benchmark, its limit or None for torch's default) for a size's uncaptured calls."""
-    timed = device_type == "cuda" and (form != "eager" or tune_new_sizes)
-    return timed, 0 if timed and first and all_first else None
+        torch.backends.cudnn.benchmark = saved
 
 
 class FastTorchBackend:
@@ -139,7 +126,7 @@ class FastTorchBackend:
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
-                 precompute_cross_attention: bool = True, all_conv_algorithms_first: bool = True):
+                 precompute_cross_attention: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them; prepared programs take the stage modules as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
@@ -150,10 +137,7 @@ class FastTorchBackend:
         `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
         network and step (networks.stack_time_projections); off only to measure what it buys.
         `precompute_cross_attention`: the text's cross-attention keys and values made once per image
-        (networks.index_cross_attention); off only to measure what it buys.
-        `all_conv_algorithms_first`: at the first size (the graded call, warmed by initialize()),
-        cuDNN times every convolution algorithm it has, not torch's default first 10; off only to
-        measure what it buys."""
+        (networks.index_cross_attention); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -164,7 +148,6 @@ class FastTorchBackend:
         self.tune_new_sizes = tune_new_sizes
         self.stack_time_projections = stack_time_projections
         self.precompute_cross_attention = precompute_cross_attention
-        self.all_conv_algorithms_first = all_conv_algorithms_first
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -374,18 +357,14 @@ class FastTorchBackend:
         b.guidance.fill_(request.guidance_scale)
         b.steps.copy_(step_table(request.schedule))
 
-    def _conv_algorithms(self, run: Run):
+    def _conv_algorithms(self, form: str):
         """cuDNN times its convolution algorithms for each new size (once per size, then cached)
-        in the compiled forms, or everywhere with tune_new_sizes; else its heuristics choose. At
-        the first size it times all of them (all_conv_algorithms_first): per convolution of the
-        graded step that was 1.77 against 1.93 ms per step on the H100 (benchmarks/conv_shapes.py),
-        paid once at start; later sizes keep torch's default, their first call being the wait."""
-        return cudnn_benchmark(*conv_timing(self.device.type, run.form, run.first, self.tune_new_sizes,
-                                            self.all_conv_algorithms_first))
+        in the compiled forms, or everywhere with tune_new_sizes; else its heuristics choose."""
+        return cudnn_benchmark(self.device.type == "cuda" and (form != "eager" or self.tune_new_sizes))
 
     def _capture(self, run: Run) -> None:
         start, pool, run.graphs = time.perf_counter(), None, []
-        with self._conv_algorithms(run):
+        with self._conv_algorithms(run.form):
             for fn in self._captured_parts(run.fns, run.buffers):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -408,8 +387,7 @@ class FastTorchBackend:
         while len(self.runs) >= self.max_captured_sizes:
             self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
         fns, form = self._stage_fns_for(key)
-        first = "first size first call" not in self.startup
-        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form, first)
+        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form)
         return run
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
@@ -438,7 +416,7 @@ class FastTorchBackend:
         self._fit_step_buffers(b, request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
-        with contextlib.nullcontext() if captured else self._conv_algorithms(run):
+        with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
             self._run_stages(self._stage_calls(run, captured))
 
     def _run_stages(self, stages: list) -> None:

@@ -11,7 +11,7 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import FastTorchBackend, conv_timing, cudnn_benchmark, step_table
+from sdcanny.fast import FastTorchBackend, cudnn_benchmark, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -123,42 +123,6 @@ def test_cudnn_benchmark_is_set_for_a_block_and_restored():
         assert torch.backends.cudnn.benchmark is True
     finally:
         torch.backends.cudnn.benchmark = saved
-
-
-def test_cudnn_benchmark_limit_is_set_for_a_block_and_restored():
-    saved = torch.backends.cudnn.benchmark_limit
-    try:
-        torch.backends.cudnn.benchmark_limit = 10
-        with cudnn_benchmark(True, limit=0):
-            assert torch.backends.cudnn.benchmark_limit == 0
-        assert torch.backends.cudnn.benchmark_limit == 10
-        with cudnn_benchmark(True):  # no limit given: left as it is
-            assert torch.backends.cudnn.benchmark_limit == 10
-    finally:
-        torch.backends.cudnn.benchmark_limit = saved
-
-
-@pytest.mark.parametrize("device, form, first, tune_new, all_first, expected", [
-    ("cuda", "compiled here", True, False, True, (True, 0)),  # the graded size: every algorithm timed
-    ("cuda", "compiled ahead", True, False, True, (True, 0)),
-    ("cuda", "compiled ahead", False, False, True, (True, None)),  # a later size: torch's default
-    ("cuda", "compiled here", True, False, False, (True, None)),  # the option off
-    ("cuda", "eager", True, False, True, (False, None)),  # eager sizes take cuDNN's heuristics
-    ("cuda", "eager", True, True, True, (True, 0)),
-    ("cpu", "compiled here", True, False, True, (False, None)),
-])
-def test_convolution_timing_per_size(device, form, first, tune_new, all_first, expected):
-    assert conv_timing(device, form, first, tune_new, all_first) == expected
-
-
-def test_only_the_size_the_back_end_starts_with_is_first(tiny_checkpoint):
-    backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32, compile=None)
-    pipe = Canny2Image(backend, TINY)
-    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, ddim_steps=2, guess_mode=False,
-                strength=1.0, scale=9.0, seed=1, eta=0.0, low_threshold=100, high_threshold=200)
-    for resolution in (64, 128, 64):
-        pipe.process(photo(), image_resolution=resolution, **args)
-    assert [run.first for run in backend.runs.values()] == [False, True]  # most recently used last
 
 
 @needs_cuda
