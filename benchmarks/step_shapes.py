@@ -114,36 +114,41 @@ def graph_us(fn, calls: int = 20, replays: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def conv3x3(x, weight, bias, stride: int):
+    return F.conv2d(x, weight, bias, stride, 1)
+
+
+def compare(today, alternative, args: tuple) -> dict:
+    """µs per call of today's path and, where `alternative` is given, of that one too, with its
+    relative L2 error against today's path in fp32."""
+    row = {"today": graph_us(lambda: today(*args))}
+    if alternative is not None:
+        reference = today(*(a.float() if torch.is_tensor(a) else a for a in args))
+        row["rel L2"] = float((alternative(*args).float() - reference).norm() / reference.norm())
+        row["other"] = graph_us(lambda: alternative(*args))
+    return row
+
+
 def time_conv(op, device, dtype, alternative: bool) -> dict:
-    """µs through cuDNN and, with `alternative`, as im2col + GEMM (with its relative L2 error)."""
+    """cuDNN and, with `alternative`, im2col + GEMM compiled by TorchInductor."""
     _, b, c, h, w, cout, stride = op
     x = torch.randn(b, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = (torch.randn(cout, c, 3, 3, device=device, dtype=dtype) / (9 * c) ** 0.5).contiguous(
         memory_format=torch.channels_last)
     bias = torch.randn(cout, device=device, dtype=dtype)
-    row = {"today": graph_us(lambda: F.conv2d(x, weight, bias, stride, 1))}
-    if alternative:
-        compiled = torch.compile(im2col_conv, fullgraph=True, dynamic=False)
-        reference = F.conv2d(x.float(), weight.float(), bias.float(), stride, 1)
-        row["rel L2"] = float((compiled(x, weight, bias, stride).float() - reference).norm() / reference.norm())
-        row["other"] = graph_us(lambda: compiled(x, weight, bias, stride))
-    return row
+    other = torch.compile(im2col_conv, fullgraph=True, dynamic=False) if alternative else None
+    return compare(conv3x3, other, (x, weight, bias, stride))
 
 
 def time_gemm(op, device, dtype, alternative: bool) -> dict:
-    """µs through cuBLAS (F.linear's layout: the weight transposed) and, with `alternative`, as
+    """cuBLAS (F.linear's layout: the weight transposed) and, with `alternative`, the product as
     TorchInductor's max-autotune compiles it."""
     _, m, k, n, has_bias = op
     a = torch.randn(m, k, device=device, dtype=dtype)
     weight_t = (torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5).t()
     bias = torch.randn(n, device=device, dtype=dtype) if has_bias else None
-    row = {"today": graph_us(lambda: linear(a, weight_t, bias))}
-    if alternative:
-        compiled = torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
-        reference = linear(a.float(), weight_t.float(), bias.float() if has_bias else None)
-        row["rel L2"] = float((compiled(a, weight_t, bias).float() - reference).norm() / reference.norm())
-        row["other"] = graph_us(lambda: compiled(a, weight_t, bias))
-    return row
+    other = torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False) if alternative else None
+    return compare(linear, other, (a, weight_t, bias))
 
 
 def gflop(op) -> float:
