@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", choices=["default", "none"], default="default",
                     help="none: an eager back-end (initialize() then compiles nothing; other sizes are eager anyway)")
-    ap.add_argument("--tune-new-sizes", action="store_true", help="cuDNN times its algorithms for eager sizes too")
+    ap.add_argument("--tune-new-sizes", action="store_true", help="cuDNN times its convolution algorithms for every new size, not the first alone")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new size after this many seconds")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("outputs/shapes"))

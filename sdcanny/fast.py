@@ -20,9 +20,10 @@ The stages run in one of three forms, chosen per size (num_samples, height, widt
 A size's first call runs its stages uncaptured and is its own warm-up (compilation in the
 in-process form, library handles); its second call captures the graphs, and every later call
 replays them. So a size never seen before costs no more than running it once, never a compilation
-outside the in-process form's one size. Sizes served eager take cuDNN's heuristic choice of
-convolution algorithm rather than timing every candidate (seconds per size at large sizes);
-`tune_new_sizes` times them. Graphs are kept for the `max_captured_sizes` most recently used sizes.
+outside the in-process form's one size. cuDNN times its convolution algorithms for the first size
+(initialize()'s, the graded one); later sizes take its heuristic choice rather than timing every
+candidate (seconds per size at large sizes), unless `tune_new_sizes`. Graphs are kept for the
+`max_captured_sizes` most recently used sizes.
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Run:
     fns: dict  # stage name -> callable
     graphs: list | None  # encode, one sampler step, decode
     form: str  # "compiled ahead", "compiled here" or "eager"
+    tune_convs: bool  # cuDNN times its convolution algorithms for this size (else its heuristics choose)
     first_call_s: float | None = None  # the uncaptured first call, host clock, device synchronised
     capture_s: float | None = None  # at the second call
 
@@ -132,8 +134,8 @@ class FastTorchBackend:
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
         numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md).
-        `tune_new_sizes`: sizes served eager time cuDNN's convolution algorithms too (the compiled
-        forms always do); off, they take cuDNN's heuristic choice and start seconds sooner.
+        `tune_new_sizes`: sizes after the first time cuDNN's convolution algorithms too (the first
+        always does); off, they take cuDNN's heuristic choice and start seconds sooner.
         `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
         network and step (networks.stack_time_projections); off only to measure what it buys.
         `precompute_cross_attention`: the text's cross-attention keys and values made once per image
@@ -172,6 +174,7 @@ class FastTorchBackend:
         self.program_variants: tuple[str, ...] = ()
         self.startup: dict[str, float] = {}  # seconds per start-up stage, in order
         self.runs: OrderedDict[tuple, Run] = OrderedDict()
+        self._first_size: tuple | None = None  # the size cuDNN tunes for without tune_new_sizes
         self.time_stages = False  # benchmarks set this: CUDA events between the stages' replays
         self.step_callback = None  # optional f(i, x) after step i (0 = noisiest); runs the loop uncaptured
         self.last_stage_ms: dict[str, float] = {}
@@ -357,14 +360,14 @@ class FastTorchBackend:
         b.guidance.fill_(request.guidance_scale)
         b.steps.copy_(step_table(request.schedule))
 
-    def _conv_algorithms(self, form: str):
-        """cuDNN times its convolution algorithms for each new size (once per size, then cached)
-        in the compiled forms, or everywhere with tune_new_sizes; else its heuristics choose."""
-        return cudnn_benchmark(self.device.type == "cuda" and (form != "eager" or self.tune_new_sizes))
+    def _conv_algorithms(self, run: Run):
+        """cuDNN times its convolution algorithms for the run's size (once, then cached for the
+        process) where the run says so; else its heuristics choose."""
+        return cudnn_benchmark(self.device.type == "cuda" and run.tune_convs)
 
     def _capture(self, run: Run) -> None:
         start, pool, run.graphs = time.perf_counter(), None, []
-        with self._conv_algorithms(run.form):
+        with self._conv_algorithms(run):
             for fn in self._captured_parts(run.fns, run.buffers):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
@@ -387,7 +390,10 @@ class FastTorchBackend:
         while len(self.runs) >= self.max_captured_sizes:
             self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
         fns, form = self._stage_fns_for(key)
-        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form)
+        if self._first_size is None:
+            self._first_size = key
+        tune = key == self._first_size or self.tune_new_sizes  # the first size again too, after its release
+        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form, tune)
         return run
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
@@ -416,7 +422,7 @@ class FastTorchBackend:
         self._fit_step_buffers(b, request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
-        with contextlib.nullcontext() if captured else self._conv_algorithms(run.form):
+        with contextlib.nullcontext() if captured else self._conv_algorithms(run):
             self._run_stages(self._stage_calls(run, captured))
 
     def _run_stages(self, stages: list) -> None:

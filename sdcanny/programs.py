@@ -230,16 +230,28 @@ def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device,
     examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
     for name, module in stages.items():
         mark_symbolic(name, examples[name], axes)
-        # Duck sizing would give every symbolic axis that happens to share a value in the
-        # example (a batch of 4 and a 4-wide feature map) one symbol, and the program would then
-        # demand that they stay equal. no_grad, as the pipeline runs: the guards check it.
-        # torch 2.11 offers aot_compile only with enable_aot_compile set (2.13 sets it already).
-        with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False), \
-                torch._dynamo.config.patch(enable_aot_compile=True):
-            compiled = torch.compile(call_stage, fullgraph=True, options=inductor_options).aot_compile(
-                ((module, *examples[name]), {}))
+        compiled = compile_stage(module, examples[name], inductor_options)
         compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
     return round(time.perf_counter() - start, 1)
+
+
+def compile_stage(module: torch.nn.Module, args: tuple, inductor_options: dict):
+    """call_stage(module, *args) compiled ahead, symbolic only on the axes marked in `args`.
+
+    Dynamo remembers the sizes each code object was compiled for, and every stage is the same
+    code object (call_stage): without the reset, a stage compiled after another would take every
+    axis whose size differs from the previous stage's inputs as symbolic ("automatic dynamic
+    shapes"). The graded programs were compiled so until this was found, and their step ran 5 ms
+    slower than the same code compiled in-process (looped instead of persistent reductions,
+    docs/benchmarks.md)."""
+    torch._dynamo.reset()
+    # Duck sizing would give every symbolic axis that happens to share a value in the example (a
+    # batch of 4 and a 4-wide feature map) one symbol, and the program would then demand that they
+    # stay equal. no_grad, as the pipeline runs: the guards check it. torch 2.11 offers
+    # aot_compile only with enable_aot_compile set (2.13 sets it already).
+    with torch.no_grad(), torch.fx.experimental._config.patch(use_duck_shape=False), \
+            torch._dynamo.config.patch(enable_aot_compile=True):
+        return torch.compile(call_stage, fullgraph=True, options=inductor_options).aot_compile(((module, *args), {}))
 
 
 def finish(program_dir: Path, identity: dict, inductor_options: dict, shape_range: ShapeRange,

@@ -124,6 +124,21 @@ def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint,
 
 
 @needs_aot
+def test_a_stage_compiled_after_another_is_symbolic_only_where_marked():
+    """Every stage is compiled through the same function (call_stage); dynamo would take the sizes
+    that differ from the previous compile's as symbolic, so that the graded programs of every
+    stage but the first ran general code for a size they alone serve."""
+    first, second = torch.nn.Linear(8, 8), torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU())
+    programs.compile_stage(first, (torch.randn(2, 8),), {})
+    static = programs.compile_stage(second, (torch.randn(3, 6),), {})
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert static.guard_check(second, x)
+        assert not static.guard_check(second, torch.randn(5, 6))
+        torch.testing.assert_close(static(second, x), second(x))
+
+
+@needs_aot
 def test_prepare_rebuilds_for_kinds_the_programs_lack(tiny_checkpoint, program_dir):
     identity = FastTorchBackend(lambda: None, DEVICE, **backend_options()).identity(TINY)
     assert programs.rebuild_reason(program_dir, identity, ("samples",)) is None
@@ -237,6 +252,21 @@ def test_the_least_recently_used_size_is_released(tiny_checkpoint):
     for n in (1, 2, 1, 3):
         pipe.process(photo(), **{**CALL, "num_samples": n, "ddim_steps": 1})
     assert [key[0] for key in backend.runs] == [1, 3]
+
+
+@pytest.mark.parametrize("tune_new_sizes, tuned", [(False, [True, False, True]), (True, [True, True, True])])
+def test_cudnn_times_convolutions_for_the_first_size_and_later_ones_only_when_asked(tiny_checkpoint, tune_new_sizes,
+                                                                                  tuned):
+    """The first size (initialize()'s) again too, when it comes back after its release."""
+    backend = FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32, compile=None,
+                               max_captured_sizes=1, tune_new_sizes=tune_new_sizes)
+    pipe = Canny2Image(backend, TINY)
+    got = []
+    for n in (1, 2, 1):
+        pipe.process(photo(), **{**CALL, "num_samples": n, "ddim_steps": 1})
+        (run,) = backend.runs.values()
+        got.append(run.tune_convs)
+    assert got == tuned
 
 
 @pytest.mark.parametrize("code, timeout_s, expected", [
