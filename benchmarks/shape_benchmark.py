@@ -1,6 +1,7 @@
-"""Per size: the first process() in a fresh process (uncaptured), the second (which captures the
-CUDA graphs) and the steady state after them, plus the initialize() that precedes them; for the torch back-end as `initialize()` finds it (with the
-programs of `preprocess.sh` in engines/ when they are current).
+"""Per size: the first process() in a fresh process (its parts' first runs uncaptured, the step
+captured at its second step), the second (which captures encode and decode) and the steady state
+after them, plus the initialize() that precedes them; for the torch back-end as `initialize()`
+finds it (with the programs of `preprocess.sh` in engines/ when they are current).
 
     python3 benchmarks/shape_benchmark.py --checkpoint /tmp/sd15.pth --out results/
 
@@ -39,7 +40,7 @@ def table(meta: dict, rows: list[dict]) -> str:
     lines = [f"device: {meta['device']}; torch {meta['torch']}; date {meta['date']}; commit {meta['commit']}",
              f"command: `{meta['command']}`",
              f"initialize(): {meta['initialize_s']:.1f} s ({meta['startup']})", "",
-             "| image_resolution | work size | num_samples | form | first call s | second call s | of it: capture s "
+             "| image_resolution | work size | num_samples | form | first call s | second call s | capture s (both) "
              "| steady ms (median) | first / steady | second / steady |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['resolution']} | {r['work']} | {r['samples']} | {r['form']} | {r['first_s']:.2f} "

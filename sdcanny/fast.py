@@ -17,10 +17,12 @@ The stages run in one of three forms, chosen per size (num_samples, height, widt
                      warm-up, the graded call); used where there are no current programs
     eager            every other size: the networks' own kernels, still CUDA-graph captured
 
-A size's first call runs its stages uncaptured and is its own warm-up (compilation in the
-in-process form, library handles); its second call captures the graphs, and every later call
-replays them. So a size never seen before costs no more than running it once, never a compilation
-outside the in-process form's one size. cuDNN times its convolution algorithms for the first size
+Each of the three parts runs uncaptured the first time it runs at a size (its warm-up:
+compilation in the in-process form, library handles, kernel tuning), is captured the next time,
+and is replayed from then on. The step's next time is the next step, so a size's first call already
+replays 19 of its 20 steps; encode and decode are captured at its second call. A size never seen
+before costs about one step more than a prepared one, and never a compilation outside the
+in-process form's one size. cuDNN times its convolution algorithms for the first size
 (initialize()'s, the graded one); later sizes take its heuristic choice rather than timing every
 candidate (seconds per size at large sizes), unless `tune_new_sizes`. Graphs are kept for the
 `max_captured_sizes` most recently used sizes.
@@ -35,7 +37,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
@@ -74,7 +76,8 @@ class Buffers:
     x: torch.Tensor  # fp32 (N, 4, h, w): the initial noise, updated in place by each step
     step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
     noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise`
-    control_context: torch.Tensor | list | None = None  # written by encode: the context as each network takes it
+    # Written by encode (copied into, once they exist: a step captured before encode reads them):
+    control_context: torch.Tensor | list | None = None  # the context as each network takes it
     unet_context: torch.Tensor | list | None = None
     hint_features: torch.Tensor | None = None
     # Read only outside the graphs, so a new step count reallocates them and captures nothing:
@@ -88,17 +91,30 @@ class Run:
     """One size's buffers, graphs, and how its stages were made."""
     buffers: Buffers
     fns: dict  # stage name -> callable
-    graphs: list | None  # encode, one sampler step, decode
     form: str  # "compiled ahead", "compiled here" or "eager"
     tune_convs: bool  # cuDNN times its convolution algorithms for this size (else its heuristics choose)
-    first_call_s: float | None = None  # the uncaptured first call, host clock, device synchronised
-    capture_s: float | None = None  # at the second call
+    graphs: dict = field(default_factory=dict)  # part name ("encode", "step", "decode") -> its CUDA graph
+    warmed: set = field(default_factory=set)  # the parts that have run once uncaptured
+    pool: tuple | None = None  # the memory pool the size's graphs share
+    first_call_s: float | None = None  # host clock, device synchronised
+    capture_s: float = 0.0  # seconds spent capturing, all parts together
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
     """What the stages' tensor shapes, and so a size's graphs, depend on: (num_samples, height,
     width, tokens). Not the step count: the loop replays one step's graph per step."""
     return (request.num_samples, *request.hint.shape[2:], request.cond_tokens.shape[1])
+
+
+def copy_into(destination, source) -> None:
+    """Copies tensors, or lists and tuples of them, into tensors of the same structure."""
+    if isinstance(destination, torch.Tensor):
+        destination.copy_(source)
+        return
+    if len(destination) != len(source):
+        raise ValueError(f"{len(source)} tensors for {len(destination)} places")
+    for d, s in zip(destination, source):
+        copy_into(d, s)
 
 
 NetworksSource = Union[Networks, Callable[[], Networks]]
@@ -185,8 +201,10 @@ class FastTorchBackend:
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
                program_dir: Path = programs.DEFAULT_PROGRAM_DIR, **options) -> "FastTorchBackend":
         """The back-end for `checkpoint`, on the programs in `program_dir` where they are current."""
+        start = time.perf_counter()
         check_checkpoint_path(Path(checkpoint))  # a clear error now, not at the first size
         backend = cls(lambda: load_networks(checkpoint, cfg), device, **options)
+        backend.startup["set-up (CUDA, compiler)"] = time.perf_counter() - start
         if backend.compiled is not None:
             backend.attach_programs(program_dir, backend.identity(cfg))
         return backend
@@ -284,7 +302,11 @@ class FastTorchBackend:
     # twenty steps' (about a second at every size on the H100, docs/benchmarks.md).
 
     def _encode(self, fns: dict, b: Buffers) -> None:
-        b.control_context, b.unet_context, b.hint_features = fns["encode"](b.tokens, b.hint)
+        outputs = fns["encode"](b.tokens, b.hint)
+        if b.hint_features is None:
+            b.control_context, b.unet_context, b.hint_features = outputs
+        else:  # the step's graph reads these very tensors
+            copy_into((b.control_context, b.unet_context, b.hint_features), outputs)
 
     def _loop(self, b: Buffers, step: Callable[[], None]) -> None:
         for n, i in enumerate(reversed(range(len(b.steps)))):
@@ -314,13 +336,28 @@ class FastTorchBackend:
 
     STAGES = ("encode", "loop", "decode")
 
-    def _captured_parts(self, fns: dict, b: Buffers) -> list:
-        return [lambda: self._encode(fns, b), lambda: self._step(fns, b), lambda: self._decode(fns, b)]
+    def _parts(self, fns: dict, b: Buffers) -> dict:
+        """The parts that are captured, each as one graph."""
+        return {"encode": lambda: self._encode(fns, b), "step": lambda: self._step(fns, b),
+                "decode": lambda: self._decode(fns, b)}
 
-    def _stage_calls(self, run: Run, captured: bool) -> list:
-        """The three stages to run, as graph replays or uncaptured."""
-        encode, step, decode = [g.replay for g in run.graphs] if captured else self._captured_parts(run.fns, run.buffers)
-        return [encode, lambda: self._loop(run.buffers, step), decode]
+    def _stage_calls(self, run: Run) -> list:
+        """The three stages to run; each part uncaptured, captured or replayed as its run stands."""
+        parts = self._parts(run.fns, run.buffers)
+        if self.cuda_graphs and self.step_callback is None:
+            parts = {name: functools.partial(self._run_part, run, name, part) for name, part in parts.items()}
+        return [parts["encode"], lambda: self._loop(run.buffers, parts["step"]), parts["decode"]]
+
+    def _run_part(self, run: Run, name: str, part: Callable[[], None]) -> None:
+        """The first run of a part at a size is uncaptured (its warm-up); the next captures it, then
+        replays the graph, as does every run after."""
+        if name not in run.warmed:
+            part()
+            run.warmed.add(name)
+            return
+        if name not in run.graphs:
+            self._capture(run, name, part)
+        run.graphs[name].replay()
 
     # -- buffers, capture, replay -------------------------------------------------------------
 
@@ -365,65 +402,63 @@ class FastTorchBackend:
         process) where the run says so; else its heuristics choose."""
         return cudnn_benchmark(self.device.type == "cuda" and run.tune_convs)
 
-    def _capture(self, run: Run) -> None:
-        start, pool, run.graphs = time.perf_counter(), None, []
-        with self._conv_algorithms(run):
-            for fn in self._captured_parts(run.fns, run.buffers):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    fn()
-                pool = graph.pool()
-                run.graphs.append(graph)
-        run.capture_s = time.perf_counter() - start
-        if len(self.runs) == 1 and "first size capture" not in self.startup:
-            self.startup["first size capture"] = run.capture_s
+    def _capture(self, run: Run, name: str, part: Callable[[], None]) -> None:
+        """Records the part into a graph (nothing runs). The size's graphs share one memory pool: they
+        replay one after another on one stream, and what one graph leaves for another is copied into
+        the size's buffers, which the pool never hands out again."""
+        start = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=run.pool):
+            part()
+        run.pool = graph.pool()
+        run.graphs[name] = graph
+        run.capture_s += time.perf_counter() - start
 
     def _run_for(self, request: GenerationRequest) -> Run:
         """This size's run: new (its first call runs uncaptured), or captured at its second call."""
         key = tensor_sizes(request)
         if key in self.runs:
             self.runs.move_to_end(key)
-            run = self.runs[key]
-            if self.cuda_graphs and run.graphs is None:
-                self._capture(run)
-            return run
+            return self.runs[key]
         while len(self.runs) >= self.max_captured_sizes:
             self.runs.popitem(last=False)  # the least recently used size's graphs and memory go
         fns, form = self._stage_fns_for(key)
         if self._first_size is None:
             self._first_size = key
         tune = key == self._first_size or self.tune_new_sizes  # the first size again too, after its release
-        run = self.runs[key] = Run(self._new_buffers(request), fns, None, form, tune)
+        run = self.runs[key] = Run(self._new_buffers(request), fns, form, tune)
         return run
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         run = self._run_for(request)
         b = run.buffers
-        captured = run.graphs is not None and self.step_callback is None
         start = time.perf_counter()
         try:
-            self._run_request(run, request, captured)
-        except programs.OutsidePreparedShapes as exc:  # only uncaptured: a capture follows a good run
+            self._run_request(run, request)
+        except programs.OutsidePreparedShapes as exc:  # raised by a first run: nothing is captured yet
             self._note_once(f"{exc}: that size runs eager")
             run.fns, run.form = dict(self.stages.items()), "eager"
-            self._run_request(run, request, captured=False)
+            run.warmed.clear()
+            self._run_request(run, request)
         if run.first_call_s is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             run.first_call_s = time.perf_counter() - start
             if len(self.runs) == 1 and "first size first call" not in self.startup:
                 self.startup["first size first call"] = run.first_call_s
+        if len(self.runs) == 1 and run.graphs:  # the step's graph at its first call, encode's and decode's at the second
+            self.startup["first size capture"] = run.capture_s
         self.last_latents = b.x
         self.last_form = run.form
         return b.images.cpu().numpy()
 
-    def _run_request(self, run: Run, request: GenerationRequest, captured: bool) -> None:
+    def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
         self._fit_step_buffers(b, request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
-        with contextlib.nullcontext() if captured else self._conv_algorithms(run):
-            self._run_stages(self._stage_calls(run, captured))
+        with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
+            self._run_stages(self._stage_calls(run))
 
     def _run_stages(self, stages: list) -> None:
         if not (self.time_stages and self.device.type == "cuda"):

@@ -11,7 +11,7 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import FastTorchBackend, cudnn_benchmark, step_table
+from sdcanny.fast import FastTorchBackend, copy_into, cudnn_benchmark, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -75,7 +75,8 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
 @needs_cuda
 def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
     """One back-end meets several sizes in turn (and comes back to the first, whose graphs were
-    released). Each size's first call runs uncaptured, its second captures and replays: both equal
+    released). A size's first call runs encode, the first step and decode uncaptured and replays the
+    step's graph from the second step on; its second call captures encode and decode too: both equal
     the never-captured back-end's results bit for bit."""
     request_args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64,
                         ddim_steps=6, guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3,
@@ -89,13 +90,14 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
             (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
                                                for pipe in pipes]
             run = next(reversed(pipes[1].backend.runs.values()))
-            assert (run.graphs is None) == (call == "first"), (size, call)
+            want = {"step"} if call == "first" else {"encode", "step", "decode"}
+            assert set(run.graphs) == want and run.warmed == {"encode", "step", "decode"}, (size, call)
             torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
             assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), (size, call)
     assert len(pipes[1].backend.runs) == 2 and all(run.graphs for run in pipes[1].backend.runs.values())
-    graphs = next(reversed(pipes[1].backend.runs.values())).graphs
+    graphs = dict(next(reversed(pipes[1].backend.runs.values())).graphs)
     (eager, captured) = [pipe.process(photo(), **{**request_args, "ddim_steps": 4}) for pipe in pipes]
-    assert next(reversed(pipes[1].backend.runs.values())).graphs is graphs  # another step count: same graphs
+    assert next(reversed(pipes[1].backend.runs.values())).graphs == graphs  # another step count: same graphs
     assert all(np.array_equal(a, b) for a, b in zip(eager, captured))
 
 
@@ -110,6 +112,16 @@ def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):
     reused, fresh = [pipe.process(photo(), **{**args, "ddim_steps": 4}) for pipe in pipes]
     assert len(pipes[0].backend.runs) == 1 and len(pipes[0].backend.runs[next(iter(pipes[0].backend.runs))].buffers.steps) == 4
     assert all(np.array_equal(a, b) for a, b in zip(reused, fresh))
+
+
+def test_copy_into_fills_nested_tensors_in_place_and_refuses_another_structure():
+    places = [torch.zeros(2), (torch.zeros(1, 3), torch.zeros(3))]
+    kept = [places[0], *places[1]]
+    copy_into(places, [torch.ones(2), (torch.full((1, 3), 2.0), torch.arange(3.0))])
+    assert [t.tolist() for t in kept] == [[1.0, 1.0], [[2.0, 2.0, 2.0]], [0.0, 1.0, 2.0]]
+    assert places[0] is kept[0] and places[1][1] is kept[2]
+    with pytest.raises(ValueError, match="1 tensors for 2 places"):
+        copy_into(places[1], [torch.zeros(1, 3)])
 
 
 def test_cudnn_benchmark_is_set_for_a_block_and_restored():

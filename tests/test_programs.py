@@ -74,8 +74,11 @@ def assert_same_generation(aot, eager, img, args):
     got, want = aot.process(img, **args), eager.process(img, **args)
     assert aot.backend.last_form == "compiled ahead", (args, aot.backend.notes)
     assert [g.shape for g in got] == [w.shape for w in want]
-    tol = dict(rtol=1e-2, atol=1e-2) if ON_GPU else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(aot.backend.last_latents, eager.backend.last_latents, **tol)
+    if ON_GPU:  # fp16: fused kernels round differently from eager's; prepare's check takes the same bound
+        error = float((aot.backend.last_latents - eager.backend.last_latents).norm() / eager.backend.last_latents.norm())
+        assert error <= 1e-2, (args, error)
+    else:
+        torch.testing.assert_close(aot.backend.last_latents, eager.backend.last_latents, rtol=1e-4, atol=1e-4)
     assert max(np.abs(g.astype(int) - w).max() for g, w in zip(got, want)) <= (8 if ON_GPU else 1)
 
 
@@ -87,8 +90,9 @@ def test_programs_serve_every_size_in_their_range_like_the_eager_stages(tiny_che
                       (dict(), photo())):
         assert_same_generation(aot, eager, img, {**CALL, **size})
     # only the kind the first size needs is loaded, when it needs it
-    assert list(aot.backend.startup) == ["programs loaded (samples)", "checkpoint read", "networks to device",
-                                         "first size first call"]
+    captured = ["first size capture"] if ON_GPU else []  # the step's graph, inside the first call
+    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (samples)", "checkpoint read",
+                                         "networks to device", "first size first call", *captured]
     assert aot.backend.notes == []
 
 
@@ -115,7 +119,7 @@ def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint,
 
     aot = aot_pipeline(tiny_checkpoint, both)
     assert list(aot.backend.programs) == ["graded"]
-    assert list(aot.backend.startup) == ["programs loaded (graded)"]
+    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (graded)"]
     aot.process(photo(), **{**CALL, "num_samples": 4})  # outside the range: eager, nothing more loaded
     assert aot.backend.last_form == "eager" and list(aot.backend.programs) == ["graded"]
     aot.process(photo(), **CALL)
