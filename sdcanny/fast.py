@@ -487,14 +487,19 @@ class FastTorchBackend:
 
 # The sizes `prepare` compiles for: its child processes compile to it and its record states it.
 PREPARED_RANGE = programs.ShapeRange()
+# The graded kind alone by default. The other two make the steady state at other sizes 25-30%
+# faster than eager, but torch takes about 5 s to load a kind and its first size then tunes its
+# Triton kernels: a first call of 7.4 s (768x1152, 1 sample) and 10.9 s (4 samples) on the H100,
+# where the eager form's worst is 4.05 s and its steady state within 1.42x (docs/benchmarks.md).
+DEFAULT_KINDS = ("graded",)
 
 
 def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEFAULT_PROGRAM_DIR,
             device: str = "cuda", force: bool = False, compile: str = "default", fp32_islands: bool = False,
-            kinds: tuple[str, ...] = tuple(programs.VARIANTS)) -> None:
+            kinds: tuple[str, ...] = DEFAULT_KINDS) -> None:
     """Compile every stage ahead into program_dir (nothing to do where they are current), then
     check them against the eager stages at a size of each kind. `kinds`: the kinds of size
-    (programs.VARIANTS) to prepare; "graded" alone serves the graded call. Each kind is compiled by
+    (programs.VARIANTS) to prepare (DEFAULT_KINDS says why the graded one alone). Each kind is compiled by
     a process of its own, all at once: one kind took 2.5-4 minutes on the H100 machine, mostly in
     single-threaded Python, and one after another they overran a 10-minute device call."""
     options = dict(compile=compile, fp32_islands=fp32_islands)
@@ -591,8 +596,9 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", default="default", choices=sorted(FastTorchBackend.COMPILE_MODES))
     ap.add_argument("--fp32-islands", action="store_true")
     ap.add_argument("--force", action="store_true", help="rebuild even where the programs are current")
-    ap.add_argument("--kinds", nargs="+", choices=list(programs.VARIANTS), default=list(programs.VARIANTS),
-                    help="the kinds of size to prepare (default: all); graded alone serves the graded call")
+    ap.add_argument("--kinds", nargs="+", choices=list(programs.VARIANTS), default=list(DEFAULT_KINDS),
+                    help="the kinds of size to prepare (default: graded; other sizes then run eager). 'one sample' "
+                         "and 'samples' make those sizes 25-30%% faster once loaded, but their first call slower")
     ap.add_argument("--variant", choices=list(programs.VARIANTS),
                     help="compile only this kind of size and write no record (what --prepare's child processes do)")
     args = ap.parse_args(argv)
