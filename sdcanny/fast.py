@@ -415,7 +415,8 @@ class FastTorchBackend:
         run.capture_s += time.perf_counter() - start
 
     def _run_for(self, request: GenerationRequest) -> Run:
-        """This size's run: new (its first call runs uncaptured), or captured at its second call."""
+        """This size's run: the one made at its first call, or a new one (the least recently used
+        size's released when there are max_captured_sizes)."""
         key = tensor_sizes(request)
         if key in self.runs:
             self.runs.move_to_end(key)
@@ -490,7 +491,7 @@ PREPARED_RANGE = programs.ShapeRange()
 # The graded kind alone by default. The other two make the steady state at other sizes 25-30%
 # faster than eager, but torch takes about 5 s to load a kind and its first size then tunes its
 # Triton kernels: a first call of 7.4 s (768x1152, 1 sample) and 10.9 s (4 samples) on the H100,
-# where the eager form's worst is 4.05 s and its steady state within 1.42x (docs/benchmarks.md).
+# where the eager form's worst is 4.31 s and its steady state within 1.43x (docs/benchmarks.md).
 DEFAULT_KINDS = ("graded",)
 
 
