@@ -413,6 +413,8 @@ class FastTorchBackend:
         run.pool = graph.pool()
         run.graphs[name] = graph
         run.capture_s += time.perf_counter() - start
+        if len(self.runs) == 1:  # the step's graph at the first size's first call, encode's and decode's at its second
+            self.startup["first size capture"] = run.capture_s
 
     def _run_for(self, request: GenerationRequest) -> Run:
         """This size's run: the one made at its first call, or a new one (the least recently used
@@ -447,8 +449,6 @@ class FastTorchBackend:
             run.first_call_s = time.perf_counter() - start
             if len(self.runs) == 1 and "first size first call" not in self.startup:
                 self.startup["first size first call"] = run.first_call_s
-        if len(self.runs) == 1 and run.graphs:  # the step's graph at its first call, encode's and decode's at the second
-            self.startup["first size capture"] = run.capture_s
         self.last_latents = b.x
         self.last_form = run.form
         return b.images.cpu().numpy()
