@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh shapes ARGS first-call and steady latency per size in a fresh process
 #                                            (benchmarks/shape_benchmark.py ARGS)
+#   bash benchmarks/gpu_checks.sh startup ARGS initialize() in fresh processes, by stage
+#                                            (benchmarks/startup_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh hint ARGS  the canny map's influence per synthetic control gain
 #                                            (benchmarks/hint_influence.py ARGS)
 # Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
@@ -54,6 +56,10 @@ prepare)
 shapes)
     shift
     python3 benchmarks/shape_benchmark.py --checkpoint $CKPT --out "$OUT" "$@" 2>&1 | tee "$OUT/shapes.log" | tail -50
+    ;;
+startup)
+    shift
+    python3 benchmarks/startup_benchmark.py --checkpoint $CKPT --out "$OUT" "$@" 2>&1 | tee "$OUT/startup.log" | tail -20
     ;;
 export)
     for target in 8.6 11; do
