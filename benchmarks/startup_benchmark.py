@@ -5,8 +5,8 @@ initialize() time and its stages as the back-end reports them.
 
     python3 benchmarks/startup_benchmark.py --checkpoint /tmp/sd15.pth --processes 3 --out results/
 
-With --profile, one more start runs initialize() under cProfile (its main thread: what a start
-waits on) and the busiest functions go to profile_initialize.txt. Writes startup.md and
+With --profile, one more start runs initialize() under cProfile and the busiest functions go to
+profile_initialize.txt (the whole profile to profile_initialize.prof). Writes startup.md and
 startup.json to --out.
 """
 from __future__ import annotations
@@ -50,6 +50,8 @@ def child(args) -> None:
 
 
 def write_profile(profiler: cProfile.Profile, path: Path, lines: int = 45) -> None:
+    """The busiest functions to `path`, and the whole profile beside it (.prof, for pstats)."""
+    profiler.dump_stats(str(path.with_suffix(".prof")))
     text = []
     for key in ("cumulative", "tottime"):
         stream = io.StringIO()

@@ -174,10 +174,13 @@ def split_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """One summing pass (no bool copy of 5.7 GB of weights); the exact test only where the sum is
-    not finite, which a NaN or inf always makes it, and an overflow rarely."""
+    not finite, which a NaN or inf always makes it, and an overflow rarely. Summed in fp32 (fp64
+    for fp64 tensors): an fp64 sum of the fp32 checkpoint took 5x as long on 2 cores (2.5 against
+    0.5 s), and weights never come near fp32's overflow."""
     if not tensor.is_floating_point():
         return True
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float64))) or bool(torch.isfinite(tensor).all())
+    accumulate = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return bool(torch.isfinite(tensor.sum(dtype=accumulate))) or bool(torch.isfinite(tensor).all())
 
 
 def other_matching_config(state: dict[str, torch.Tensor], cfg: ModelConfig) -> str | None:

@@ -37,7 +37,6 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Union
@@ -116,29 +115,6 @@ def copy_into(destination, source) -> None:
         raise ValueError(f"{len(source)} tensors for {len(destination)} places")
     for d, s in zip(destination, source):
         copy_into(d, s)
-
-
-class BackgroundRead:
-    """Networks read on a thread of their own from the moment this is made; calling it waits for
-    them (and raises what the read raised). The read is file I/O and torch operations, which
-    release the GIL, so it goes on while the caller's thread sets up CUDA and the compiler and loads
-    the programs, mostly Python; one after the other they made initialize() 16.6-22.6 s on the H100
-    (docs/benchmarks.md)."""
-
-    def __init__(self, read: Callable[[], Networks]):
-        self.seconds: float | None = None  # the read's own duration, once it has finished
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdcanny-checkpoint")
-        self._future = executor.submit(self._timed, read)
-        executor.shutdown(wait=False)  # the thread ends with the read
-
-    def _timed(self, read: Callable[[], Networks]) -> Networks:
-        start = time.perf_counter()
-        networks = read()
-        self.seconds = time.perf_counter() - start
-        return networks
-
-    def __call__(self) -> Networks:
-        return self._future.result()
 
 
 NetworksSource = Union[Networks, Callable[[], Networks]]
@@ -224,11 +200,10 @@ class FastTorchBackend:
     @classmethod
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
                program_dir: Path = programs.DEFAULT_PROGRAM_DIR, **options) -> "FastTorchBackend":
-        """The back-end for `checkpoint`, on the programs in `program_dir` where they are current.
-        The checkpoint is read in the background meanwhile (BackgroundRead)."""
+        """The back-end for `checkpoint`, on the programs in `program_dir` where they are current."""
         start = time.perf_counter()
         check_checkpoint_path(Path(checkpoint))  # a clear error now, not at the first size
-        backend = cls(BackgroundRead(lambda: load_networks(checkpoint, cfg)), device, **options)
+        backend = cls(lambda: load_networks(checkpoint, cfg), device, **options)
         backend.startup["set-up (CUDA, compiler)"] = time.perf_counter() - start
         if backend.compiled is not None:
             backend.attach_programs(program_dir, backend.identity(cfg))
@@ -278,10 +253,7 @@ class FastTorchBackend:
             self._stages = self._stages_of(nets)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            if isinstance(source, BackgroundRead):
-                self.startup["checkpoint read (in the background)"] = source.seconds
-                self.startup["waited for the checkpoint"] = read - start
-            elif callable(source):
+            if callable(source):
                 self.startup["checkpoint read"] = read - start
             self.startup["networks to device"] = time.perf_counter() - read
         return self._stages

@@ -29,6 +29,7 @@ also strips accents and splits punctuation; the ftfy behaviour is the one reprod
 from __future__ import annotations
 
 import html
+import importlib.metadata
 import importlib.util
 import re
 import unicodedata
@@ -99,10 +100,29 @@ def _clean(text: str) -> str:
 _PROBE = ("a bird\u2019s nest", [BOS, 320, 3329, 568, 8719, EOS])
 
 
+def _transformers_mismatch() -> str | None:
+    """Why transformers' CLIPTokenizer here cannot give ControlNet's ids, where that is known
+    without importing transformers (2-3 s of a start on the H100 machine, which has transformers
+    5), else None (the probe decides). The two cases _PROBE's comment names."""
+    if importlib.util.find_spec("ftfy") is None:
+        return "ftfy is not installed, and without it transformers' CLIPTokenizer does not give ControlNet's ids"
+    try:
+        version = importlib.metadata.version("transformers")
+        major = int(version.split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    if major >= 5:
+        return f"transformers {version}'s CLIPTokenizer (the Rust one, no ftfy) does not give ControlNet's ids"
+    return None
+
+
 def _load_transformers():
     """transformers' CLIPTokenizer from the local HF cache, or (None, why not)."""
     if importlib.util.find_spec("transformers") is None:
         return None, "transformers is not installed"
+    mismatch = _transformers_mismatch()
+    if mismatch is not None:
+        return None, mismatch
     try:
         from transformers import CLIPTokenizer
         tokenizer = CLIPTokenizer.from_pretrained(HF_NAME, local_files_only=True)

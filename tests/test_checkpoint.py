@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdcanny.checkpoint import (PARTS, CheckpointError, build_networks, dropped_reason, load_networks,
+from sdcanny.checkpoint import (PARTS, CheckpointError, all_finite, build_networks, dropped_reason, load_networks,
                                 read_state_dict)
 from sdcanny.config import SD15, TINY
 from sdcanny.synthetic import checkpoint_shapes, write_checkpoint
@@ -168,6 +168,18 @@ def test_non_finite_weights_are_refused_naming_the_tensors(tiny_state, tmp_path)
     with pytest.raises(CheckpointError, match=r"NaN or infinite.*model\.diffusion_model\.out\.2\.weight") as err:
         load_networks(_save_modified(tiny_state, tmp_path, poison), TINY)
     assert "control_model.zero_convs.3.0.bias" in str(err.value)
+
+
+@pytest.mark.parametrize(("values", "dtype", "finite"), [
+    ([3e38, 3e38], torch.float32, True),  # the sum overflows; the exact test says finite
+    ([6e4] * 1000, torch.float16, True),  # overflows an fp16 sum, not an fp32 one
+    ([1.0, float("nan")], torch.bfloat16, False),
+    ([1.0, -float("inf")], torch.float32, False),
+    ([1e308, 1e308], torch.float64, True),
+    ([3, 4], torch.int64, True),
+])
+def test_all_finite_tells_nan_and_inf_from_large_values(values, dtype, finite):
+    assert all_finite(torch.tensor(values, dtype=dtype)) is finite
 
 
 def test_a_checkpoint_of_the_other_config_is_recognised(tiny_checkpoint):

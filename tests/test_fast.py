@@ -2,8 +2,6 @@
 compilation off, on the GPU in fp16 with CUDA graphs (those tests skip without CUDA)."""
 from __future__ import annotations
 
-import threading
-
 import cv2
 import numpy as np
 import pytest
@@ -11,9 +9,9 @@ import torch
 
 import photos
 from sdcanny import compat
-from sdcanny.checkpoint import CheckpointError, load_networks
+from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import BackgroundRead, FastTorchBackend, copy_into, cudnn_benchmark, step_table
+from sdcanny.fast import FastTorchBackend, copy_into, cudnn_benchmark, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -124,34 +122,6 @@ def test_copy_into_fills_nested_tensors_in_place_and_refuses_another_structure()
     assert places[0] is kept[0] and places[1][1] is kept[2]
     with pytest.raises(ValueError, match="1 tensors for 2 places"):
         copy_into(places[1], [torch.zeros(1, 3)])
-
-
-def test_a_background_read_runs_beside_the_caller_and_hands_over_its_result():
-    """The read waits for the caller to go on after making the BackgroundRead: were it read in
-    the caller's thread, it would time out and raise."""
-    caller_went_on = threading.Event()
-    readers = []
-
-    def read():
-        readers.append(threading.current_thread())
-        if not caller_went_on.wait(timeout=30):
-            raise TimeoutError("the read blocked its caller")
-        return "networks"
-
-    background = BackgroundRead(read)
-    caller_went_on.set()
-    assert background() == "networks" and background() == "networks"  # read once, handed over each call
-    assert readers != [threading.current_thread()] and len(readers) == 1
-    assert background.seconds is not None and background.seconds >= 0
-
-
-def test_a_background_read_raises_its_error_where_the_networks_are_wanted(tmp_path):
-    damaged = tmp_path / "damaged.pth"
-    damaged.write_bytes(b"not a checkpoint")
-    background = BackgroundRead(lambda: load_networks(damaged, TINY))
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
-        background()
-    assert background.seconds is None
 
 
 def test_cudnn_benchmark_is_set_for_a_block_and_restored():

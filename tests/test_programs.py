@@ -91,8 +91,7 @@ def test_programs_serve_every_size_in_their_range_like_the_eager_stages(tiny_che
         assert_same_generation(aot, eager, img, {**CALL, **size})
     # only the kind the first size needs is loaded, when it needs it
     captured = ["first size capture"] if ON_GPU else []  # the step's graph, inside the first call
-    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (samples)",
-                                         "checkpoint read (in the background)", "waited for the checkpoint",
+    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (samples)", "checkpoint read",
                                          "networks to device", "first size first call", *captured]
     assert aot.backend.notes == []
 

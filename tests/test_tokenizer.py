@@ -9,6 +9,8 @@ mean the same on any machine.
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.metadata
 import importlib.util
 import sys
 
@@ -171,3 +173,35 @@ def test_no_tokenizer_at_all_says_what_to_provide(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer backend"):
         ClipTokenizer(backend="sentencepiece")
     assert set(t.TOKENIZER_BACKENDS) == {"huggingface", "hf-files", INSTANT}
+
+
+@pytest.fixture
+def transformers_present(monkeypatch):
+    """transformers looks installed (to find_spec) but cannot be imported: a loader that got as far
+    as importing it would answer that it cannot load, not why it does not fit."""
+    real_find_spec = importlib.util.find_spec
+    present = {"transformers", "ftfy"}
+
+    def find_spec(name, *args):
+        return importlib.machinery.ModuleSpec(name, None) if name in present else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
+    return present
+
+
+def test_transformers_without_ftfy_is_passed_over_without_importing_it(transformers_present):
+    transformers_present.discard("ftfy")
+    tokenizer, why = tokenizer_module._load_transformers()
+    assert tokenizer is None and why.startswith("ftfy is not installed")
+
+
+@pytest.mark.parametrize(("version", "passed_over"), [("5.0.1", True), ("4.38.2", False)])
+def test_transformers_5_is_passed_over_without_importing_it(transformers_present, monkeypatch, version, passed_over):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    tokenizer, why = tokenizer_module._load_transformers()
+    assert tokenizer is None
+    if passed_over:
+        assert why == f"transformers {version}'s CLIPTokenizer (the Rust one, no ftfy) does not give ControlNet's ids"
+    else:  # 4.x with ftfy: only the import and the probe can tell, and the import fails here
+        assert why.startswith("transformers cannot load")
