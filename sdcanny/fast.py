@@ -146,7 +146,8 @@ class FastTorchBackend:
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
-        needs them; prepared programs take the stage modules as inputs too).
+        needs them, or before the graded programs load; prepared programs take the stage modules
+        as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
         numerics of the strongly typed TensorRT graphs; off by default (docs/benchmarks.md).
@@ -227,6 +228,7 @@ class FastTorchBackend:
         self.program_range, self.program_variants = programs.record_range(program_dir)
         self.programs = {}
         if "graded" in self.program_variants:  # the size initialize() runs
+            self.read_networks()  # before the programs: see _stage_fns_for
             self._load_programs("graded")
 
     def _load_programs(self, variant: str) -> dict:
@@ -242,6 +244,10 @@ class FastTorchBackend:
         return self.programs[variant]
 
     # -- the networks, when a size needs them -------------------------------------------------
+
+    def read_networks(self) -> None:
+        """Reads the checkpoint and moves the networks to the device now, not at the first size."""
+        self.stages
 
     @property
     def stages(self) -> Stages:
@@ -284,9 +290,12 @@ class FastTorchBackend:
             variant, problem = self.program_range.variant_for(num_samples, height // 8, width // 8, tokens,
                                                               self.program_variants)
             if variant is not None:
+                # The networks are read before any programs load: read after them, the same read
+                # took 3.4-4.1 s instead of 0.2 s on the H100 machine (docs/benchmarks.md).
+                stages = self.stages
                 loaded = self.programs.get(variant) or self._load_programs(variant)
                 return {name: programs.PreparedStage(name, loaded[name], stage)
-                        for name, stage in self.stages.items()}, "compiled ahead"
+                        for name, stage in stages.items()}, "compiled ahead"
             self._note_once(f"{problem}: that size runs eager")
         if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):
             if self._compiled_here is None:

@@ -91,8 +91,8 @@ def test_programs_serve_every_size_in_their_range_like_the_eager_stages(tiny_che
         assert_same_generation(aot, eager, img, {**CALL, **size})
     # only the kind the first size needs is loaded, when it needs it
     captured = ["first size capture"] if ON_GPU else []  # the step's graph, inside the first call
-    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (samples)", "checkpoint read",
-                                         "networks to device", "first size first call", *captured]
+    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "checkpoint read", "networks to device",
+                                         "programs loaded (samples)", "first size first call", *captured]
     assert aot.backend.notes == []
 
 
@@ -107,8 +107,8 @@ def test_the_programs_take_the_weights_as_inputs(program_dir, tmp_path):
 
 @needs_aot
 def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint, program_dir, tmp_path):
-    """The graded kind loads at the start (initialize() runs the graded call); every other kind
-    at the first size that needs it. Stand-in graded programs: copies of the several-samples ones
+    """The graded kind loads at the start (initialize() runs the graded call), after the
+    networks; every other kind at the first size that needs it. Stand-in graded programs: copies of the several-samples ones
     (the tiny range holds no graded size, so they are loaded, never called)."""
     both = tmp_path / "programs"
     shutil.copytree(program_dir, both)
@@ -119,7 +119,8 @@ def test_each_kind_of_programs_loads_when_a_size_first_needs_it(tiny_checkpoint,
 
     aot = aot_pipeline(tiny_checkpoint, both)
     assert list(aot.backend.programs) == ["graded"]
-    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "programs loaded (graded)"]
+    assert list(aot.backend.startup) == ["set-up (CUDA, compiler)", "checkpoint read", "networks to device",
+                                         "programs loaded (graded)"]
     aot.process(photo(), **{**CALL, "num_samples": 4})  # outside the range: eager, nothing more loaded
     assert aot.backend.last_form == "eager" and list(aot.backend.programs) == ["graded"]
     aot.process(photo(), **CALL)
