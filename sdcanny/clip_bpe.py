@@ -58,22 +58,15 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(table.items()))
 
 
-def _category_class(prefixes: tuple[str, ...]) -> str:
-    """A regex character class of every code point whose Unicode category starts with one of
-    `prefixes` (Python's `re` has no \\p{L} / \\p{N})."""
-    ranges, start, prev = [], None, None
-    for cp in range(sys.maxunicode + 1):
-        if unicodedata.category(chr(cp)).startswith(prefixes):
-            if start is None:
-                start = cp
-            prev = cp
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
+def _category_classes(majors: str) -> list[str]:
+    """For each major Unicode category in `majors` ("L", "N"), a regex character class of every
+    code point in it (Python's `re` has no \\p{L} / \\p{N}). One pass over the Unicode tables for
+    all of them, runs found by `re` in the string of each code point's major category: twice as
+    fast as testing code point by code point (0.12 against 0.27 s for L and N here)."""
+    majors_of = "".join([category[0] for category in map(unicodedata.category, map(chr, range(sys.maxunicode + 1)))])
     esc = lambda cp: "\\U%08x" % cp  # noqa: E731
-    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+    return ["".join(esc(run.start()) if run.end() - run.start() == 1 else f"{esc(run.start())}-{esc(run.end() - 1)}"
+                    for run in re.finditer(f"{major}+", majors_of)) for major in majors]
 
 
 _WORD_PATTERN: re.Pattern | None = None
@@ -81,10 +74,10 @@ _WORD_PATTERN: re.Pattern | None = None
 
 def word_pattern() -> re.Pattern:
     """CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of other
-    non-space characters (built once: ~0.5 s to scan the Unicode tables)."""
+    non-space characters (built once: 0.1-0.3 s to scan the Unicode tables)."""
     global _WORD_PATTERN
     if _WORD_PATTERN is None:
-        letters, numbers = _category_class(("L",)), _category_class(("N",))
+        letters, numbers = _category_classes("LN")
         _WORD_PATTERN = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d|[{letters}]+|[{numbers}]|[^\s{letters}{numbers}]+",
                                    re.IGNORECASE)
     return _WORD_PATTERN

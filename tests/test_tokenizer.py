@@ -12,11 +12,14 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import re
 import sys
+import unicodedata
 
 import pytest
 import torch
 
+from sdcanny import clip_bpe
 from sdcanny import tokenizer as tokenizer_module
 from sdcanny.tokenizer import BOS, EOS, TOKENIZER_BACKENDS, ClipTokenizer, load_tokenizer
 
@@ -205,3 +208,11 @@ def test_transformers_5_is_passed_over_without_importing_it(transformers_present
         assert why == f"transformers {version}'s CLIPTokenizer (the Rust one, no ftfy) does not give ControlNet's ids"
     else:  # 4.x with ftfy: only the import and the probe can tell, and the import fails here
         assert why.startswith("transformers cannot load")
+
+
+def test_category_classes_hold_exactly_the_code_points_of_their_category():
+    letters, numbers = (re.compile(f"[{chars}]") for chars in clip_bpe._category_classes("LN"))
+    for cp in [*range(0, 0x3000), *range(0x3000, sys.maxunicode + 1, 37)]:
+        major = unicodedata.category(chr(cp))[0]
+        assert (letters.fullmatch(chr(cp)) is not None, numbers.fullmatch(chr(cp)) is not None) == \
+            (major == "L", major == "N"), hex(cp)
