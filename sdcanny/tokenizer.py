@@ -10,7 +10,8 @@ access:
 
 * "huggingface": `transformers.CLIPTokenizer` from files already in the local Hugging Face
   cache, called with exactly ControlNet's arguments. Used whenever it loads and gives
-  ControlNet's ids on a probe prompt (see `_PROBE`).
+  ControlNet's ids on a probe prompt (see `_PROBE`); not even imported where it cannot (no
+  ftfy, or transformers 5).
 * "hf-files": the same cached `vocab.json` / `merges.txt` read by our own BPE (sdcanny/clip_bpe.py),
   for the hackathon docker, which has the files but where nothing beyond torch, numpy, opencv and
   onnx may be assumed.
