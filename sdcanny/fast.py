@@ -245,9 +245,10 @@ class FastTorchBackend:
 
     # -- the networks, when a size needs them -------------------------------------------------
 
-    def read_networks(self) -> None:
-        """Reads the checkpoint and moves the networks to the device now, not at the first size."""
-        self.stages
+    def read_networks(self) -> Stages:
+        """The stages, the checkpoint read and the networks moved to the device now where that
+        has not happened yet (else the first size that needs them does it)."""
+        return self.stages
 
     @property
     def stages(self) -> Stages:
