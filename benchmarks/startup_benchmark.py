@@ -115,8 +115,9 @@ def main() -> None:
     meta = {"device": starts[0]["device"], "torch": starts[0]["torch"], "date": time.strftime("%Y-%m-%d"),
             "commit": args.commit, "command": " ".join(sys.argv)}
     (args.out / "startup.json").write_text(json.dumps({"meta": meta, "starts": starts}, indent=1))
-    (args.out / "startup.md").write_text(table(meta, starts))
-    print(table(meta, starts))
+    report = table(meta, starts)
+    (args.out / "startup.md").write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ class FastTorchBackend:
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
-        needs them, or before the graded programs load; prepared programs take the stage modules
+        needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
         `compile`: None (eager), "default" or "max-autotune" (TorchInductor modes).
         `fp32_islands`: normalisations and the time embedding in fp32 (networks.fp32_islands), the
@@ -228,12 +228,14 @@ class FastTorchBackend:
         self.program_range, self.program_variants = programs.record_range(program_dir)
         self.programs = {}
         if "graded" in self.program_variants:  # the size initialize() runs
-            self.read_networks()  # before the programs: see _stage_fns_for
             self._load_programs("graded")
 
     def _load_programs(self, variant: str) -> dict:
         """One kind of size's programs, loaded when a size first needs them: loading every kind
-        took 17-20 s on the H100 machine, most of a start, for kinds a session may never use."""
+        took 17-20 s on the H100 machine, most of a start, for kinds a session may never use.
+        The networks are read first: read after a kind's load, the same read took 3.4-4.1 s instead
+        of 0.2 s on the H100 machine (docs/benchmarks.md)."""
+        self.read_networks()
         start = time.perf_counter()
         self.programs[variant] = programs.load(self.program_dir, (variant,))[variant]
         seconds = time.perf_counter() - start
@@ -291,12 +293,9 @@ class FastTorchBackend:
             variant, problem = self.program_range.variant_for(num_samples, height // 8, width // 8, tokens,
                                                               self.program_variants)
             if variant is not None:
-                # The networks are read before any programs load: read after them, the same read
-                # took 3.4-4.1 s instead of 0.2 s on the H100 machine (docs/benchmarks.md).
-                stages = self.stages
                 loaded = self.programs.get(variant) or self._load_programs(variant)
                 return {name: programs.PreparedStage(name, loaded[name], stage)
-                        for name, stage in stages.items()}, "compiled ahead"
+                        for name, stage in self.stages.items()}, "compiled ahead"
             self._note_once(f"{problem}: that size runs eager")
         if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):
             if self._compiled_here is None:
