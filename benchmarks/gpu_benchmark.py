@@ -53,16 +53,12 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # are current, "jit" compiles in this process (an engine directory without programs); "islands"
 # has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding);
 # "unstacked" is "jit" with one timestep projection per ResBlock (what stack_time_projections saves),
-# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step, "cudnn-convs"
-# "jit" with every 3x3 convolution in cuDNN (what the split-K convolutions save), "split-k-packed" "jit"
-# with the split-K kernels reading their weights output-channels innermost
+# "per-step-kv" "jit" with the text's cross-attention keys and values made at every step
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
-            "per-step-kv": {"compile": "default", "precompute_cross_attention": False},
-            "cudnn-convs": {"compile": "default", "split_k_convs": False},
-            "split-k-packed": {"compile": "default", "split_k_packed": True}}
-COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "cudnn-convs", "split-k-packed")  # run with an engine directory that holds no programs
+            "per-step-kv": {"compile": "default", "precompute_cross_attention": False}}
+COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

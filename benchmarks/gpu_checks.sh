@@ -11,6 +11,8 @@
 #                                            (benchmarks/shape_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh startup ARGS initialize() in fresh processes, by stage
 #                                            (benchmarks/startup_benchmark.py ARGS)
+#   bash benchmarks/gpu_checks.sh breakdown  where one compiled graded step's time goes (stage graphs alone
+#                                            and together, its kernels, attention per SDPA back-end)
 #   bash benchmarks/gpu_checks.sh hint ARGS  the canny map's influence per synthetic control gain
 #                                            (benchmarks/hint_influence.py ARGS)
 # Expects .carry/bpe_simple_vocab_16e6.txt.gz (CLIP's BPE merges, from the open_clip_torch wheel): the
@@ -56,6 +58,9 @@ prepare)
 shapes)
     shift
     python3 benchmarks/shape_benchmark.py --checkpoint $CKPT --out "$OUT" "$@" 2>&1 | tee "$OUT/shapes.log" | tail -50
+    ;;
+breakdown)
+    OUT=$OUT python3 benchmarks/step_breakdown.py $CKPT 2>&1 | tee "$OUT/breakdown.log" | grep -v -i warn | tail -20
     ;;
 startup)
     shift

@@ -3,7 +3,7 @@ alone and together (the ControlNet, the UNet's encoder half, both on two streams
 half), one step's kernels with stream, start, duration and grid (step_kernels.csv), and each
 attention shape of the step under each SDPA back-end. Compiles in-process (about 90 s).
 
-    python3 benchmarks/step_breakdown.py   # writes stage_times.txt, step_kernels.csv, attention.md to $OUT
+    python3 benchmarks/step_breakdown.py [CHECKPOINT]   # writes stage_times.txt, step_kernels.csv, attention.md to $OUT
 """
 import json
 import os
@@ -26,9 +26,8 @@ from sdcanny.stages import step_inputs  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/diag"))
 OUT.mkdir(parents=True, exist_ok=True)
-variant = sys.argv[1] if len(sys.argv) > 1 else "jit"
-opts = {"compile": "default"}
-h = hackathon(backend="torch", checkpoint=Path("/tmp/sd15.pth"), engine_dir=NO_PROGRAMS_DIR, backend_options=opts)
+CHECKPOINT = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/sd15.pth")
+h = hackathon(backend="torch", checkpoint=CHECKPOINT, engine_dir=NO_PROGRAMS_DIR, backend_options={"compile": "default"})
 t0 = time.perf_counter()
 h.initialize()
 print(f"initialize {time.perf_counter() - t0:.1f} s", flush=True)

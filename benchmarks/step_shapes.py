@@ -68,7 +68,7 @@ def step_operations(cfg, device, dtype) -> Counter:
     """Every matrix product and convolution of one step at the graded size, with its count."""
     with torch.device("cpu"):
         nets = build_networks(cfg)
-    backend = FastTorchBackend(Networks(**nets, dropped={}), device, dtype=dtype, compile=None, split_k_convs=False)
+    backend = FastTorchBackend(Networks(**nets, dropped={}), device, dtype=dtype, compile=None)
     stages = backend.stages
     inputs = example_inputs(stages, cfg, backend.device, dtype, 1, GRADED_LATENT)
     recorder = _Recorder()

@@ -44,7 +44,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, programs, split_k
+from . import compat, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import BasicTransformerBlock, index_cross_attention, stack_time_projections, to_mixed_precision
@@ -144,8 +144,7 @@ class FastTorchBackend:
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
-                 precompute_cross_attention: bool = True, split_k_convs: bool = True,
-                 split_k_packed: bool = False):
+                 precompute_cross_attention: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -157,11 +156,7 @@ class FastTorchBackend:
         `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
         network and step (networks.stack_time_projections); off only to measure what it buys.
         `precompute_cross_attention`: the text's cross-attention keys and values made once per image
-        (networks.index_cross_attention); off only to measure what it buys.
-        `split_k_convs`: the ControlNet's and UNet's small 3x3 convolutions through Triton kernels
-        split along K (sdcanny/split_k.py), where torch and triton allow; off only to measure
-        what it buys. `split_k_packed`: those kernels read a second copy of their weights with the
-        output channels innermost, only to measure that layout against the channels-last one."""
+        (networks.index_cross_attention); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -172,13 +167,8 @@ class FastTorchBackend:
         self.tune_new_sizes = tune_new_sizes
         self.stack_time_projections = stack_time_projections
         self.precompute_cross_attention = precompute_cross_attention
-        self.notes: list[str] = []  # one line each, printed by initialize()
-        unavailable = split_k.unavailable_reason(self.device) if split_k_convs else None
-        if unavailable is not None and self.device.type == "cuda":
-            self.notes.append(unavailable)
-        self.split_k_convs = split_k_convs and unavailable is None
-        self.split_k_packed = split_k_packed and self.split_k_convs
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -224,8 +214,7 @@ class FastTorchBackend:
         """What prepared programs must have been built from to serve this back-end."""
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
                     "stack_time_projections": self.stack_time_projections,
-                    "precompute_cross_attention": self.precompute_cross_attention,
-                    "split_k_convs": self.split_k_convs, "split_k_packed": self.split_k_packed}
+                    "precompute_cross_attention": self.precompute_cross_attention}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -295,9 +284,6 @@ class FastTorchBackend:
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):
                 net.to(memory_format=torch.channels_last)
-        if self.split_k_convs:  # after channels-last: the kernels read the weights in that layout
-            for net in (nets.controlnet, nets.unet):
-                split_k.use_split_k(net, split_k.sm_count(self.device), self.split_k_packed)
         return Stages.of(nets.clip, nets.controlnet, nets.unet, nets.vae, channels_last)
 
     def _stage_fns_for(self, sizes: tuple) -> tuple[dict, str]:
