@@ -47,7 +47,6 @@ for img in imgs * 2:
 print(f"graded ms: {sorted(ms)} median {sorted(ms)[len(ms)//2]:.1f}", flush=True)
 
 x2, t = step_inputs(b.x, b.step_row, backend.dtype)
-side = backend.side_stream
 
 
 def ctl():
@@ -58,62 +57,50 @@ def enc():
     return fns["unet_encode"](x2, t, b.unet_context)
 
 
-state = {}
+def both():  # as the step runs them: the ControlNet on the side stream beside the encoder half
+    return backend.encoder_halves(fns, b, x2, t)
 
 
-def both():
-    main = torch.cuda.current_stream()
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        state["controls"] = ctl()
-    state["enc"] = enc()
-    main.wait_stream(side)
-
-
-both()
+controls, (hh, skips, emb) = both()
 torch.cuda.synchronize()
-hh, skips, emb = state["enc"]
-controls = state["controls"]
 
 
 def dec():
     return fns["unet_decode"](hh, skips, emb, b.unet_context, controls, b.x.clone(), b.step_row, b.guidance, b.noise)
 
 
-def graph_ms(fn, n=50):
+def replay_ms(graph, replays: int, rounds: int) -> float:
+    """Milliseconds per replay: the median over `rounds` of `replays` back-to-back replays."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, replays=50, rounds=5):
+    """fn captured alone into a graph (after one uncaptured run), timed by replay_ms."""
     fn()
     torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
-    g.replay()
+    graph.replay()
     torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    res = []
-    for _ in range(5):
-        e0.record()
-        for _ in range(n):
-            g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        res.append(e0.elapsed_time(e1) / n)
-    return sorted(res)[2], g
+    return replay_ms(graph, replays, rounds)
 
 
 lines = []
 for name, fn in (("control alone", ctl), ("unet_encode alone", enc), ("control || unet_encode", both),
                  ("unet_decode alone", dec)):
-    m, _ = graph_ms(fn)
-    lines.append(f"{name}: {m:.3f} ms")
+    lines.append(f"{name}: {graph_ms(fn):.3f} ms")
 for name in ("encode", "step", "decode"):
-    g = run.graphs[name]
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(20):
-        g.replay()
-    e1.record()
-    torch.cuda.synchronize()
-    lines.append(f"graph {name}: {e0.elapsed_time(e1) / 20:.3f} ms")
+    lines.append(f"graph {name}: {replay_ms(run.graphs[name], replays=20, rounds=1):.3f} ms")
 print("\n".join(lines), flush=True)
 (OUT / "stage_times.txt").write_text("\n".join(lines) + "\n")
 
@@ -161,17 +148,18 @@ with torch.no_grad(), rec:
     e2 = st.unet_encode(x2, t, b.unet_context)
     st.unet_decode(*e2, b.unet_context, cs, b.x.clone(), b.step_row, b.guidance, b.noise)
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-att = ["| q | k | eager op | count | " + " | ".join(x.name for x in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)) + " |"]
+SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+att = ["| q | k | eager op | count | " + " | ".join(x.name for x in SDPA_BACKENDS) + " |"]
 for (qs, ks, op), n in sorted(rec.seen.items()):
     q = torch.randn(qs, device="cuda", dtype=torch.float16)
     k = torch.randn(ks, device="cuda", dtype=torch.float16)
     v = torch.randn(ks, device="cuda", dtype=torch.float16)
     cells = []
-    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+    for be in SDPA_BACKENDS:
         try:
             with sdpa_kernel(be):
-                m, _ = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v), n=20)
-            cells.append(f"{m * 1000:.1f}")
+                per_call = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v), replays=20)
+            cells.append(f"{per_call * 1000:.1f}")
         except Exception as exc:  # a backend that does not take the shape
             cells.append(f"n/a ({type(exc).__name__})")
     att.append(f"| {qs} | {ks} | {op} | {n} | " + " | ".join(cells) + " |")

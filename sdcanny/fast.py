@@ -325,19 +325,25 @@ class FastTorchBackend:
             if self.step_callback is not None:
                 self.step_callback(n, b.x.clone())
 
-    def _step(self, fns: dict, b: Buffers) -> None:
-        """One sampler step on b.x, the ControlNet forked onto the side stream (on a GPU) while the
-        UNet's encoder half runs here; the two join before the decoder half."""
-        x2, t = step_inputs(b.x, b.step_row, self.dtype)
+    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor, t: torch.Tensor) -> tuple:
+        """(the ControlNet's residuals, the UNet encoder half's (h, skips, emb)) for x2 and t: the
+        ControlNet forked onto the side stream (on a GPU) while the encoder half runs here, the two
+        joined before this returns."""
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
             controls = fns["control"](x2, t, b.control_context, b.hint_features, b.control_scales)
-        h, skips, emb = fns["unet_encode"](x2, t, b.unet_context)
+        encoded = fns["unet_encode"](x2, t, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
+        return controls, encoded
+
+    def _step(self, fns: dict, b: Buffers) -> None:
+        """One sampler step on b.x: the encoder halves, then the decoder half."""
+        x2, t = step_inputs(b.x, b.step_row, self.dtype)
+        controls, (h, skips, emb) = self.encoder_halves(fns, b, x2, t)
         b.x.copy_(fns["unet_decode"](h, skips, emb, b.unet_context, controls, b.x, b.step_row, b.guidance, b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
