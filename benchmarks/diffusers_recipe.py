@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdcanny.image import work_image_and_edges  # noqa: E402
+from sdcanny.image import hwc3, work_image_and_edges  # noqa: E402
 
 # SD1.5's UNet, VAE and CLIP text encoder (models/cldm_v15.yaml), and a miniature for CPU checks
 CONFIGS = {
@@ -77,7 +77,7 @@ def build_pipeline(config: str = "sd15", device: str = "cuda", dtype: torch.dtyp
 
 def canny_map(image: np.ndarray, resolution: int = 256, low: int = 100, high: int = 200) -> np.ndarray:
     """What the original's process() feeds the ControlNet: the resized image's Canny edges, HWC3."""
-    return work_image_and_edges(image, resolution, low, high)[1]
+    return hwc3(work_image_and_edges(image, resolution, low, high)[1])
 
 
 def recipe_call(pipe, image: np.ndarray, prompt: str, negative: str, steps: int, scale: float, seed: int,

@@ -1,12 +1,16 @@
 """The fast PyTorch back-end: fp16 stages, batched guidance, CUDA-graph-captured sampling.
 
-Per image the GPU work is three captured graphs:
+Per image the GPU work is four captured graphs:
 
-    encode  CLIP on [cond, uncond] tokens (batch 2N) and the ControlNet hint block (once per image)
+    text    CLIP on [cond, uncond] tokens (batch 2N) and the cross-attention keys and values; only
+            when the prompts differ from the last call's at that size
+    hint    the ControlNet hint block
     step    one DDIM step, replayed once per step: the ControlNet on a second stream beside the
             UNet's encoder half, then the decoder half, guidance and the DDIM update in fp32
             (sdcanny/stages.py)
     decode  VAE decoder and the uint8 HWC conversion
+
+Every step's time embedding is made once per schedule, ahead of the loop (Stages.time_rows).
 
 The stages run in one of three forms, chosen per size (num_samples, height, width):
 
@@ -17,10 +21,10 @@ The stages run in one of three forms, chosen per size (num_samples, height, widt
                      warm-up, the graded call); used where there are no current programs
     eager            every other size: the networks' own kernels, still CUDA-graph captured
 
-Each of the three parts runs uncaptured the first time it runs at a size (its warm-up:
+Each of the four parts runs uncaptured the first time it runs at a size (its warm-up:
 compilation in the in-process form, library handles, kernel tuning), is captured the next time,
 and is replayed from then on. The step's next time is the next step, so a size's first call already
-replays 19 of its 20 steps; encode and decode are captured at its second call. A size never seen
+replays 19 of its 20 steps; text, hint and decode are captured at its second call. A size never seen
 before costs about one step more than a prepared one, and never a compilation outside the
 in-process form's one size. cuDNN times its convolution algorithms for the first size
 (initialize()'s, the graded one); later sizes take its heuristic choice rather than timing every
@@ -70,19 +74,21 @@ def step_table(schedule) -> torch.Tensor:
 class Buffers:
     """Static inputs and outputs of the captured graphs for one size."""
     tokens: torch.Tensor  # int64 (2N, 77)
-    hint: torch.Tensor  # fp32 (N, 3, H, W)
+    edges: torch.Tensor  # uint8 (N, 1, H, W): the canny map, one row per sample
     control_scales: torch.Tensor  # fp32 (2N, 13)
     guidance: torch.Tensor  # fp32 scalar
     x: torch.Tensor  # fp32 (N, 4, h, w): the initial noise, updated in place by each step
     step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
-    noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise`
-    # Written by encode (copied into, once they exist: a step captured before encode reads them):
+    noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise` (zeros when eta = 0)
+    time_row: torch.Tensor | None = None  # (1, columns): this step's row of the schedule's time_rows
+    # Written by text and hint (copied into, once they exist: a step captured before them reads them):
     control_context: torch.Tensor | list | None = None  # the context as each network takes it
     unet_context: torch.Tensor | list | None = None
     hint_features: torch.Tensor | None = None
     # Read only outside the graphs, so a new step count reallocates them and captures nothing:
     steps: torch.Tensor | None = None  # fp32 (S, 8): step_table, in ascending timestep order
-    step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); stays zero when eta = 0
+    time_rows: torch.Tensor | None = None  # (S, columns): Stages.time_rows of `steps`' timesteps
+    step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); read only where eta > 0
     images: torch.Tensor | None = None  # uint8 (N, H, W, 3), written by decode
 
 
@@ -93,17 +99,18 @@ class Run:
     fns: dict  # stage name -> callable
     form: str  # "compiled ahead", "compiled here" or "eager"
     tune_convs: bool  # cuDNN times its convolution algorithms for this size (else its heuristics choose)
-    graphs: dict = field(default_factory=dict)  # part name ("encode", "step", "decode") -> its CUDA graph
+    graphs: dict = field(default_factory=dict)  # part name ("text", "hint", "step", "decode") -> its CUDA graph
     warmed: set = field(default_factory=set)  # the parts that have run once uncaptured
     pool: tuple | None = None  # the memory pool the size's graphs share
     first_call_s: float | None = None  # host clock, device synchronised
     capture_s: float = 0.0  # seconds spent capturing, all parts together
+    text_tokens: np.ndarray | None = None  # the tokens whose text encoding the buffers hold
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
     """What the stages' tensor shapes, and so a size's graphs, depend on: (num_samples, height,
     width, tokens). Not the step count: the loop replays one step's graph per step."""
-    return (request.num_samples, *request.hint.shape[2:], request.cond_tokens.shape[1])
+    return (request.num_samples, *request.edges.shape, request.cond_tokens.shape[1])
 
 
 def copy_into(destination, source) -> None:
@@ -144,7 +151,7 @@ class FastTorchBackend:
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
-                 precompute_cross_attention: bool = True):
+                 precompute_cross_attention: bool = True, reuse_text: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -155,8 +162,11 @@ class FastTorchBackend:
         always does); off, they take cuDNN's heuristic choice and start seconds sooner.
         `stack_time_projections`: the ResBlocks' timestep projections as one matrix product per
         network and step (networks.stack_time_projections); off only to measure what it buys.
-        `precompute_cross_attention`: the text's cross-attention keys and values made once per image
-        (networks.index_cross_attention); off only to measure what it buys."""
+        `precompute_cross_attention`: the text's cross-attention keys and values made with the text
+        encoding, not at every step (networks.index_cross_attention); off only to measure what it buys.
+        `reuse_text`: a call whose prompts give the tokens of the last call at its size keeps that
+        call's text encoding (CLIP, the keys and values) instead of making it again; off only to
+        measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -167,6 +177,7 @@ class FastTorchBackend:
         self.tune_new_sizes = tune_new_sizes
         self.stack_time_projections = stack_time_projections
         self.precompute_cross_attention = precompute_cross_attention
+        self.reuse_text = reuse_text
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -197,6 +208,7 @@ class FastTorchBackend:
         self.last_stage_ms: dict[str, float] = {}
         self.last_latents: torch.Tensor | None = None
         self.last_form: str | None = None
+        self._time_rows: OrderedDict = OrderedDict()  # schedule -> Stages.time_rows of its timesteps
 
     @classmethod
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",
@@ -310,58 +322,89 @@ class FastTorchBackend:
     # per step after copying that step's row in. A capture then costs one step's launches, not
     # twenty steps' (about a second at every size on the H100, docs/benchmarks.md).
 
-    def _encode(self, fns: dict, b: Buffers) -> None:
-        outputs = fns["encode"](b.tokens, b.hint)
-        if b.hint_features is None:
-            b.control_context, b.unet_context, b.hint_features = outputs
+    def _text(self, fns: dict, b: Buffers) -> None:
+        outputs = fns["text"](b.tokens)
+        if b.control_context is None:
+            b.control_context, b.unet_context = outputs
         else:  # the step's graph reads these very tensors
-            copy_into((b.control_context, b.unet_context, b.hint_features), outputs)
+            copy_into((b.control_context, b.unet_context), outputs)
 
-    def _loop(self, b: Buffers, step: Callable[[], None]) -> None:
+    def _hint(self, fns: dict, b: Buffers) -> None:
+        features = fns["hint"](b.edges)
+        if b.hint_features is None:
+            b.hint_features = features
+        else:
+            b.hint_features.copy_(features)
+
+    def _loop(self, b: Buffers, step: Callable[[], None], step_noise: bool) -> None:
         for n, i in enumerate(reversed(range(len(b.steps)))):
             b.step_row.copy_(b.steps[i])
-            b.noise.copy_(b.step_noise[i])
+            b.time_row.copy_(b.time_rows[i:i + 1])
+            if step_noise:  # else b.noise holds zeros (_draw_noise)
+                b.noise.copy_(b.step_noise[i])
             step()
             if self.step_callback is not None:
                 self.step_callback(n, b.x.clone())
 
-    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor, t: torch.Tensor) -> tuple:
-        """(the ControlNet's residuals, the UNet encoder half's (h, skips, emb)) for x2 and t: the
-        ControlNet forked onto the side stream (on a GPU) while the encoder half runs here, the two
-        joined before this returns."""
+    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor) -> tuple:
+        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x2 at the step in
+        b.time_row: the ControlNet forked onto the side stream (on a GPU) while the encoder half
+        runs here, the two joined before this returns."""
+        control_time, unet_time = self.stages.split_time_row(b.time_row)
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = fns["control"](x2, t, b.control_context, b.hint_features, b.control_scales)
-        encoded = fns["unet_encode"](x2, t, b.unet_context)
+            controls = fns["control"](x2, control_time, b.control_context, b.hint_features, b.control_scales)
+        encoded = fns["unet_encode"](x2, unet_time, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
         return controls, encoded
 
     def _step(self, fns: dict, b: Buffers) -> None:
         """One sampler step on b.x: the encoder halves, then the decoder half."""
-        x2, t = step_inputs(b.x, b.step_row, self.dtype)
-        controls, (h, skips, emb) = self.encoder_halves(fns, b, x2, t)
-        b.x.copy_(fns["unet_decode"](h, skips, emb, b.unet_context, controls, b.x, b.step_row, b.guidance, b.noise))
+        x2 = step_inputs(b.x, self.dtype)
+        controls, (h, skips) = self.encoder_halves(fns, b, x2)
+        unet_time = self.stages.split_time_row(b.time_row)[1]
+        b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.x, b.step_row, b.guidance,
+                                     b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
         b.images = fns["decode"](b.x)
 
-    STAGES = ("encode", "loop", "decode")
+    STAGES = ("encode", "loop", "decode")  # as time_stages reports them: encode is text and hint
 
     def _parts(self, fns: dict, b: Buffers) -> dict:
         """The parts that are captured, each as one graph."""
-        return {"encode": lambda: self._encode(fns, b), "step": lambda: self._step(fns, b),
-                "decode": lambda: self._decode(fns, b)}
+        return {"text": lambda: self._text(fns, b), "hint": lambda: self._hint(fns, b),
+                "step": lambda: self._step(fns, b), "decode": lambda: self._decode(fns, b)}
 
-    def _stage_calls(self, run: Run) -> list:
-        """The three stages to run; each part uncaptured, captured or replayed as its run stands."""
+    def _stage_calls(self, run: Run, request: GenerationRequest) -> list:
+        """The three stages to run; each part uncaptured, captured or replayed as its run stands.
+        The text part runs only where the request's tokens are not what the buffers already hold."""
         parts = self._parts(run.fns, run.buffers)
         if self.cuda_graphs and self.step_callback is None:
             parts = {name: functools.partial(self._run_part, run, name, part) for name, part in parts.items()}
-        return [parts["encode"], lambda: self._loop(run.buffers, parts["step"]), parts["decode"]]
+        tokens = self._new_tokens(run, request)
+
+        def encode():
+            if tokens is not None:
+                run.text_tokens = None  # until the text part has run on them
+                run.buffers.tokens.copy_(torch.from_numpy(tokens))
+                parts["text"]()
+                run.text_tokens = tokens
+            parts["hint"]()
+
+        return [encode, lambda: self._loop(run.buffers, parts["step"], request.has_step_noise), parts["decode"]]
+
+    def _new_tokens(self, run: Run, request: GenerationRequest) -> np.ndarray | None:
+        """The request's tokens, [cond, uncond], or None where the run's buffers hold their text
+        encoding already (and reuse_text holds)."""
+        tokens = np.concatenate([request.cond_tokens.numpy(), request.uncond_tokens.numpy()])
+        if self.reuse_text and run.text_tokens is not None and np.array_equal(tokens, run.text_tokens):
+            return None
+        return tokens
 
     def _run_part(self, run: Run, name: str, part: Callable[[], None]) -> None:
         """The first run of a part at a size is uncaptured (its warm-up); the next captures it, then
@@ -377,11 +420,11 @@ class FastTorchBackend:
     # -- buffers, capture, replay -------------------------------------------------------------
 
     def _new_buffers(self, request: GenerationRequest) -> Buffers:
-        n, (_, _, h, w) = request.num_samples, request.hint.shape
+        n, (h, w) = request.num_samples, request.edges.shape
         dev, f32 = self.device, torch.float32
         return Buffers(
             tokens=torch.zeros(2 * n, request.cond_tokens.shape[1], dtype=torch.long, device=dev),
-            hint=torch.zeros(n, 3, h, w, dtype=f32, device=dev),
+            edges=torch.zeros(n, 1, h, w, dtype=torch.uint8, device=dev),
             control_scales=torch.zeros(2 * n, len(request.control_scales), dtype=f32, device=dev),
             guidance=torch.zeros((), dtype=f32, device=dev),
             x=torch.zeros(request.latent_shape, dtype=f32, device=dev),
@@ -393,20 +436,35 @@ class FastTorchBackend:
         if b.steps is None or len(b.steps) != steps:
             b.steps = torch.zeros(steps, STEP_ROW, dtype=torch.float32, device=self.device)
             b.step_noise = torch.zeros((steps, *request.latent_shape), dtype=torch.float32, device=self.device)
+        b.time_rows = self._time_rows_of(request.schedule)
+        if b.time_row is None:
+            b.time_row = torch.zeros_like(b.time_rows[:1])
+
+    def _time_rows_of(self, schedule) -> torch.Tensor:
+        """Stages.time_rows for the schedule's timesteps, made at its first call (eager: a few
+        small kernels) and kept for the last 16 schedules."""
+        rows = self._time_rows.pop(schedule, None)
+        if rows is None:
+            timesteps = step_table(schedule)[:, 0].to(self.device)
+            with torch.no_grad():
+                rows = self.stages.time_rows(timesteps)
+        self._time_rows[schedule] = rows
+        while len(self._time_rows) > 16:
+            self._time_rows.popitem(last=False)
+        return rows
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
         x, step_noise = draw_noise(request, self.device)
         b.x.copy_(x)
         if step_noise is not None:
             b.step_noise.copy_(step_noise)
-        else:  # sigma is 0 then, so any finite noise would do; zeros say so
-            b.step_noise.zero_()
+        else:  # sigma is 0 then, so any finite noise would do; zeros say so, and no step copies them
+            b.noise.zero_()
 
     def _copy_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op
         on a 16-core host); each buffer then takes one host-to-device copy, with no dtype change."""
-        b.tokens.copy_(torch.from_numpy(np.concatenate([request.cond_tokens.numpy(), request.uncond_tokens.numpy()])))
-        b.hint.copy_(request.hint)
+        b.edges.copy_(torch.from_numpy(np.repeat(request.edges[None, None], request.num_samples, axis=0)))
         rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
         b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)))
         b.guidance.fill_(request.guidance_scale)
@@ -428,7 +486,7 @@ class FastTorchBackend:
         run.pool = graph.pool()
         run.graphs[name] = graph
         run.capture_s += time.perf_counter() - start
-        if len(self.runs) == 1:  # the step's graph at the first size's first call, encode's and decode's at its second
+        if len(self.runs) == 1:  # the step's graph at the first size's first call, the others' at its second
             self.startup["first size capture"] = run.capture_s
 
     def _run_for(self, request: GenerationRequest) -> Run:
@@ -474,7 +532,7 @@ class FastTorchBackend:
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
-            self._run_stages(self._stage_calls(run))
+            self._run_stages(self._stage_calls(run, request))
 
     def _run_stages(self, stages: list) -> None:
         if not (self.time_stages and self.device.type == "cuda"):

@@ -67,7 +67,7 @@ def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndar
 
 def work_image_and_edges(image: np.ndarray, resolution: int, low_threshold: float,
                          high_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The original process()'s first steps: the input at the work size, and its Canny edges as
-    three channels (the ControlNet's hint)."""
+    """The original process()'s first steps: the input at the work size, and its Canny edges, one
+    channel of 0s and 255s (hwc3 of it is the original's three-channel map, the ControlNet's hint)."""
     work = resize_image(hwc3(image), resolution)
-    return work, hwc3(canny(work, low_threshold, high_threshold))
+    return work, canny(work, low_threshold, high_threshold)

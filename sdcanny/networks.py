@@ -423,19 +423,20 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 controls: list[torch.Tensor] | None = None) -> torch.Tensor:
-        return self.decode(*self.encode(x, timesteps, context), context, controls)
-
-    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor):
-        """The input blocks and the middle block: (h, skips, emb). Independent of the ControlNet,
-        so the fast back-end runs it concurrently with the ControlNet. `emb` is what embed_time
-        gives, for the output blocks' ResBlocks too."""
         emb = embed_time(self, timesteps)
+        return self.decode(*self.encode(x, emb, context), emb, context, controls)
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor):
+        """The input blocks and the middle block: (h, skips). Independent of the ControlNet, so the
+        fast back-end runs it concurrently with the ControlNet. `emb` is what embed_time gives (a
+        row per sample, or one row for every sample): it depends on the timestep alone, so the fast
+        back-end makes every step's row once, ahead of the loop."""
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        return self.middle_block(h, emb, context), skips, emb
+        return self.middle_block(h, emb, context), skips
 
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
                controls: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -489,7 +490,11 @@ class ControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 hint_features: torch.Tensor) -> list[torch.Tensor]:
-        emb = embed_time(self, timesteps)
+        return self.residuals(x, embed_time(self, timesteps), context, hint_features)
+
+    def residuals(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                  hint_features: torch.Tensor) -> list[torch.Tensor]:
+        """forward() with the time embedding made already (embed_time; see UNet.encode)."""
         outs = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

@@ -96,12 +96,14 @@ class ShapeRange:
 GRADED_LATENT = (32, 48)  # 256x384 pixels
 
 # Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples) or None
-# (per-call values). Every 4-D input's height and width are multiples of the latent's / 8.
+# (per-call values; the time rows are one row for every sample). Every 4-D input's height and
+# width are multiples of the latent's / 8.
 BATCH_AXES = {
-    "encode": ("2N", "N"),
-    "control": ("2N", "2N", "2N", "2N", "2N"),
-    "unet_encode": ("2N", "2N", "2N"),
-    "unet_decode": ("2N", "2N", "2N", "2N", "2N", "N", None, None, "N"),
+    "text": ("2N",),
+    "hint": ("N",),
+    "control": ("2N", None, "2N", "2N", "2N"),
+    "unet_encode": ("2N", None, "2N"),
+    "unet_decode": ("2N", "2N", None, "2N", "2N", "N", None, None, "N"),
     "decode": ("N",),
 }
 
@@ -112,19 +114,22 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     n, (h, w) = num_samples, latent
     g = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, token_count), device=device, generator=g)
-    hint = torch.rand(n, 3, 8 * h, 8 * w, device=device, generator=g)
+    edges = 255 * torch.randint(0, 2, (n, 1, 8 * h, 8 * w), device=device, generator=g, dtype=torch.uint8)
     x = torch.randn(n, 4, h, w, device=device, generator=g)
     step = torch.tensor([500, 0.3, 0.4, 0.1, 0.8] + [0] * (STEP_ROW - 5), dtype=torch.float32, device=device)
     scales = torch.ones(2 * n, cfg.unet.num_control_residuals, device=device)
     guidance = torch.tensor(9.0, device=device)
     with torch.no_grad():
-        control_context, unet_context, features = stages.encode(tokens, hint)
-        x2, t = step_inputs(x, step, dtype)
-        controls = stages.control(x2, t, control_context, features, scales)
-        hidden, skips, emb = stages.unet_encode(x2, t, unet_context)
-    return {"encode": (tokens, hint), "control": (x2, t, control_context, features, scales),
-            "unet_encode": (x2, t, unet_context),
-            "unet_decode": (hidden, skips, emb, unet_context, controls, x, step, guidance, torch.randn_like(x)),
+        control_context, unet_context = stages.text(tokens)
+        features = stages.hint(edges)
+        x2 = step_inputs(x, dtype)
+        time_row = stages.time_rows(step[:1])
+        control_time, unet_time = stages.split_time_row(time_row)
+        controls = stages.control(x2, control_time, control_context, features, scales)
+        hidden, skips = stages.unet_encode(x2, unet_time, unet_context)
+    return {"text": (tokens,), "hint": (edges,), "control": (x2, control_time, control_context, features, scales),
+            "unet_encode": (x2, unet_time, unet_context),
+            "unet_decode": (hidden, skips, unet_time, unet_context, controls, x, step, guidance, torch.randn_like(x)),
             "decode": (x,)}
 
 

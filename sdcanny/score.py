@@ -36,7 +36,7 @@ from .backends import BACKENDS, fastest_available, unavailable_reason
 from .checkpoint import CheckpointError, missing_checkpoint_message
 from .config import CONFIGS
 from .ddim import ddim_timesteps
-from .image import stand_in_photo, work_image_and_edges
+from .image import hwc3, stand_in_photo, work_image_and_edges
 from .optional import optional, progress
 from .paths import OUTPUTS_DIR, default_checkpoint
 from .pipeline import GRADED_CALL, GRADED_IMAGE_SHAPE
@@ -676,7 +676,7 @@ def run(opts: ScoreOptions, make_hackathon: Callable | None = None, echo=print) 
         resized, edges = work_image_and_edges(img.image, opts.resolution, GRADED["low_threshold"],
                                               GRADED["high_threshold"])
         diff = np.clip(metrics.abs_diff(c, r).astype(np.int32) * DIFF_GAIN, 0, 255).astype(np.uint8)
-        sheet_rows.append({"cells": [resized, edges, r, c, diff],
+        sheet_rows.append({"cells": [resized, hwc3(edges), r, c, diff],
                            "lines": [img.name[:26], f"PSNR {fmt_psnr(row['psnr'])} dB", f"SSIM {fmt_ssim(row['ssim'])}",
                                      f"PD {fmt_pd(row['pd'])}", f"max|diff| {row['max_abs_diff']}",
                                      f"{fmt_ms(lat)} ms"]})

@@ -60,10 +60,11 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
     i = 13
     with torch.no_grad():
         step = step_table(sched)[i]
-        x2, t2 = step_inputs(x, step, torch.float32)
-        controls = stages.control(x2, t2, ctx, feats, scales)
-        h, skips, emb = stages.unet_encode(x2, t2, ctx)
-        got = stages.unet_decode(h, skips, emb, ctx, controls, x, step, torch.tensor(7.5), torch.zeros_like(x))
+        x2 = step_inputs(x, torch.float32)
+        control_time, unet_time = stages.split_time_row(stages.time_rows(step_table(sched)[:, 0])[i:i + 1])
+        controls = stages.control(x2, control_time, ctx, feats, scales)
+        h, skips = stages.unet_encode(x2, unet_time, ctx)
+        got = stages.unet_decode(h, skips, unet_time, ctx, controls, x, step, torch.tensor(7.5), torch.zeros_like(x))
         t = sched.timesteps[i:i + 1]
         e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
         e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
@@ -75,23 +76,24 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
 @needs_cuda
 def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
     """One back-end meets several sizes in turn (and comes back to the first, whose graphs were
-    released). A size's first call runs encode, the first step and decode uncaptured and replays the
-    step's graph from the second step on; its second call captures encode and decode too: both equal
-    the never-captured back-end's results bit for bit."""
+    released). A size's first call runs text, hint, the first step and decode uncaptured and replays
+    the step's graph from the second step on; its second call (the same prompts) captures hint and
+    decode and keeps the text encoding; a third with other prompts captures text: all equal the
+    never-captured back-end's results bit for bit."""
     request_args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64,
                         ddim_steps=6, guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3,
                         low_threshold=100, high_threshold=200)
     sizes = [dict(), dict(num_samples=2), dict(image_resolution=128), dict(num_samples=3, eta=0.0), dict()]
     pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None,
                                           cuda_graphs=graphs, max_captured_sizes=2), TINY) for graphs in (False, True)]
+    graphs_after = {"first": {"step"}, "second": {"hint", "step", "decode"}, "other prompts": set(STAGE_PARTS)}
     for size in sizes:
-        args = {**request_args, **size}
-        for call in ("first", "second"):
+        for call, want in graphs_after.items():
+            args = {**request_args, **size, **({"prompt": "a jug"} if call == "other prompts" else {})}
             (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
                                                for pipe in pipes]
             run = next(reversed(pipes[1].backend.runs.values()))
-            want = {"step"} if call == "first" else {"encode", "step", "decode"}
-            assert set(run.graphs) == want and run.warmed == {"encode", "step", "decode"}, (size, call)
+            assert set(run.graphs) == want and run.warmed == set(STAGE_PARTS), (size, call)
             torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
             assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), (size, call)
     assert len(pipes[1].backend.runs) == 2 and all(run.graphs for run in pipes[1].backend.runs.values())
@@ -99,6 +101,32 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
     (eager, captured) = [pipe.process(photo(), **{**request_args, "ddim_steps": 4}) for pipe in pipes]
     assert next(reversed(pipes[1].backend.runs.values())).graphs == graphs  # another step count: same graphs
     assert all(np.array_equal(a, b) for a, b in zip(eager, captured))
+
+
+STAGE_PARTS = ("text", "hint", "step", "decode")
+
+
+def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
+    """Prompts A, A, B, A at one size: the text stage runs for the first A, B and the last A only,
+    and every result equals a fresh back-end's for the same prompts."""
+    args = dict(a_prompt="", n_prompt="low", num_samples=1, image_resolution=64, ddim_steps=4, guess_mode=False,
+                strength=1.0, scale=9.0, seed=5, eta=0.0, low_threshold=100, high_threshold=200)
+
+    def pipe():
+        return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                            compile=None), TINY)
+
+    kept = pipe()
+    kept.process(photo(), prompt="a cup", **args)
+    run = next(iter(kept.backend.runs.values()))
+    text_calls = []
+    text = run.fns["text"]
+    run.fns["text"] = lambda tokens: text_calls.append(tokens.clone()) or text(tokens)
+    for prompt in ("a cup", "a jug", "a cup"):
+        got = kept.process(photo(), prompt=prompt, **args)
+        want = pipe().process(photo(), prompt=prompt, **args)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), prompt
+    assert len(text_calls) == 2 and not torch.equal(text_calls[0], text_calls[1])
 
 
 def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):

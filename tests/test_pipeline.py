@@ -172,9 +172,8 @@ def test_default_paths_are_the_projects_with_the_docker_checkpoint_as_fallback(t
 
 def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
     """The hint is the original's (resize, Canny, HWC3, / 255, one per sample, NCHW), and on the
-    test checkpoint (synthetic.HINT_GAIN) a hint that is ignored or flipped changes the image far
-    beyond rounding, so the fidelity comparisons elsewhere see such errors. A channel swap cannot
-    change anything: the canny map's three channels are equal, which is asserted too."""
+    test checkpoint (synthetic.HINT_GAIN) edges that are ignored or flipped change the image far
+    beyond rounding, so the fidelity comparisons elsewhere see such errors."""
     from sdcanny.image import resize_image
     pipeline, backend = tiny.pipeline, tiny.pipeline.backend
     args = (photo, "a cat", A_PROMPT, N_PROMPT, 2, 64, 4, False, 1.0, 9.0, 12345, 0.0, 100, 200)
@@ -182,19 +181,19 @@ def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
     control = torch.from_numpy(np.stack([detected] * 3, axis=-1).copy()).float() / 255.0
     expected = torch.stack([control] * 2).permute(0, 3, 1, 2).contiguous()  # einsum('b h w c -> b c h w')
     request = pipeline.request(*args)
+    assert np.array_equal(request.edges, detected) and set(np.unique(detected)) == {0, 255}
     assert torch.equal(request.hint, expected)
     base = backend.generate(request)
 
-    def with_hint(hint):
+    def with_edges(edges):
         import dataclasses
-        return backend.generate(dataclasses.replace(pipeline.request(*args), hint=hint.contiguous()))  # re-seeded
+        return backend.generate(dataclasses.replace(pipeline.request(*args), edges=np.ascontiguousarray(edges)))
 
     from sdcanny.metrics import psnr
-    assert np.array_equal(with_hint(expected.clone()), base)  # same hint, same seed: same image
-    for name, wrong in (("ignored", torch.zeros_like(expected)), ("flipped", expected.flip(-1)),
-                        ("upside down", expected.flip(-2))):
-        assert psnr(with_hint(wrong)[0], base[0]) < 25, name
-    assert np.array_equal(with_hint(expected[:, [2, 1, 0]]), base)
+    assert np.array_equal(with_edges(detected.copy()), base)  # same edges, same seed (re-seeded): same image
+    for name, wrong in (("ignored", np.zeros_like(detected)), ("flipped", detected[:, ::-1]),
+                        ("upside down", detected[::-1])):
+        assert psnr(with_edges(wrong)[0], base[0]) < 25, name
 
 
 def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(tiny, photo):

@@ -210,8 +210,9 @@ def test_the_batch_axes_table_matches_the_stages_inputs(tiny_checkpoint):
             assert len(args) == len(programs.BATCH_AXES[name]), name
             for arg, batch in zip(args, programs.BATCH_AXES[name]):
                 rows = {t.shape[0] if t.dim() else None for t in (arg if isinstance(arg, (list, tuple)) else [arg])}
-                if batch is None:  # per-call values: a step row, the guidance scalar
-                    assert rows.isdisjoint({n, 2 * n}) or rows == {None}, (name, rows)
+                if batch is None:  # per-call values: a step row, the guidance scalar, a time row (one
+                    # row for every sample: at n = 1 that is N rows too, so n = 3 tells them apart)
+                    assert n == 1 or rows.isdisjoint({n, 2 * n}), (name, rows)
                 else:
                     assert rows == {n if batch == "N" else 2 * n}, (name, batch, rows)
 

@@ -34,10 +34,9 @@ def test_the_step_operations_are_counted_per_shape():
     # the first 3x3 conv of the UNet and of the ControlNet both see [x, x], the latent twice
     assert ops[("conv", 2, cfg.unet.in_channels, h, w, cfg.unet.model_channels, 1)] == 2
     assert any(op[0] == "conv" and op[-1] == 2 for op in ops)  # the downsampling convs
-    # the stacked time projections: one product per network, of both rows' time embedding, to
-    # every ResBlock's channels side by side (wider than the time MLP's own layers)
-    stacked = [op for op in ops if op[0] == "gemm" and op[1] == 2 and op[3] > cfg.unet.time_embed_dim]
-    assert sum(ops[op] for op in stacked) == 2
+    # the time embedding is made ahead for every step (Stages.time_rows): no product of its one or
+    # two rows (the time MLP, the stacked ResBlock projections) is left in the step
+    assert not any(op[0] == "gemm" and op[1] <= 2 for op in ops)
     # fused q, k, v of the first self-attention (batch 2 x h*w tokens) and no per-step key/value
     # products of the 77-token text context (made once per image in the encode stage)
     width = cfg.unet.model_channels
