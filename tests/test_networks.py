@@ -85,7 +85,7 @@ def test_stacked_time_projections_compute_the_same(tiny_checkpoint):
 
 
 def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint):
-    """Keys and values of the text made once (as the encode stage does) and taken by index give
+    """Keys and values of the text made once (as the text stage does) and taken by index give
     the outputs of projecting the context in every layer, fused projections or not."""
     from sdcanny.networks import (BasicTransformerBlock, cross_attention_keys_values, cross_attentions,
                                   index_cross_attention)

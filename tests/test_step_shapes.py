@@ -38,7 +38,7 @@ def test_the_step_operations_are_counted_per_shape():
     # two rows (the time MLP, the stacked ResBlock projections) is left in the step
     assert not any(op[0] == "gemm" and op[1] <= 2 for op in ops)
     # fused q, k, v of the first self-attention (batch 2 x h*w tokens) and no per-step key/value
-    # products of the 77-token text context (made once per image in the encode stage)
+    # products of the 77-token text context (made with the text, in the text stage)
     width = cfg.unet.model_channels
     assert ops[("gemm", 2 * h * w, width, 3 * width, False)] >= 1
     assert not any(op[0] == "gemm" and op[1] == 2 * 77 for op in ops)
