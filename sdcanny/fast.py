@@ -583,7 +583,7 @@ def prepare(checkpoint: Path, cfg: ModelConfig, program_dir: Path = programs.DEF
     if reason is None and not force:
         print(f"prepare: the programs in {program_dir} are current; nothing to do (--force rebuilds them)")
         return
-    print(f"prepare: compiling the five stages for {len(kinds)} kinds of size into {program_dir}, "
+    print(f"prepare: compiling the six stages for {len(kinds)} kinds of size into {program_dir}, "
           f"a process each ({reason or 'forced'}); their logs are beside the programs")
     programs.start_programs(program_dir)
     commands = {variant: [sys.executable, "-m", "sdcanny.fast", "--prepare", "--variant", variant,
