@@ -59,7 +59,7 @@ def enc():
 
 
 def both():  # as the step runs them: the ControlNet on the side stream beside the encoder half
-    return backend.encoder_halves(fns, b, x2)
+    return backend.encoder_halves(fns, b, x2, control_time, unet_time)
 
 
 controls, (hh, skips) = both()

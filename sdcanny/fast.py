@@ -346,11 +346,11 @@ class FastTorchBackend:
             if self.step_callback is not None:
                 self.step_callback(n, b.x.clone())
 
-    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor) -> tuple:
-        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x2 at the step in
-        b.time_row: the ControlNet forked onto the side stream (on a GPU) while the encoder half
-        runs here, the two joined before this returns."""
-        control_time, unet_time = self.stages.split_time_row(b.time_row)
+    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor, control_time: torch.Tensor,
+                       unet_time: torch.Tensor) -> tuple:
+        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x2 at the step whose
+        time rows (Stages.split_time_row) are given: the ControlNet forked onto the side stream (on
+        a GPU) while the encoder half runs here, the two joined before this returns."""
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
@@ -365,8 +365,8 @@ class FastTorchBackend:
     def _step(self, fns: dict, b: Buffers) -> None:
         """One sampler step on b.x: the encoder halves, then the decoder half."""
         x2 = step_inputs(b.x, self.dtype)
-        controls, (h, skips) = self.encoder_halves(fns, b, x2)
-        unet_time = self.stages.split_time_row(b.time_row)[1]
+        control_time, unet_time = self.stages.split_time_row(b.time_row)
+        controls, (h, skips) = self.encoder_halves(fns, b, x2, control_time, unet_time)
         b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.x, b.step_row, b.guidance,
                                      b.noise))
 

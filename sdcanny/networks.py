@@ -350,6 +350,13 @@ def embed_time(net: nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(emb.to(weight.dtype)), weight, net.stacked_time_bias)
 
 
+def time_embedding_width(net: nn.Module) -> int:
+    """Columns of embed_time's result for `net`."""
+    if net.stacked_time_weight is None:
+        return net.cfg.time_embed_dim
+    return net.stacked_time_weight.shape[0]
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """Runs a block's layers in order, handing each the inputs it takes."""
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .ddim import ddim_step
 from .networks import (ClipTextModel, ControlNet, UNet, VAEDecoder, cross_attention_keys_values, embed_time,
-                       scale_controls)
+                       scale_controls, time_embedding_width)
 from .reference import to_uint8_hwc
 
 STAGE_NAMES = ("text", "hint", "control", "unet_encode", "unet_decode", "decode")
@@ -156,13 +156,6 @@ class Stages:
         """The ControlNet's and the UNet's parts of a (1, columns) slice of time_rows, as views."""
         columns = time_embedding_width(self.control.controlnet)
         return row[:, :columns], row[:, columns:]
-
-
-def time_embedding_width(net: nn.Module) -> int:
-    """Columns of embed_time's result for `net`."""
-    if net.stacked_time_weight is not None:
-        return net.stacked_time_weight.shape[0]
-    return net.cfg.time_embed_dim
 
 
 def step_inputs(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
