@@ -11,8 +11,10 @@ is cut short still leaves its finished rows.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,25 +57,33 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # has the strongly typed TensorRT graphs' numerics (fp16 with fp32 normalisations and time embedding);
 # "unstacked" is "jit" with one timestep projection per ResBlock (what stack_time_projections saves),
 # "per-step-kv" "jit" with the text's cross-attention keys and values made at every step,
-# "text-every-call" "jit" with the text encoded at every call (what reuse_text saves)
+# "text-every-call" "jit" with the text encoded at every call (what reuse_text saves),
+# "no-pdl" "jit" without programmatic dependent launch (what overlap_launches saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
             "per-step-kv": {"compile": "default", "precompute_cross_attention": False},
-            "text-every-call": {"compile": "default", "reuse_text": False}}
-COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call")  # run with an engine directory that holds no programs
+            "text-every-call": {"compile": "default", "reuse_text": False},
+            "no-pdl": {"compile": "default", "overlap_launches": False}}
+COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 
 def profile_call(h, img, label: str, out: Path) -> dict:
-    """One process() call under the profiler: its kernels by kind (kernel_profile.summarize), and
-    every kernel by name in profile_<label>.md."""
+    """One process() call under the profiler: its kernels by kind (kernel_profile.summarize), every
+    kernel by name in profile_<label>.md, and the call's timeline (every kernel with its stream,
+    start and duration) as a Chrome trace in trace_<label>.json.gz (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         h.process(img, *GRADED_ARGS)
         torch.cuda.synchronize()
     kernels = kernel_profile.cuda_kernels(prof)
+    trace = out / f"trace_{label}.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as plain, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(plain, packed)
+    trace.unlink()
     (out / f"profile_{label}.md").write_text(kernel_profile.name_table(kernels, steps=GRADED_CALL["ddim_steps"]))
     return kernel_profile.summarize(kernels)
 

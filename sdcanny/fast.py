@@ -146,12 +146,16 @@ class FastTorchBackend:
     # skip connections) run as plain matrix products; CUDA graphs are captured here, not by inductor.
     COMPILE_MODES = {"default": {"conv_1x1_as_mm": True},
                      "max-autotune": {"conv_1x1_as_mm": True, "max_autotune": True, "triton.cudagraphs": False}}
+    # Programmatic dependent launch (Hopper and later; torch 2.9+ has the option): each Triton
+    # kernel is launched while the kernel before it finishes and waits on the device for its
+    # results, so the gap between two small kernels shrinks (docs/benchmarks.md)
+    OVERLAP_OPTIONS = {"triton.enable_pdl": True}
 
     def __init__(self, networks: NetworksSource, device: str = "cuda", dtype: torch.dtype = torch.float16,
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
-                 precompute_cross_attention: bool = True, reuse_text: bool = True):
+                 precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -166,7 +170,9 @@ class FastTorchBackend:
         encoding, not at every step (networks.index_cross_attention); off only to measure what it buys.
         `reuse_text`: a call whose prompts give the tokens of the last call at its size keeps that
         call's text encoding (CLIP, the keys and values) instead of making it again; off only to
-        measure what it buys."""
+        measure what it buys.
+        `overlap_launches`: compiled Triton kernels launched with programmatic dependent launch
+        (OVERLAP_OPTIONS) where torch and the GPU have it; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -178,6 +184,7 @@ class FastTorchBackend:
         self.stack_time_projections = stack_time_projections
         self.precompute_cross_attention = precompute_cross_attention
         self.reuse_text = reuse_text
+        self.overlap_launches = overlap_launches
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -189,7 +196,8 @@ class FastTorchBackend:
         if compile is not None:
             if cache_dir is not None:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve()))
-            self.inductor_options, dropped = compat.inductor_options(self.COMPILE_MODES[compile])
+            wanted = {**self.COMPILE_MODES[compile], **(self.OVERLAP_OPTIONS if overlap_launches else {})}
+            self.inductor_options, dropped = compat.inductor_options(wanted)
             if dropped:
                 self.notes.append(f"TorchInductor options this torch lacks, not used: {', '.join(dropped)}")
         self._networks_source = networks
@@ -226,7 +234,8 @@ class FastTorchBackend:
         """What prepared programs must have been built from to serve this back-end."""
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
                     "stack_time_projections": self.stack_time_projections,
-                    "precompute_cross_attention": self.precompute_cross_attention}
+                    "precompute_cross_attention": self.precompute_cross_attention,
+                    "overlap_launches": self.overlap_launches}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
