@@ -19,19 +19,32 @@ import triton.language as tl
 
 
 @triton.jit
+def tile_origin(H, W, BH: tl.constexpr, BW: tl.constexpr):
+    """(image, first row, first column) of this program's BH x BW pixel tile."""
+    pid_m = tl.program_id(0)
+    tiles_w = tl.cdiv(W, BW)
+    tiles_hw = tl.cdiv(H, BH) * tiles_w
+    rem = pid_m % tiles_hw
+    return pid_m // tiles_hw, (rem // tiles_w) * BH, (rem % tiles_w) * BW
+
+
+@triton.jit
+def store_tile(acc, b_ptr, out_ptr, n, y, x, cols, H, W, CO):
+    """acc plus the bias, fp16, into the NHWC output where the pixel is inside the image."""
+    acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    keep = (y < H) & (x < W)
+    tl.store(out_ptr + (((n * H + y) * W + x) * CO)[:, None] + cols[None, :], acc.to(tl.float16), mask=keep[:, None])
+
+
+@triton.jit
 def conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C, CO, chunks: tl.constexpr,
                    BH: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                    TAP_INNER: tl.constexpr, CACHE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    tiles_hw = tl.cdiv(H, BH) * tiles_w
-    n = pid_m // tiles_hw
-    rem = pid_m % tiles_hw
+    n, y0, x0 = tile_origin(H, W, BH, BW)
     i = tl.arange(0, BH * BW)
-    y = (rem // tiles_w) * BH + i // BW
-    x = (rem % tiles_w) * BW + i % BW
-    cols = pid_n * BN + tl.arange(0, BN)
+    y = y0 + i // BW
+    x = x0 + i % BW
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
     acc = tl.zeros((BH * BW, BN), dtype=tl.float32)
     for t in range(0, 9 * chunks):
@@ -48,9 +61,7 @@ def conv3x3_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C, CO, chunks: tl.constex
                     cache_modifier=CACHE)
         b = tl.load(w_ptr + (cols * (9 * C) + tap * C + c0)[None, :] + kk[:, None])
         acc = tl.dot(a, b, acc)
-    acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    keep = (y < H) & (x < W)
-    tl.store(out_ptr + (((n * H + y) * W + x) * CO)[:, None] + cols[None, :], acc.to(tl.float16), mask=keep[:, None])
+    store_tile(acc, b_ptr, out_ptr, n, y, x, cols, H, W, CO)
 
 
 @triton.jit
@@ -58,21 +69,14 @@ def conv3x3_halo_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C, CO, chunks: tl.co
                         BH: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Each channel chunk's input tile with its one-pixel border (the halo) is read once; the nine
     taps' operands are gathered from it on the SM instead of nine reads through L2."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, BW)
-    tiles_hw = tl.cdiv(H, BH) * tiles_w
-    n = pid_m // tiles_hw
-    rem = pid_m % tiles_hw
-    y0 = (rem // tiles_w) * BH
-    x0 = (rem % tiles_w) * BW
+    n, y0, x0 = tile_origin(H, W, BH, BW)
     r = tl.arange(0, HALO)
     iy = y0 - 1 + r // (BW + 2)
     ix = x0 - 1 + r % (BW + 2)
     hok = (r < (BH + 2) * (BW + 2)) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     i = tl.arange(0, BH * BW)
     base = (i // BW) * (BW + 2) + i % BW
-    cols = pid_n * BN + tl.arange(0, BN)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     kk = tl.arange(0, BK)
     acc = tl.zeros((BH * BW, BN), dtype=tl.float32)
     for chunk in range(0, chunks):
@@ -83,11 +87,7 @@ def conv3x3_halo_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, W, C, CO, chunks: tl.co
             a = tl.gather(halo, tl.broadcast_to(idx[:, None], (BH * BW, BK)), axis=0)
             b = tl.load(w_ptr + (cols * (9 * C) + tap * C + c0)[None, :] + kk[:, None])
             acc = tl.dot(a, b, acc)
-    acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
-    y = y0 + i // BW
-    x = x0 + i % BW
-    keep = (y < H) & (x < W)
-    tl.store(out_ptr + (((n * H + y) * W + x) * CO)[:, None] + cols[None, :], acc.to(tl.float16), mask=keep[:, None])
+    store_tile(acc, b_ptr, out_ptr, n, y0 + i // BW, x0 + i % BW, cols, H, W, CO)
 
 
 def conv3x3_halo(x_nhwc, w_okkc, bias, cfg):
