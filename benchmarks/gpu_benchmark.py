@@ -72,7 +72,8 @@ NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 def profile_call(h, img, label: str, out: Path) -> dict:
     """One process() call under the profiler: its kernels by kind (kernel_profile.summarize), every
     kernel by name in profile_<label>.md, and the call's timeline (every kernel with its stream,
-    start and duration) as a Chrome trace in trace_<label>.json.gz (chrome://tracing, Perfetto)."""
+    start and duration) as a Chrome trace in trace_<label>.json.gz (chrome://tracing, Perfetto;
+    benchmarks/trace_gaps.py reads its gaps)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
