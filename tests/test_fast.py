@@ -207,6 +207,22 @@ def test_fp32_islands_compute_in_fp32_inside_an_fp16_network(tiny_checkpoint):
     assert 0 < rel < 0.02, rel
 
 
+def test_overlapped_launches_are_asked_of_inductor_where_it_has_them(tiny_checkpoint, monkeypatch):
+    """overlap_launches adds TorchInductor's programmatic-dependent-launch option to the compile
+    options and changes nothing else; a torch without that option leaves it out and says so."""
+    from torch._inductor import config
+    monkeypatch.setattr(compat, "compile_unavailable_reason", lambda device_type: None)
+    nets = load_networks(tiny_checkpoint, TINY)
+    on = FastTorchBackend(nets, "cpu", dtype=torch.float32, compile="default")
+    off = FastTorchBackend(nets, "cpu", dtype=torch.float32, compile="default", overlap_launches=False)
+    has_pdl = hasattr(config.triton, "enable_pdl")
+    added = {k: v for k, v in on.inductor_options.items() if k not in off.inductor_options}
+    assert added == ({"triton.enable_pdl": True} if has_pdl else {})
+    assert all(on.inductor_options[k] == v for k, v in off.inductor_options.items())
+    assert any("triton.enable_pdl" in note for note in on.notes) == (not has_pdl)
+    assert not any("enable_pdl" in note for note in off.notes)
+
+
 def test_an_uncompilable_torch_runs_eager_and_says_so(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(compat, "compile_unavailable_reason",
                         lambda device_type: "torch 2.0.1 supports torch.compile only up to Python 3.10")
