@@ -51,7 +51,8 @@ import torch
 from . import compat, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
-from .networks import BasicTransformerBlock, index_cross_attention, stack_time_projections, to_mixed_precision
+from .networks import (BasicTransformerBlock, fold_upsampling, index_cross_attention, stack_time_projections,
+                       to_mixed_precision)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -155,7 +156,8 @@ class FastTorchBackend:
                  compile: str | None = "default", cuda_graphs: bool = True,
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
-                 precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True):
+                 precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
+                 fold_upsampling: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -172,7 +174,10 @@ class FastTorchBackend:
         call's text encoding (CLIP, the keys and values) instead of making it again; off only to
         measure what it buys.
         `overlap_launches`: compiled Triton kernels launched with programmatic dependent launch
-        (OVERLAP_OPTIONS) where torch and the GPU have it; off only to measure what it buys."""
+        (OVERLAP_OPTIONS) where torch and the GPU have it; off only to measure what it buys.
+        `fold_upsampling`: each nearest-neighbour doubling and the 3x3 convolution after it (the
+        UNet's three, the VAE decoder's three) as 2x2 convolutions of the undoubled image
+        (networks.Upsample.fold_upsampling); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -185,6 +190,7 @@ class FastTorchBackend:
         self.precompute_cross_attention = precompute_cross_attention
         self.reuse_text = reuse_text
         self.overlap_launches = overlap_launches
+        self.fold_upsampling = fold_upsampling
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
@@ -235,7 +241,7 @@ class FastTorchBackend:
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
                     "stack_time_projections": self.stack_time_projections,
                     "precompute_cross_attention": self.precompute_cross_attention,
-                    "overlap_launches": self.overlap_launches}
+                    "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -301,6 +307,9 @@ class FastTorchBackend:
                 stack_time_projections(net)
             if self.precompute_cross_attention:
                 index_cross_attention(net)
+        if self.fold_upsampling:
+            for net in (nets.unet, nets.vae):
+                fold_upsampling(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

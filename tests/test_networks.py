@@ -84,6 +84,61 @@ def test_stacked_time_projections_compute_the_same(tiny_checkpoint):
         assert (nets.unet(x, t, ctx) - after[0]).abs().max() > 1e-3
 
 
+def test_upsampling_phases_of_a_constant_kernel():
+    """Worked by hand for a 3x3 kernel of ones: an even output row takes one 3x3 row from the input
+    row above and two from its own row, an odd one two from its own row and one from the row
+    below; columns the same; so each phase's 2x2 kernel is the outer product of (1, 2) or (2, 1)."""
+    from sdcanny.networks import upsampling_phases
+    weight, bias = torch.ones(1, 1, 3, 3), torch.tensor([0.5])
+    phases, biases = upsampling_phases(weight, bias)
+    even, odd = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    want = [torch.outer(r, c) for r in (even, odd) for c in (even, odd)]  # (row, column) parity order
+    assert phases.shape == (4, 1, 2, 2)
+    for got, expected in zip(phases[:, 0], want):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert biases.tolist() == [0.5] * 4
+
+
+def test_folded_upsampling_computes_the_same():
+    """Upsample with the doubling folded into 2x2 phase kernels equals nearest doubling then the
+    3x3 convolution (in float64, to rounding), at odd sizes and one pixel too, and gives a
+    channels-last result; the checkpoint layout is unchanged."""
+    from sdcanny.networks import Upsample
+    g = torch.Generator().manual_seed(5)
+    for channels, height, width in ((8, 3, 5), (4, 1, 1), (6, 4, 6)):
+        layer = Upsample(channels).double()
+        keys = list(layer.state_dict())
+        x = torch.randn(2, channels, height, width, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            want = layer(x)
+            layer.fold_upsampling()
+            got = layer(x)
+        assert got.shape == want.shape == (2, channels, 2 * height, 2 * width)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert list(layer.state_dict()) == keys
+
+
+def test_folded_upsampling_in_the_unet_and_the_vae(tiny_checkpoint):
+    """fold_upsampling reaches every Upsample of the UNet and the VAE decoder, whose outputs
+    keep to fp32 rounding, and the layers do use the folded weights."""
+    from sdcanny.networks import fold_upsampling
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([401, 401])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    with torch.no_grad():
+        want = nets.unet(x, t, ctx), nets.vae(x[:1])
+        assert fold_upsampling(nets.unet) == len(TINY.unet.channel_mult) - 1
+        assert fold_upsampling(nets.vae) == len(TINY.vae.ch_mult) - 1
+        got = nets.unet(x, t, ctx), nets.vae(x[:1])
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        for layer in (m for m in nets.vae.modules() if hasattr(m, "phase_weight")):
+            layer.phase_weight.zero_()
+        assert (nets.vae(x[:1]) - got[1]).abs().max() > 1e-3
+
+
 def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint):
     """Keys and values of the text made once (as the text stage does) and taken by index give
     the outputs of projecting the context in every layer, fused projections or not."""

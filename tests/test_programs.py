@@ -175,6 +175,7 @@ def test_a_size_outside_the_range_runs_eager_and_says_why(tiny_checkpoint, progr
     ("torch", "built for torch '0.0.1'"),
     ("islands", "built for fp32_islands False, this is True"),
     ("no overlap", "built for overlap_launches True, this is False"),
+    ("unfolded", "built for fold_upsampling True, this is False"),
     ("delete", "lacks decode.samples.bin"),
     ("record", "no prepared programs"),
 ])
@@ -192,6 +193,8 @@ def test_stale_or_missing_programs_are_not_used_and_the_reason_is_given(tiny_che
         options = dict(fp32_islands=True)
     elif change == "no overlap":  # other launch options make other programs
         options = dict(overlap_launches=False)
+    elif change == "unfolded":  # other upsampling weights too
+        options = dict(fold_upsampling=False)
     elif change == "delete":
         (directory / "decode.samples.bin").unlink()
     (directory / programs.RECORD_NAME).unlink()
