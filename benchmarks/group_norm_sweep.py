@@ -1,0 +1,143 @@
+"""The step's GroupNorms (with the SiLU after them and the time embedding's addend before them) as
+one Triton kernel of our own, timed against TorchInductor's code for the same maths (issue 11).
+
+TorchInductor writes a channels-last GroupNorm as two or three kernels (partial statistics, their
+sum, the normalisation). The kernel here is one launch: one program per group and sample reads the
+group twice (fp32 sums about the group's first value, then the normalised output) and writes it
+once. Each of the step's GroupNorm shapes (batch 2, fp16, channels-last) is timed in two chains of
+CUDA-graph replays: twenty GroupNorms alone, and twenty (convolution, GroupNorm) pairs as in the
+step. Each is first checked against fp32 torch.
+
+    python3 benchmarks/group_norm_sweep.py          # on the GPU: one line per shape, a weighted sum per step
+    TRITON_INTERPRET=1 python3 benchmarks/group_norm_sweep.py --interpret-check   # the kernel's maths, on a CPU
+"""
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdcanny.group_norm_kernel import group_norm_act  # noqa: E402
+
+CHAIN = 20  # GroupNorms (or convolution + GroupNorm pairs) per timed graph
+
+
+def reference(x, weight, bias, groups, eps, silu, add=None):
+    h = x if add is None else x + add.to(x.dtype)[:, :, None, None]
+    out = F.group_norm(h.double(), groups, weight.double(), bias.double(), eps)
+    return F.silu(out) if silu else out
+
+
+def check_interpreted():
+    """Both layouts, with and without the addend and the SiLU, groups spanning several blocks,
+    and a mean far from zero (where sums of squares about zero would cancel the variance away)."""
+    torch.manual_seed(0)
+    for channels, height, width, channels_last, add, silu in ((40, 4, 6, True, True, True), (60, 3, 5, False, False, False),
+                                                               (64, 40, 41, True, False, True), (64, 40, 41, False, True, False)):
+        x = torch.randn(2, channels, height, width) * 0.5 + 100
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(channels), torch.randn(channels)
+        addend = torch.randn(2, channels) if add else None
+        groups = 32 if channels % 32 == 0 else 4
+        got = group_norm_act(x, weight, bias, groups, 1e-5, silu, addend)
+        err = (got.double() - reference(x, weight, bias, groups, 1e-5, silu, addend)).abs().max().item()
+        print("interpreted", (channels, height, width), "channels-last" if channels_last else "contiguous",
+              "add" if add else "", "silu" if silu else "", "max abs err", err)
+        assert err < 1e-4 and got.stride() == x.stride()
+
+
+# (channels, height, width, addend, SiLU, eps, GroupNorms a step): the ControlNet and the UNet's encoder
+# half each (ENCODER, counted twice), then the decoder half, at the graded size (32x48 latents)
+ENCODER = [(320, 32, 48, 0, 1, 1e-5, 2), (320, 32, 48, 1, 1, 1e-5, 2), (320, 32, 48, 0, 0, 1e-6, 2),
+           (320, 16, 24, 0, 1, 1e-5, 1), (640, 16, 24, 1, 1, 1e-5, 2), (640, 16, 24, 0, 1, 1e-5, 1),
+           (640, 16, 24, 0, 0, 1e-6, 2), (640, 8, 12, 0, 1, 1e-5, 1), (1280, 8, 12, 1, 1, 1e-5, 2),
+           (1280, 8, 12, 0, 1, 1e-5, 1), (1280, 8, 12, 0, 0, 1e-6, 2), (1280, 4, 6, 0, 1, 1e-5, 4),
+           (1280, 4, 6, 1, 1, 1e-5, 4), (1280, 4, 6, 0, 0, 1e-6, 1)]
+DECODER = [(2560, 4, 6, 0, 1, 1e-5, 3), (1280, 4, 6, 1, 1, 1e-5, 3), (2560, 8, 12, 0, 1, 1e-5, 2),
+           (1920, 8, 12, 0, 1, 1e-5, 1), (1280, 8, 12, 1, 1, 1e-5, 3), (1280, 8, 12, 0, 0, 1e-6, 3),
+           (1920, 16, 24, 0, 1, 1e-5, 1), (1280, 16, 24, 0, 1, 1e-5, 1), (960, 16, 24, 0, 1, 1e-5, 1),
+           (640, 16, 24, 1, 1, 1e-5, 3), (640, 16, 24, 0, 0, 1e-6, 3), (960, 32, 48, 0, 1, 1e-5, 1),
+           (640, 32, 48, 0, 1, 1e-5, 2), (320, 32, 48, 1, 1, 1e-5, 3), (320, 32, 48, 0, 0, 1e-6, 3),
+           (320, 32, 48, 0, 1, 1e-5, 1)]
+
+
+def per_call_us(fn, reps=7, replays=20):
+    """Median µs per GroupNorm (or pair) of a CUDA graph of fn, which runs CHAIN of them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / replays / CHAIN)
+    return statistics.median(samples)
+
+
+def inductor_group_norm(add, silu, eps):
+    def group_norm(x, t, weight, bias):
+        out = F.group_norm(x + t[:, :, None, None] if add else x, 32, weight, bias, eps)
+        return F.silu(out) if silu else out
+    return torch.compile(group_norm, fullgraph=True, dynamic=False, options={"triton.enable_pdl": True})
+
+
+def time_shape(channels, height, width, add, silu, eps):
+    torch.manual_seed(0)
+    x = (torch.randn(2, channels, height, width, device="cuda") * 2 + 0.5).half().contiguous(memory_format=torch.channels_last)
+    t = torch.randn(2, channels, device="cuda").half()
+    weight, bias = (torch.rand(channels, device="cuda") + 0.5).half(), torch.randn(channels, device="cuda").half()
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1).cuda().half().to(memory_format=torch.channels_last)
+    ours = lambda y: group_norm_act(y, weight, bias, 32, eps, bool(silu), t if add else None)
+    compiled = inductor_group_norm(add, silu, eps)
+    theirs = lambda y: compiled(y, t, weight, bias)
+    want = reference(x, weight, bias, 32, eps, silu, t if add else None)
+    errors = {name: ((fn(x).double() - want).norm() / want.norm()).item() for name, fn in (("ours", ours), ("inductor", theirs))}
+
+    def chain(op, with_conv):
+        def run():
+            y = x
+            for _ in range(CHAIN):
+                y = op(conv(y) if with_conv else y)
+        return run
+    with torch.no_grad():
+        times = {"inductor": per_call_us(chain(theirs, False)), "ours": per_call_us(chain(ours, False)),
+                 "conv": per_call_us(chain(lambda y: y, True)), "conv+inductor": per_call_us(chain(theirs, True)),
+                 "conv+ours": per_call_us(chain(ours, True))}
+    return times, errors
+
+
+def main():
+    torch.backends.cudnn.benchmark = True
+    torch._dynamo.config.recompile_limit = 256  # one compile per shape, all of one function
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
+    totals, seen = {}, {}
+    for part, shapes, networks in (("encoder", ENCODER, 2), ("decoder", DECODER, 1)):
+        for channels, height, width, add, silu, eps, count in shapes:
+            key = (channels, height, width, add, silu, eps)
+            if key not in seen:
+                seen[key] = time_shape(*key)
+            times, errors = seen[key]
+            for name, us in times.items():
+                totals[name] = totals.get(name, 0.0) + us * count * networks
+            print(f"{part} {channels}x{height}x{width} add={add} silu={silu} x{count * networks}/step: "
+                  + ", ".join(f"{name} {us:.2f}" for name, us in times.items())
+                  + f" µs; rel L2 ours {errors['ours']:.1e}, inductor {errors['inductor']:.1e}", flush=True)
+    print("per step, weighted by count (µs):", {name: round(us, 1) for name, us in totals.items()})
+
+
+if __name__ == "__main__":
+    check_interpreted() if "--interpret-check" in sys.argv else main()
