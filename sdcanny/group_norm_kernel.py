@@ -33,23 +33,23 @@ def load_group_block(x_base, add_ptr, sample, first_channel, start, count, pixel
         pixel, channel = index // GROUP_CHANNELS, index % GROUP_CHANNELS
     else:
         pixel, channel = index % pixels, index // pixels
-    offset = pixel * sx_p + channel * sx_c
-    value = tl.load(x_base + offset, mask=mask, other=0.0)
+    value = tl.load(x_base + pixel * sx_p + channel * sx_c, mask=mask, other=0.0)
     if HAS_ADD:
         addend = tl.load(add_ptr + sample * sa_n + (first_channel + channel) * sa_c, mask=mask, other=0.0)
         value = value + addend.to(value.dtype)
-    return value.to(tl.float32), offset, channel, mask
+    return value.to(tl.float32), pixel, channel, mask
 
 
 @triton.jit
-def group_norm_kernel(x_ptr, add_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sx_c, sa_n, sa_c, eps,
+def group_norm_kernel(x_ptr, add_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sx_c, sy_n, sy_p, sy_c,
+                      sa_n, sa_c, eps,
                       GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
                       SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
     group, sample = tl.program_id(0), tl.program_id(1)
     count = pixels * GROUP_CHANNELS
     first_channel = group * GROUP_CHANNELS
     x_base = x_ptr + sample.to(tl.int64) * sx_n + first_channel * sx_c
-    y_base = y_ptr + sample.to(tl.int64) * sx_n + first_channel * sx_c
+    y_base = y_ptr + sample.to(tl.int64) * sy_n + first_channel * sy_c
     shift = tl.load(x_base).to(tl.float32)  # the group's first value: any value would do, a near one cancels less
     if HAS_ADD:
         shift += tl.load(add_ptr + sample * sa_n + first_channel * sa_c).to(tl.float32)
@@ -66,7 +66,7 @@ def group_norm_kernel(x_ptr, add_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n,
     mean = mean_shifted + shift
     rstd = 1.0 / tl.sqrt(variance + eps)
     for block in range(BLOCKS):
-        value, offset, channel, mask = load_group_block(x_base, add_ptr, sample, first_channel, block * BLOCK, count,
+        value, pixel, channel, mask = load_group_block(x_base, add_ptr, sample, first_channel, block * BLOCK, count,
                                                         pixels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS,
                                                         CHANNELS_INNER, HAS_ADD, BLOCK)
         weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
@@ -74,22 +74,33 @@ def group_norm_kernel(x_ptr, add_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n,
         out = (value - mean) * rstd * weight + bias
         if SILU:
             out = out * tl.sigmoid(out)
-        tl.store(y_base + offset, out.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_base + pixel * sy_p + channel * sy_c, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu?(group_norm(x + add[:, :, None, None])) of an (N, C, H, W) tensor, in x's layout where
-    its pixels form one axis (channels-last or contiguous), else channels-last."""
+    """silu?(group_norm(x + add[:, :, None, None])) of an (N, C, H, W) tensor, into
+    torch.empty_like(x) (x's layout where x is dense, else contiguous: what the op's fake says).
+    The kernel walks each tensor's pixels as one axis; an x whose pixels are not one (a view) is
+    first copied channels-last."""
     batch, channels, height, width = x.shape
-    if height > 1 and x.stride(2) != width * x.stride(3):
-        x = x.contiguous(memory_format=torch.channels_last)
-    sx_n, sx_c, _, sx_w = x.stride()
     y = torch.empty_like(x)
+    if not pixels_form_one_axis(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert pixels_form_one_axis(y), y.stride()
+    sx_n, sx_c, _, sx_w = x.stride()
+    sy_n, sy_c, _, sy_w = y.stride()
     sa_n, sa_c = add.stride() if add is not None else (0, 0)
     count = height * width * channels // groups
     group_norm_kernel[(groups, batch)](
-        x, add if add is not None else x, weight, bias, y, height * width, sx_n, sx_w, sx_c, sa_n, sa_c, eps,
+        x, add if add is not None else x, weight, bias, y, height * width, sx_n, sx_w, sx_c, sy_n, sy_w, sy_c,
+        sa_n, sa_c, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None, SILU=silu,
         BLOCK=BLOCK, BLOCKS=triton.cdiv(count, BLOCK), num_warps=WARPS)
     return y
+
+
+def pixels_form_one_axis(t: torch.Tensor) -> bool:
+    """Whether pixel (h, w) of t sits at h * W + w pixel strides: channels-last or contiguous
+    tensors, and channel slices of them."""
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
