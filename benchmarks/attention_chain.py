@@ -10,10 +10,10 @@ compiled function, timed as CUDA-graph replays, µs per iteration.
     python3 benchmarks/attention_chain.py     # on the GPU
 """
 import contextlib
-import statistics
 
 import torch
 import torch.nn.functional as F
+from graph_timing import replay_us
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HEADS, ITERATIONS = 8, 6
@@ -22,28 +22,6 @@ SHAPES = [(24, 24, 160, 2), (24, 77, 160, 2), (96, 96, 160, 7), (96, 77, 160, 7)
           (384, 384, 80, 7), (384, 77, 80, 7), (1536, 1536, 40, 7), (1536, 77, 40, 7)]
 IMPLEMENTATIONS = {"sdpa": None, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa flash": SDPBackend.FLASH_ATTENTION,
                    "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION, "flex": None}
-
-
-def per_iteration_us(fn, reps=7, replays=20):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1000 / replays / ITERATIONS)
-    return statistics.median(samples)
 
 
 def attention_chain(queries, keys, width, flex):
@@ -83,7 +61,7 @@ def main():
                     compiled = torch.compile(attention_chain(queries, keys, width, name == "flex"), fullgraph=True,
                                              dynamic=False, options={"triton.enable_pdl": True})
                     compiled(x)
-                    row[name] = per_iteration_us(lambda: compiled(x))
+                    row[name] = replay_us(lambda: compiled(x), ITERATIONS)
             except Exception as exc:  # a back-end that does not take this shape: say so, go on
                 row[name] = float("nan")
                 print(f"  {name} at {queries}x{keys}x{width}: {type(exc).__name__}: {str(exc)[:160]}")

@@ -11,7 +11,6 @@ step. Each is first checked against fp32 torch.
     python3 benchmarks/group_norm_sweep.py          # on the GPU: one line per shape, a weighted sum per step
     TRITON_INTERPRET=1 python3 benchmarks/group_norm_sweep.py --interpret-check   # the kernel's maths, on a CPU
 """
-import statistics
 import sys
 from typing import Optional
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from graph_timing import replay_us
 
 BLOCK = 2048  # elements of a group each step of a program loads
 WARPS = 8
@@ -158,29 +158,6 @@ DECODER = [(2560, 4, 6, 0, 1, 1e-5, 3), (1280, 4, 6, 1, 1, 1e-5, 3), (2560, 8, 1
            (320, 32, 48, 0, 1, 1e-5, 1)]
 
 
-def per_call_us(fn, reps=7, replays=20):
-    """Median µs per GroupNorm (or pair) of a CUDA graph of fn, which runs CHAIN of them."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1000 / replays / CHAIN)
-    return statistics.median(samples)
-
-
 def inductor_group_norm(add, silu, eps):
     def group_norm(x, t, weight, bias):
         out = F.group_norm(x + t[:, :, None, None] if add else x, 32, weight, bias, eps)
@@ -207,9 +184,9 @@ def time_shape(channels, height, width, add, silu, eps):
                 y = op(conv(y) if with_conv else y)
         return run
     with torch.no_grad():
-        times = {"inductor": per_call_us(chain(theirs, False)), "ours": per_call_us(chain(ours, False)),
-                 "conv": per_call_us(chain(lambda y: y, True)), "conv+inductor": per_call_us(chain(theirs, True)),
-                 "conv+ours": per_call_us(chain(ours, True))}
+        runs = {"inductor": chain(theirs, False), "ours": chain(ours, False), "conv": chain(lambda y: y, True),
+                "conv+inductor": chain(theirs, True), "conv+ours": chain(ours, True)}
+        times = {name: replay_us(run, CHAIN) for name, run in runs.items()}
     return times, errors
 
 

@@ -13,7 +13,8 @@ from sdcanny.optional import installed
 SWEEP = Path(__file__).resolve().parents[1] / "benchmarks" / "group_norm_sweep.py"
 
 
-@pytest.mark.skipif(not installed("triton"), reason="triton is not installed")
+@pytest.mark.skipif(not installed("triton") or not installed("triton.runtime.interpreter"),
+                    reason="needs triton with its interpreter (3.0+)")
 def test_the_kernel_matches_float64_group_norm_in_the_interpreter():
     """--interpret-check under TRITON_INTERPRET=1: both layouts, the addend and the SiLU, groups
     over several blocks, a mean far from zero, a channel slice (not dense) whose output is then
