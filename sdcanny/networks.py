@@ -317,7 +317,7 @@ class Upsample(nn.Module):
 # (0) and the odd (1) output rows of a nearest-neighbour doubling: output row 2i reads doubled rows
 # 2i-1, 2i, 2i+1, which are input rows i-1, i, i; output row 2i+1 reads input rows i, i, i+1.
 # Columns work the same way.
-_PHASE_ROWS = ((((0,), (1, 2))), (((0, 1), (2,))))
+_PHASE_ROWS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
 def upsampling_phases(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
