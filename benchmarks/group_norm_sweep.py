@@ -6,7 +6,7 @@ sum, the normalisation). The kernel here is one launch: one program per group an
 group twice (fp32 sums about the group's first value, then the normalised output) and writes it
 once. Each of the step's GroupNorm shapes (batch 2, fp16, channels-last) is timed in two chains of
 CUDA-graph replays: twenty GroupNorms alone, and twenty (convolution, GroupNorm) pairs as in the
-step. Each is first checked against fp32 torch.
+step. Each is first checked against float64 torch.
 
     python3 benchmarks/group_norm_sweep.py          # on the GPU: one line per shape, a weighted sum per step
     TRITON_INTERPRET=1 python3 benchmarks/group_norm_sweep.py --interpret-check   # the kernel's maths, on a CPU
@@ -84,7 +84,7 @@ def group_norm_kernel(x_ptr, add_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n,
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + add[:, :, None, None])) of an (N, C, H, W) tensor, into
-    torch.empty_like(x) (x's layout where x is dense, else contiguous: what the op's fake says).
+    torch.empty_like(x) (x's layout where x is dense, else contiguous), written with its own strides.
     The kernel walks each tensor's pixels as one axis; an x whose pixels are not one (a view) is
     first copied channels-last."""
     batch, channels, height, width = x.shape

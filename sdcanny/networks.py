@@ -313,11 +313,11 @@ class Upsample(nn.Module):
         return interleave_phases(F.conv2d(x, self.phase_weight, self.phase_bias, padding=1))
 
 
-# Which rows of a 3x3 kernel land on each of the two input rows a 2x2 kernel reads, for the even
-# (0) and the odd (1) output rows of a nearest-neighbour doubling: output row 2i reads doubled rows
-# 2i-1, 2i, 2i+1, which are input rows i-1, i, i; output row 2i+1 reads input rows i, i, i+1.
-# Columns work the same way.
-_PHASE_ROWS = (((0,), (1, 2)), ((0, 1), (2,)))
+# For the even (0) and the odd (1) output rows of a nearest-neighbour doubling, which rows of a 3x3
+# kernel each of the two input rows a 2x2 kernel reads sums: output row 2i reads doubled rows 2i-1,
+# 2i, 2i+1, which are input rows i-1, i, i; output row 2i+1 reads input rows i, i, i+1. Columns
+# work the same way.
+_PHASE_FOLDING = (((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1)))  # (parity, 2x2 row, 3x3 row)
 
 
 def upsampling_phases(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,14 +325,9 @@ def upsampling_phases(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.T
     parity, in that order) the 2x2 kernel that replaces `weight`'s 3x3 kernel on the doubled
     image. Summed in fp32 at least, rounded once to the weight's dtype."""
     wide = torch.promote_types(weight.dtype, torch.float32)
-
-    def folding(parity: int) -> torch.Tensor:  # (2, 3): which 3x3 rows each 2x2 row sums
-        rows = torch.zeros(2, 3, dtype=wide, device=weight.device)
-        for row, taps in enumerate(_PHASE_ROWS[parity]):
-            rows[row, list(taps)] = 1.0
-        return rows
-    phases = [torch.einsum("rk,oikl,cl->oirc", folding(a), weight.to(wide), folding(b)) for a in (0, 1) for b in (0, 1)]
-    return torch.cat(phases).to(weight.dtype), bias.repeat(4)
+    folding = torch.tensor(_PHASE_FOLDING, dtype=wide, device=weight.device)
+    phases = torch.einsum("ark,oikl,bcl->aboirc", folding, weight.to(wide), folding)
+    return phases.reshape(-1, *phases.shape[3:]).to(weight.dtype), bias.repeat(4)
 
 
 def interleave_phases(z: torch.Tensor) -> torch.Tensor:
