@@ -44,10 +44,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class GroupNorm(nn.GroupNorm):
     """Computes in its parameters' dtype. In a network of one dtype that is plain GroupNorm; with
     fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
-    in fp32, the result cast back to the input's dtype."""
+    in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
+    sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
+    the addend and the SiLU inside it."""
+    fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+    def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+        """silu?(self(x + add[:, :, None, None])), the addend in x's dtype: how the ResBlocks and
+        the SpatialTransformers use their GroupNorms."""
+        if self.fused:
+            return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, self.num_groups, self.eps, silu)
+        if add is not None:
+            x = x + add.to(x.dtype)[:, :, None, None]
+        out = self(x)
+        return F.silu(out) if silu else out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -177,14 +190,15 @@ class ResBlock(nn.Module):
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        norm, _, conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
+        h = conv(norm.normalize(x, silu=True))
         if self.emb_columns is None:
             # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
             projected = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype))
         else:  # emb already holds every ResBlock's projection side by side: this block's columns
             projected = emb[:, self.emb_columns[0]:self.emb_columns[1]]
-        h = h + projected.to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        norm, _, _, conv = self.out_layers  # GroupNorm, SiLU, dropout, Conv
+        return self.skip_connection(x) + conv(norm.normalize(h, silu=True, add=projected))
 
 
 class CrossAttention(nn.Module):
@@ -276,7 +290,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             t = block(t, context)
         return self.proj_out(t.transpose(1, 2).reshape(b, c, h, w)) + x

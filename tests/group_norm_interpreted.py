@@ -1,0 +1,80 @@
+"""The fused GroupNorm's Triton kernel on a CPU, in Triton's interpreter: run by
+tests/test_fused_norm.py as a subprocess with TRITON_INTERPRET=1 (the variable must be set before
+triton is imported). Prints one line per check; exits non-zero on the first that fails.
+
+1. The kernel against float64 torch: both input layouts and a channel slice, with and without the
+   addend and the SiLU, a group held in registers and one read in two passes, a mean far from zero.
+2. The tiny ControlNet and UNet, channels-last, with every GroupNorm through the op: the same
+   outputs as with torch's GroupNorm.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdcanny import fused_norm  # noqa: E402
+from sdcanny.checkpoint import load_state_networks  # noqa: E402
+from sdcanny.config import TINY  # noqa: E402
+from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
+from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
+
+# (channels, height, width, groups, layout, addend, SiLU): the last two have groups of
+# 64 x 24 x 24 = 36864 elements, over ONE_PASS_LIMIT, so the kernel reads them in two passes
+KERNEL_CASES = ((40, 4, 6, 4, "channels-last", True, True), (60, 3, 5, 4, "contiguous", False, False),
+                (64, 40, 41, 32, "channels-last", False, True), (64, 5, 7, 32, "slice", True, True),
+                (64, 24, 24, 1, "channels-last", True, False), (64, 24, 24, 1, "contiguous", False, True))
+
+
+def reference(x, weight, bias, groups, eps, silu, add):
+    h = x if add is None else x + add.to(x.dtype)[:, :, None, None]
+    out = F.group_norm(h.double(), groups, weight.double(), bias.double(), eps)
+    return F.silu(out) if silu else out
+
+
+def check_kernel():
+    assert 64 * 24 * 24 > ONE_PASS_LIMIT
+    g = torch.Generator().manual_seed(0)
+    for channels, height, width, groups, layout, add, silu in KERNEL_CASES:
+        x = torch.randn(2, channels + 32 * (layout == "slice"), height, width, generator=g) * 0.5 + 100
+        if layout != "contiguous":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if layout == "slice":  # channels 16..16+C of a wider channels-last tensor: not dense
+            x = x[:, 16:16 + channels]
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+        addend = torch.randn(2, channels, generator=g) if add else None
+        got = group_norm_act(x, weight, bias, groups, 1e-5, silu, addend)
+        err = (got.double() - reference(x, weight, bias, groups, 1e-5, silu, addend)).abs().max().item()
+        print("kernel", (channels, height, width, groups), layout, "add" * add, "silu" * silu, f"max abs err {err:.1e}")
+        assert err < 1e-4, err
+        assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+
+
+def check_networks():
+    nets = load_state_networks(synthetic_state_dict(TINY, seed=0), TINY)
+    g = torch.Generator().manual_seed(1)
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 16, 24, generator=g).contiguous(memory_format=cl)
+    t, ctx = torch.tensor([601, 601]), torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 16, 24, generator=g).contiguous(memory_format=cl)
+    with torch.no_grad():
+        for net in (nets.controlnet, nets.unet):
+            net.to(memory_format=cl)
+        want = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
+        counts = [fused_norm.use_fused_group_norm(net) for net in (nets.controlnet, nets.unet)]
+        got = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
+    for name, a, b in (*(("controlnet", p, q) for p, q in zip(got[0], want[0])), ("unet", got[1], want[1])):
+        err = ((a - b).norm() / b.norm()).item()
+        print("network", name, tuple(a.shape), f"relative L2 {err:.1e}")
+        assert err < 1e-5, err
+    print("networks", "GroupNorms through the op:", counts)
+
+
+if __name__ == "__main__":
+    import triton  # noqa: F401  (the interpreter must be what triton.jit gives)
+    from triton.runtime.interpreter import InterpretedFunction
+    from sdcanny.group_norm_kernel import group_norm_kernel
+    assert isinstance(group_norm_kernel, InterpretedFunction), "run with TRITON_INTERPRET=1"
+    check_kernel()
+    check_networks()
