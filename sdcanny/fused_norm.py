@@ -33,6 +33,9 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
                    groups: int, eps: float, silu: bool) -> torch.Tensor:
     """silu?(group_norm(x + add[:, :, None, None])): the Triton kernel on a GPU, torch's maths
     (GroupNorm.normalize's) elsewhere."""
+    batch, channels = x.shape[:2]
+    if add is not None and (add.dim() != 2 or add.shape[1] != channels or add.shape[0] not in (1, batch)):
+        raise ValueError(f"the addend must be ({batch} or 1, {channels}), got {tuple(add.shape)}")
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add)

@@ -112,11 +112,15 @@ def launch_shape(count: int) -> tuple[int, int, int]:
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + add[:, :, None, None])) of an (N, C, H, W) tensor, into a new
-    channels-last tensor. The kernel walks the input's pixels as one axis; an x whose pixels are
-    not one (a view across rows) is first copied channels-last."""
+    channels-last tensor. `add` is (N, C) or (1, C), broadcast over the samples as the network's
+    sum does it (the step's time rows are one for both guidance branches). The kernel walks the
+    input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
+    channels-last."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
+    if add is not None:
+        add = add.expand(batch, channels)  # a single row is read at stride 0 by every sample
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     if not pixels_form_one_axis(x):
         x = x.contiguous(memory_format=torch.channels_last)

@@ -3,8 +3,10 @@ tests/test_fused_norm.py as a subprocess with TRITON_INTERPRET=1 (the variable m
 triton is imported). Prints one line per check; exits non-zero on the first that fails.
 
 1. The kernel against float64 torch: both input layouts and a channel slice, with and without the
-   addend and the SiLU, a group held in registers and one read in two passes, a mean far from zero.
-2. The tiny ControlNet and UNet, channels-last, with every GroupNorm through the op: the same
+   addend (one row per sample, or one row for both) and the SiLU, a group held in registers and one
+   read in two passes, a mean far from zero.
+2. A ResBlock whose time embedding is one row for two samples, as in the step.
+3. The tiny ControlNet and UNet, channels-last, with every GroupNorm through the op: the same
    outputs as with torch's GroupNorm.
 """
 import sys
@@ -18,13 +20,16 @@ from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
 from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
+from sdcanny.networks import GroupNorm, ResBlock  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
-# (channels, height, width, groups, layout, addend, SiLU): the last two have groups of
+# (channels, height, width, groups, layout, addend rows, SiLU): addend rows 1 is one row for both
+# samples (broadcast, as the step's time rows are); the last two have groups of
 # 64 x 24 x 24 = 36864 elements, over ONE_PASS_LIMIT, so the kernel reads them in two passes
-KERNEL_CASES = ((40, 4, 6, 4, "channels-last", True, True), (60, 3, 5, 4, "contiguous", False, False),
-                (64, 40, 41, 32, "channels-last", False, True), (64, 5, 7, 32, "slice", True, True),
-                (64, 24, 24, 1, "channels-last", True, False), (64, 24, 24, 1, "contiguous", False, True))
+KERNEL_CASES = ((40, 4, 6, 4, "channels-last", 2, True), (60, 3, 5, 4, "contiguous", 0, False),
+                (64, 40, 41, 32, "channels-last", 0, True), (64, 5, 7, 32, "slice", 2, True),
+                (40, 4, 6, 4, "channels-last", 1, True), (64, 24, 24, 1, "channels-last", 1, False),
+                (64, 24, 24, 1, "contiguous", 0, True))
 
 
 def reference(x, weight, bias, groups, eps, silu, add):
@@ -43,12 +48,31 @@ def check_kernel():
         if layout == "slice":  # channels 16..16+C of a wider channels-last tensor: not dense
             x = x[:, 16:16 + channels]
         weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
-        addend = torch.randn(2, channels, generator=g) if add else None
+        addend = torch.randn(add, channels, generator=g) if add else None
         got = group_norm_act(x, weight, bias, groups, 1e-5, silu, addend)
         err = (got.double() - reference(x, weight, bias, groups, 1e-5, silu, addend)).abs().max().item()
-        print("kernel", (channels, height, width, groups), layout, "add" * add, "silu" * silu, f"max abs err {err:.1e}")
+        print("kernel", (channels, height, width, groups), layout, f"add {add} rows" * bool(add), "silu" * silu,
+              f"max abs err {err:.1e}")
         assert err < 1e-4, err
         assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+
+
+def check_resblock_with_one_time_row():
+    """A ResBlock of two samples whose time embedding is one row, as the step's stacked time rows
+    are: the op's addend broadcasts as torch's sum does."""
+    g = torch.Generator().manual_seed(2)
+    block = ResBlock(32, 64, 12).eval()
+    x = torch.randn(2, 32, 6, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(1, 12, generator=g)
+    with torch.no_grad():
+        want = block(x, emb)
+        for m in block.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = True
+        got = block(x, emb)
+    err = ((got - want).norm() / want.norm()).item()
+    print("network resblock, one time row", tuple(got.shape), f"relative L2 {err:.1e}")
+    assert err < 1e-5, err
 
 
 def check_networks():
@@ -76,5 +100,7 @@ if __name__ == "__main__":
     from triton.runtime.interpreter import InterpretedFunction
     from sdcanny.group_norm_kernel import group_norm_kernel
     assert isinstance(group_norm_kernel, InterpretedFunction), "run with TRITON_INTERPRET=1"
+    fused_norm.register_op()
     check_kernel()
+    check_resblock_with_one_time_row()
     check_networks()

@@ -89,15 +89,23 @@ def test_the_op_traces_into_a_compiled_resblock():
                     reason="needs triton with its interpreter (3.0+)")
 def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     """tests/group_norm_interpreted.py under TRITON_INTERPRET=1: the kernel within 1e-4 of float64
-    torch (both layouts, a channel slice, the addend and the SiLU, one pass and two, a mean far
-    from zero), its output channels-last; the tiny channels-last ControlNet and UNet with every
-    GroupNorm through it give torch's GroupNorm's outputs."""
+    torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
+    pass and two, a mean far from zero), its output channels-last; a ResBlock with one time row
+    for two samples, and the tiny channels-last ControlNet and UNet, with every GroupNorm through
+    it give torch's GroupNorm's outputs."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "group_norm_interpreted.py")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("kernel ") == 6 and run.stdout.count("network ") == 14
+    assert run.stdout.count("kernel ") == 7 and run.stdout.count("network ") == 15
     assert "GroupNorms through the op: [27, 61]" in run.stdout
+
+
+@pytest.mark.parametrize("rows, columns", [(2, 8), (3, 4)])
+def test_the_op_refuses_an_addend_it_cannot_broadcast(rows, columns):
+    with pytest.raises(ValueError, match=r"the addend must be \(3 or 1, 8\)"):
+        fused_norm.group_norm_act(torch.randn(3, 8, 2, 2), torch.ones(8), torch.zeros(8), torch.ones(rows, columns),
+                                  4, 1e-5, False)
 
 
 @needs_custom_ops
@@ -114,10 +122,12 @@ def test_the_op_gives_channels_last_for_any_input_layout():
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused_norm.unavailable_reason(torch.device("cuda")) is not None,
                     reason="needs a CUDA GPU, torch 2.4+ and triton")
-@pytest.mark.parametrize("channels, height, width, with_add, silu", [
-    (320, 32, 48, True, True), (640, 16, 24, False, True), (1280, 8, 12, False, False), (2560, 4, 6, False, True)])
-def test_gpu_fused_group_norm_matches_float64(channels, height, width, with_add, silu):
-    """The op on the GPU, fp16 channels-last at the step's shapes, against float64 torch."""
+@pytest.mark.parametrize("channels, height, width, add_rows, silu", [
+    (320, 32, 48, 1, True), (640, 16, 24, 0, True), (1280, 8, 12, 0, False), (2560, 4, 6, 2, True),
+    (960, 32, 48, 0, True)])
+def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows, silu):
+    """The op on the GPU, fp16 channels-last at the step's shapes (960 x 32 x 48: two passes), the
+    addend one row for both samples as in the step or one per sample, against float64 torch."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(10)
     x = (torch.randn(2, channels, height, width, device="cuda", generator=g) * 2 + 1).half()
@@ -126,7 +136,7 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, with_add,
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5, generator=g)
         norm.bias.normal_(generator=g)
-    add = torch.randn(2, channels, device="cuda", generator=g).half() if with_add else None
+    add = torch.randn(add_rows, channels, device="cuda", generator=g).half() if add_rows else None
     got = torch.ops.sdcanny.group_norm_act(x, norm.weight, norm.bias, add, 32, norm.eps, silu)
     want = expected(x, norm, silu, add)
     assert got.is_contiguous(memory_format=torch.channels_last)
