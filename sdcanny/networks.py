@@ -190,15 +190,21 @@ class ResBlock(nn.Module):
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        norm, _, conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
-        h = conv(norm.normalize(x, silu=True))
+        in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
+        out_norm, _, _, out_conv = self.out_layers  # GroupNorm, SiLU, dropout, Conv
         if self.emb_columns is None:
             # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
             projected = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype))
         else:  # emb already holds every ResBlock's projection side by side: this block's columns
             projected = emb[:, self.emb_columns[0]:self.emb_columns[1]]
-        norm, _, _, conv = self.out_layers  # GroupNorm, SiLU, dropout, Conv
-        return self.skip_connection(x) + conv(norm.normalize(h, silu=True, add=projected))
+        if out_norm.fused:
+            # h feeds only the fused norm, so in_conv's bias can join its addend: the compiler adds a
+            # convolution's bias in a kernel of its own where the next op is not one of its kernels
+            h = F.conv2d(in_norm.normalize(x, silu=True), in_conv.weight, None, in_conv.stride, in_conv.padding)
+            add = projected.to(h.dtype) + in_conv.bias
+        else:
+            h, add = in_conv(in_norm.normalize(x, silu=True)), projected
+        return self.skip_connection(x) + out_conv(out_norm.normalize(h, silu=True, add=add))
 
 
 class CrossAttention(nn.Module):

@@ -2,9 +2,9 @@
 tests/test_fused_norm.py as a subprocess with TRITON_INTERPRET=1 (the variable must be set before
 triton is imported). Prints one line per check; exits non-zero on the first that fails.
 
-1. The kernel against float64 torch: both input layouts and a channel slice, with and without the
-   addend (one row per sample, or one row for both) and the SiLU, a group held in registers and one
-   read in two passes, a mean far from zero.
+1. The kernels against float64 torch: both input layouts and a channel slice, with and without the
+   addend (one row per sample, or one row for both) and the SiLU, a group held in registers, one
+   read in two passes, and the tiled pair; a mean far from zero.
 2. A ResBlock whose time embedding is one row for two samples, as in the step.
 3. The tiny ControlNet and UNet, channels-last, with every GroupNorm through the op: the same
    outputs as with torch's GroupNorm.
@@ -19,17 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
-from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
+from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, SPLIT_FROM, group_norm_act  # noqa: E402
 from sdcanny.networks import GroupNorm, ResBlock  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
 # (channels, height, width, groups, layout, addend rows, SiLU): addend rows 1 is one row for both
-# samples (broadcast, as the step's time rows are); the last two have groups of
-# 64 x 24 x 24 = 36864 elements, over ONE_PASS_LIMIT, so the kernel reads them in two passes
+# samples (broadcast, as the step's time rows are). The first five have small groups (one program
+# per group, in registers); the next two groups too large for the tiled kernels' tl.arange
+# (3 groups, not a power of two): one pass of 11520 elements, two passes of 36864 (over
+# ONE_PASS_LIMIT); the last three the tiled pair, with a last tile part-filled (47 x 49 pixels).
 KERNEL_CASES = ((40, 4, 6, 4, "channels-last", 2, True), (60, 3, 5, 4, "contiguous", 0, False),
                 (64, 40, 41, 32, "channels-last", 0, True), (64, 5, 7, 32, "slice", 2, True),
-                (40, 4, 6, 4, "channels-last", 1, True), (64, 24, 24, 1, "channels-last", 1, False),
-                (64, 24, 24, 1, "contiguous", 0, True))
+                (40, 4, 6, 4, "channels-last", 1, True),
+                (60, 24, 24, 3, "contiguous", 0, True), (48, 48, 48, 3, "channels-last", 1, False),
+                (128, 47, 49, 32, "channels-last", 1, True), (128, 47, 49, 32, "contiguous", 2, False),
+                (160, 48, 48, 32, "slice", 0, True))
 
 
 def reference(x, weight, bias, groups, eps, silu, add):
@@ -39,7 +43,8 @@ def reference(x, weight, bias, groups, eps, silu, add):
 
 
 def check_kernel():
-    assert 64 * 24 * 24 > ONE_PASS_LIMIT
+    assert 16 * 48 * 48 > ONE_PASS_LIMIT and 20 * 24 * 24 >= SPLIT_FROM > 40 * 41 * 2
+    assert min(4 * 47 * 49, 5 * 48 * 48) >= SPLIT_FROM
     g = torch.Generator().manual_seed(0)
     for channels, height, width, groups, layout, add, silu in KERNEL_CASES:
         x = torch.randn(2, channels + 32 * (layout == "slice"), height, width, generator=g) * 0.5 + 100
