@@ -30,23 +30,44 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels o
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
-                   groups: int, eps: float, silu: bool) -> torch.Tensor:
-    """silu?(group_norm(x + add[:, :, None, None])): the Triton kernel on a GPU, torch's maths
-    (GroupNorm.normalize's) elsewhere."""
-    batch, channels = x.shape[:2]
-    if add is not None and (add.dim() != 2 or add.shape[1] != channels or add.shape[0] not in (1, batch)):
-        raise ValueError(f"the addend must be ({batch} or 1, {channels}), got {tuple(add.shape)}")
+                   add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
+                   silu: bool) -> torch.Tensor:
+    """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
+    add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
+    dtype: the Triton kernel on a GPU, torch's maths (GroupNorm.normalize's) elsewhere."""
+    check_addends(x, add, add_column, add_bias)
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
-        return kernel(x, weight, bias, groups, eps, silu, add)
+        return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
     if add is not None:
-        x = x + add.to(x.dtype)[:, :, None, None]
+        x = x + addend(add, add_column, add_bias, x)[:, :, None, None]
     out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
     return (F.silu(out) if silu else out).contiguous(memory_format=torch.channels_last)
 
 
+def addend(add: torch.Tensor, add_column: int, add_bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The (rows, C) addend in x's dtype: add's columns from add_column, plus add_bias."""
+    columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+    return columns if add_bias is None else columns + add_bias.to(x.dtype)
+
+
+def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
+                  add_bias: Optional[torch.Tensor]) -> None:
+    batch, channels = x.shape[:2]
+    if add is None:
+        if add_bias is not None:
+            raise ValueError("add_bias is added to the addend's columns: it needs an addend")
+        return
+    if add.dim() != 2 or add.shape[0] not in (1, batch) or not 0 <= add_column <= add.shape[1] - channels:
+        raise ValueError(f"the addend must have {batch} rows or 1 and {channels} columns from column "
+                         f"{add_column}, got {tuple(add.shape)}")
+    if add_bias is not None and tuple(add_bias.shape) != (channels,):
+        raise ValueError(f"add_bias must be ({channels},), got {tuple(add_bias.shape)}")
+
+
 def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
-                          groups: int, eps: float, silu: bool) -> torch.Tensor:
+                          add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
+                          silu: bool) -> torch.Tensor:
     """The op's output for tracing: x's shape and dtype, channels-last, no data."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 

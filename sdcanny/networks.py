@@ -52,13 +52,17 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
-    def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
-        """silu?(self(x + add[:, :, None, None])), the addend in x's dtype: how the ResBlocks and
-        the SpatialTransformers use their GroupNorms."""
+    def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, add_column: int = 0,
+                  add_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
+        use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
+        block, read in place), plus add_bias (C,) where given, in x's dtype."""
         if self.fused:
-            return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, self.num_groups, self.eps, silu)
+            return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
+                                                    self.num_groups, self.eps, silu)
         if add is not None:
-            x = x + add.to(x.dtype)[:, :, None, None]
+            columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+            x = x + (columns if add_bias is None else columns + add_bias.to(x.dtype))[:, :, None, None]
         out = self(x)
         return F.silu(out) if silu else out
 
@@ -194,17 +198,18 @@ class ResBlock(nn.Module):
         out_norm, _, _, out_conv = self.out_layers  # GroupNorm, SiLU, dropout, Conv
         if self.emb_columns is None:
             # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
-            projected = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype))
+            add, column = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype)), 0
         else:  # emb already holds every ResBlock's projection side by side: this block's columns
-            projected = emb[:, self.emb_columns[0]:self.emb_columns[1]]
+            add, column = emb, self.emb_columns[0]
         if out_norm.fused:
-            # h feeds only the fused norm, so in_conv's bias can join its addend: the compiler adds a
-            # convolution's bias in a kernel of its own where the next op is not one of its kernels
+            # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
+            # a convolution's bias in a kernel of its own where the next op is not one of its kernels
             h = F.conv2d(in_norm.normalize(x, silu=True), in_conv.weight, None, in_conv.stride, in_conv.padding)
-            add = projected.to(h.dtype) + in_conv.bias
+            add_bias = in_conv.bias
         else:
-            h, add = in_conv(in_norm.normalize(x, silu=True)), projected
-        return self.skip_connection(x) + out_conv(out_norm.normalize(h, silu=True, add=add))
+            h, add_bias = in_conv(in_norm.normalize(x, silu=True)), None
+        h = out_norm.normalize(h, silu=True, add=add, add_column=column, add_bias=add_bias)
+        return self.skip_connection(x) + out_conv(h)
 
 
 class CrossAttention(nn.Module):

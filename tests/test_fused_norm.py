@@ -101,11 +101,28 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     assert "GroupNorms through the op: [27, 61]" in run.stdout
 
 
-@pytest.mark.parametrize("rows, columns", [(2, 8), (3, 4)])
-def test_the_op_refuses_an_addend_it_cannot_broadcast(rows, columns):
-    with pytest.raises(ValueError, match=r"the addend must be \(3 or 1, 8\)"):
-        fused_norm.group_norm_act(torch.randn(3, 8, 2, 2), torch.ones(8), torch.zeros(8), torch.ones(rows, columns),
-                                  4, 1e-5, False)
+@pytest.mark.parametrize("rows, columns, column, add_bias, message", [
+    (2, 8, 0, None, "3 rows or 1 and 8 columns from column 0"), (3, 4, 0, None, "8 columns"),
+    (1, 10, 3, None, "8 columns from column 3"), (1, 8, 0, (4,), r"add_bias must be \(8,\)"),
+    (0, 0, 0, (8,), "needs an addend")])
+def test_the_op_refuses_addends_it_cannot_read(rows, columns, column, add_bias, message):
+    add = torch.ones(rows, columns) if rows else None
+    with pytest.raises(ValueError, match=message):
+        fused_norm.group_norm_act(torch.randn(3, 8, 2, 2), torch.ones(8), torch.zeros(8), add, column,
+                                  torch.ones(add_bias) if add_bias else None, 4, 1e-5, False)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_torch_path_adds_the_columns_and_the_bias(rows):
+    """Off the GPU the op is torch's maths: columns 2..2+C of the addend plus add_bias, broadcast
+    over the samples, against float64 from the functional form."""
+    g = torch.Generator().manual_seed(11)
+    x, add, add_bias = torch.randn(3, 8, 4, 5, generator=g), torch.randn(rows, 12, generator=g), torch.randn(8, generator=g)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    got = fused_norm.group_norm_act(x, w, b, add, 2, add_bias, 4, 1e-5, True)
+    h = x.double() + (add[:, 2:10].double() + add_bias.double())[:, :, None, None]
+    want = F.silu(F.group_norm(h, 4, w.double(), b.double(), 1e-5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_custom_ops
@@ -114,8 +131,8 @@ def test_the_op_gives_channels_last_for_any_input_layout():
     fused_norm.register_op()
     x = torch.randn(2, 8, 3, 5)
     w, b = torch.ones(8), torch.zeros(8)
-    eager = torch.ops.sdcanny.group_norm_act(x, w, b, None, 4, 1e-5, True)
-    traced = fused_norm._group_norm_act_shape(x, w, b, None, 4, 1e-5, True)
+    eager = torch.ops.sdcanny.group_norm_act(x, w, b, None, 0, None, 4, 1e-5, True)
+    traced = fused_norm._group_norm_act_shape(x, w, b, None, 0, None, 4, 1e-5, True)
     assert eager.stride() == traced.stride() == torch.empty_like(x, memory_format=torch.channels_last).stride()
     torch.testing.assert_close(eager, F.silu(F.group_norm(x, 4, w, b, 1e-5)))
 
@@ -127,7 +144,8 @@ def test_the_op_gives_channels_last_for_any_input_layout():
     (960, 32, 48, 0, True)])
 def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows, silu):
     """The op on the GPU, fp16 channels-last at the step's shapes (960 x 32 x 48: two passes), the
-    addend one row for both samples as in the step or one per sample, against float64 torch."""
+    addend one row for both samples plus a bias as in the step, or one per sample, against float64
+    torch."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(10)
     x = (torch.randn(2, channels, height, width, device="cuda", generator=g) * 2 + 1).half()
@@ -137,7 +155,9 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
         norm.weight.uniform_(0.5, 1.5, generator=g)
         norm.bias.normal_(generator=g)
     add = torch.randn(add_rows, channels, device="cuda", generator=g).half() if add_rows else None
-    got = torch.ops.sdcanny.group_norm_act(x, norm.weight, norm.bias, add, 32, norm.eps, silu)
+    add_bias = torch.randn(channels, device="cuda", generator=g).half() if add_rows == 1 else None
+    got = torch.ops.sdcanny.group_norm_act(x, norm.weight, norm.bias, add, 0, add_bias, 32, norm.eps, silu)
+    add = add if add_bias is None else add + add_bias
     want = expected(x, norm, silu, add)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
