@@ -57,15 +57,18 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # "per-step-kv" "jit" with the text's cross-attention keys and values made at every step,
 # "text-every-call" "jit" with the text encoded at every call (what reuse_text saves),
 # "no-pdl" "jit" without programmatic dependent launch (what overlap_launches saves),
-# "unfolded-upsampling" "jit" with each doubling and its convolution as written (what fold_upsampling saves)
+# "unfolded-upsampling" "jit" with each doubling and its convolution as written (what fold_upsampling saves),
+# "inductor-group-norm" "jit" with TorchInductor's GroupNorms (what fused_group_norm saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
             "per-step-kv": {"compile": "default", "precompute_cross_attention": False},
             "text-every-call": {"compile": "default", "reuse_text": False},
             "no-pdl": {"compile": "default", "overlap_launches": False},
-            "unfolded-upsampling": {"compile": "default", "fold_upsampling": False}}
-COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling")  # run with an engine directory that holds no programs
+            "unfolded-upsampling": {"compile": "default", "fold_upsampling": False},
+            "inductor-group-norm": {"compile": "default", "fused_group_norm": False}}
+COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
+                       "inductor-group-norm")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

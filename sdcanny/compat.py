@@ -14,6 +14,7 @@ versions or probes signatures.
 | `torch.compile` on Python 3.11+ | unsupported | supported |
 | torch.compile's generated code saved for a later process (`aot_compile`, `torch.compiler.load_compiled_function`) | absent | 2.11 has it |
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
+| `torch.library.custom_op` (our Triton GroupNorm as one op torch.compile can call) | absent | 2.4+ |
 """
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ import torch
 TORCH_LOAD_MMAP = "mmap" in inspect.signature(torch.load).parameters
 LOAD_STATE_DICT_ASSIGN = "assign" in inspect.signature(torch.nn.Module.load_state_dict).parameters
 _ONNX_EXPORT_DYNAMO_ARG = "dynamo" in inspect.signature(torch.onnx.export).parameters
+CUSTOM_OPS = hasattr(torch.library, "custom_op")
+_CUSTOM_OP_TAGS = CUSTOM_OPS and "tags" in inspect.signature(torch.library.custom_op).parameters
+
+
+def custom_op_layout_tags() -> tuple:
+    """Tags for a custom op whose inputs must reach it with the strides they had when traced
+    (TorchInductor may otherwise lay its own buffers out afresh): the strictest tag this torch has,
+    where custom_op takes tags at all."""
+    if not _CUSTOM_OP_TAGS:
+        return ()
+    for name in ("needs_exact_strides", "needs_fixed_stride_order"):
+        if hasattr(torch.Tag, name):
+            return (getattr(torch.Tag, name),)
+    return ()
 
 
 def torch_load(path: Path) -> object:

@@ -48,7 +48,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, programs
+from . import compat, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_upsampling, index_cross_attention, stack_time_projections,
@@ -157,7 +157,7 @@ class FastTorchBackend:
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
-                 fold_upsampling: bool = True):
+                 fold_upsampling: bool = True, fused_group_norm: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -177,7 +177,10 @@ class FastTorchBackend:
         (OVERLAP_OPTIONS) where torch and the GPU have it; off only to measure what it buys.
         `fold_upsampling`: each nearest-neighbour doubling and the 3x3 convolution after it (the
         UNet's three, the VAE decoder's three) as 2x2 convolutions of the undoubled image
-        (networks.Upsample.fold_upsampling); off only to measure what it buys."""
+        (networks.Upsample.fold_upsampling); off only to measure what it buys.
+        `fused_group_norm`: the ControlNet's and UNet's GroupNorms, with their SiLU and addend, as
+        one Triton kernel each (sdcanny/fused_norm.py) where torch (2.4+) and triton allow; off only
+        to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -193,6 +196,10 @@ class FastTorchBackend:
         self.fold_upsampling = fold_upsampling
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
+        unavailable = fused_norm.unavailable_reason(self.device) if fused_group_norm else None
+        if unavailable is not None and self.device.type == "cuda":
+            self.notes.append(unavailable)
+        self.fused_group_norm = fused_group_norm and unavailable is None
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -241,7 +248,8 @@ class FastTorchBackend:
         numerics = {"compile": self.compiled, "fp32_islands": self.fp32_islands,
                     "stack_time_projections": self.stack_time_projections,
                     "precompute_cross_attention": self.precompute_cross_attention,
-                    "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling}
+                    "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
+                    "fused_group_norm": self.fused_group_norm}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -310,6 +318,9 @@ class FastTorchBackend:
         if self.fold_upsampling:
             for net in (nets.unet, nets.vae):
                 fold_upsampling(net)
+        if self.fused_group_norm:
+            for net in (nets.controlnet, nets.unet):
+                fused_norm.use_fused_group_norm(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

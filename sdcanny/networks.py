@@ -44,10 +44,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 class GroupNorm(nn.GroupNorm):
     """Computes in its parameters' dtype. In a network of one dtype that is plain GroupNorm; with
     fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
-    in fp32, the result cast back to the input's dtype."""
+    in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
+    sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
+    the addend and the SiLU inside it."""
+    fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+    def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, add_column: int = 0,
+                  add_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
+        use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
+        block, read in place), plus add_bias (C,) where given, in x's dtype."""
+        if self.fused:
+            return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
+                                                    self.num_groups, self.eps, silu)
+        if add is not None:
+            columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+            x = x + (columns if add_bias is None else columns + add_bias.to(x.dtype))[:, :, None, None]
+        out = self(x)
+        return F.silu(out) if silu else out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -177,14 +194,22 @@ class ResBlock(nn.Module):
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
+        out_norm, _, _, out_conv = self.out_layers  # GroupNorm, SiLU, dropout, Conv
         if self.emb_columns is None:
             # the timestep's projection computes in its own dtype (fp32 in a mixed-precision network)
-            projected = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype))
+            add, column = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype)), 0
         else:  # emb already holds every ResBlock's projection side by side: this block's columns
-            projected = emb[:, self.emb_columns[0]:self.emb_columns[1]]
-        h = h + projected.to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+            add, column = emb, self.emb_columns[0]
+        if out_norm.fused:
+            # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
+            # a convolution's bias in a kernel of its own where the next op is not one of its kernels
+            h = F.conv2d(in_norm.normalize(x, silu=True), in_conv.weight, None, in_conv.stride, in_conv.padding)
+            add_bias = in_conv.bias
+        else:
+            h, add_bias = in_conv(in_norm.normalize(x, silu=True)), None
+        h = out_norm.normalize(h, silu=True, add=add, add_column=column, add_bias=add_bias)
+        return self.skip_connection(x) + out_conv(h)
 
 
 class CrossAttention(nn.Module):
@@ -276,7 +301,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             t = block(t, context)
         return self.proj_out(t.transpose(1, 2).reshape(b, c, h, w)) + x

@@ -1,0 +1,102 @@
+"""The ControlNet's and UNet's GroupNorms (with the SiLU after them and the time embedding's addend
+before them) through one Triton kernel each (sdcanny/group_norm_kernel.py), as the custom op
+`sdcanny::group_norm_act`: an opaque call to torch.compile, ahead-of-time programs and CUDA graphs.
+
+Where the graded step's GroupNorms follow a cuDNN convolution, TorchInductor's reductions took
+10-30 µs each at 32x48 and 16x24 latents; the one-kernel form took about half as long after a
+convolution (docs/benchmarks.md). The op needs torch.library.custom_op (torch 2.4+) and triton;
+without them, or off a CUDA device, the networks keep torch's GroupNorm (`unavailable_reason`).
+
+The op's output is channels-last whatever its input's layout (what the networks' convolutions
+want), on every device: its traced form then holds however TorchInductor lays the input out. Under
+Triton's interpreter (TRITON_INTERPRET=1) the kernel runs on CPU tensors too: that is how the tests
+check it, in whole networks, without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import compat
+from .networks import GroupNorm
+from .optional import installed
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
+
+
+def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
+                   add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
+                   silu: bool) -> torch.Tensor:
+    """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
+    add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
+    dtype: the Triton kernel on a GPU, torch's maths (GroupNorm.normalize's) elsewhere."""
+    check_addends(x, add, add_column, add_bias)
+    if x.is_cuda or INTERPRETED:
+        from .group_norm_kernel import group_norm_act as kernel
+        return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
+    if add is not None:
+        x = x + addend(add, add_column, add_bias, x)[:, :, None, None]
+    out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
+    return (F.silu(out) if silu else out).contiguous(memory_format=torch.channels_last)
+
+
+def addend(add: torch.Tensor, add_column: int, add_bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The (rows, C) addend in x's dtype: add's columns from add_column, plus add_bias."""
+    columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+    return columns if add_bias is None else columns + add_bias.to(x.dtype)
+
+
+def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
+                  add_bias: Optional[torch.Tensor]) -> None:
+    batch, channels = x.shape[:2]
+    if add is None:
+        if add_bias is not None:
+            raise ValueError("add_bias is added to the addend's columns: it needs an addend")
+        return
+    if add.dim() != 2 or add.shape[0] not in (1, batch) or not 0 <= add_column <= add.shape[1] - channels:
+        raise ValueError(f"the addend must have {batch} rows or 1 and {channels} columns from column "
+                         f"{add_column}, got {tuple(add.shape)}")
+    if add_bias is not None and tuple(add_bias.shape) != (channels,):
+        raise ValueError(f"add_bias must be ({channels},), got {tuple(add_bias.shape)}")
+
+
+def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
+                          add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
+                          silu: bool) -> torch.Tensor:
+    """The op's output for tracing: x's shape and dtype, channels-last, no data."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None if the op can run on `device`, else why not in one line."""
+    if device.type != "cuda":
+        return f"the fused GroupNorm kernel needs a CUDA device, not {device.type}"
+    if not compat.CUSTOM_OPS:
+        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): GroupNorms stay TorchInductor's"
+    if not installed("triton"):
+        return "triton is not installed, so GroupNorms stay TorchInductor's"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def register_op() -> None:
+    """Defines `torch.ops.sdcanny.group_norm_act` once per process. Programs that call it need it
+    defined before they load (programs.load calls this)."""
+    tags = compat.custom_op_layout_tags()  # the input stays in the layout the kernel was traced with
+    op = torch.library.custom_op("sdcanny::group_norm_act", group_norm_act, mutates_args=(),
+                                 **({"tags": tags} if tags else {}))
+    op.register_fake(_group_norm_act_shape)
+
+
+def use_fused_group_norm(net: nn.Module) -> int:
+    """Every GroupNorm of `net` (the ControlNet, the UNet) normalises through the op; returns how many."""
+    register_op()
+    norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
+    for norm in norms:
+        norm.fused = True
+    return len(norms)

@@ -1,0 +1,152 @@
+"""GroupNorm, with the SiLU after it and per-channel addends before it, as one Triton kernel.
+
+TorchInductor writes a channels-last GroupNorm that follows a cuDNN convolution as several kernels
+(partial statistics, their sum, the normalisation); in the graded step they cost 10-30 µs a
+GroupNorm (docs/benchmarks.md). Here one program normalises one group of one sample in one launch.
+A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but the
+960-channel one) is read once, its statistics taken about the exact mean, and written once; a
+larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
+does not cancel the variance away, then the normalised output). The mean and the biased variance
+are torch's. (A pair of kernels over tiles of whole channels-last rows, for more programs at 32x48,
+was slower in the step: docs/benchmarks.md.)
+
+The addends are a time-embedding row (columns of a wider one, read in place) and, where the
+network folds it here, the bias of the convolution before the norm. The input may have any strides whose pixels form one axis (channels-last, contiguous, channel
+slices of either); the output is always a new channels-last tensor, whatever the input's layout,
+so that the op's traced output (sdcanny/fused_norm.py) never depends on how TorchInductor lays out
+the input. Imported only where triton is (sdcanny/fused_norm.py decides).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+ONE_PASS_LIMIT = 32768  # elements of a group held in registers at once (64 a thread at 16 warps)
+TWO_PASS_BLOCK = 8192  # elements of a larger group each step of its two passes loads
+
+
+@triton.jit
+def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start, count, pixels, sx_p, sx_c,
+                     sa_n, sa_c, GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
+                     HAS_ADD_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements start..start+BLOCK of one group in memory order (channels innermost for a
+    channels-last tensor, pixels for a contiguous one), as fp32 with the addend (plus the
+    per-channel add_bias) added in the activation's dtype, as `h + t.to(h.dtype)` in the network."""
+    index = start + tl.arange(0, BLOCK)
+    mask = index < count
+    if CHANNELS_INNER:
+        pixel, channel = index // GROUP_CHANNELS, index % GROUP_CHANNELS
+    else:
+        pixel, channel = index % pixels, index // pixels
+    value = tl.load(x_base + pixel * sx_p + channel * sx_c, mask=mask, other=0.0)
+    if HAS_ADD:
+        addend = tl.load(add_ptr + sample * sa_n + (first_channel + channel) * sa_c, mask=mask, other=0.0)
+        addend = addend.to(value.dtype)
+        if HAS_ADD_BIAS:
+            addend += tl.load(add_bias_ptr + first_channel + channel, mask=mask, other=0.0).to(value.dtype)
+        value = value + addend
+    return value.to(tl.float32), pixel, channel, mask
+
+
+@triton.jit
+def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
+                     sy_p, SILU: tl.constexpr):
+    """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output."""
+    weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
+    bias = tl.load(bias_ptr + first_channel + channel, mask=mask).to(tl.float32)
+    out = (value - mean) * rstd * weight + bias
+    if SILU:
+        out = out * tl.sigmoid(out)
+    tl.store(y_base + pixel * sy_p + channel, out.to(y_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sx_c,
+                      sy_n, sy_p, sa_n, sa_c, eps,
+                      GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
+                      HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    group, sample = tl.program_id(0), tl.program_id(1)
+    count = pixels * GROUP_CHANNELS
+    first_channel = group * GROUP_CHANNELS
+    x_base = x_ptr + sample.to(tl.int64) * sx_n + first_channel * sx_c
+    y_base = y_ptr + sample.to(tl.int64) * sy_n + first_channel  # channels-last: a channel is 1 apart
+    if BLOCKS == 1:  # the whole group in registers: read once, statistics about the exact mean
+        value, pixel, channel, mask = load_group_block(
+            x_base, add_ptr, add_bias_ptr, sample, first_channel, 0, count, pixels, sx_p, sx_c, sa_n, sa_c,
+            GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+        mean = tl.sum(value, axis=0) / count
+        centred = tl.where(mask, value - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / count + eps)
+        store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
+                         sy_p, SILU)
+    else:
+        shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
+        if HAS_ADD:
+            shift += tl.load(add_ptr + sample * sa_n + first_channel * sa_c).to(tl.float32)
+        sum1 = tl.zeros([BLOCK], dtype=tl.float32)
+        sum2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for block in range(BLOCKS):
+            value, _, _, mask = load_group_block(
+                x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
+                sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+            centred = tl.where(mask, value - shift, 0.0)
+            sum1 += centred
+            sum2 += centred * centred
+        mean_shifted = tl.sum(sum1, axis=0) / count
+        variance = tl.maximum(tl.sum(sum2, axis=0) / count - mean_shifted * mean_shifted, 0.0)
+        mean = mean_shifted + shift
+        rstd = 1.0 / tl.sqrt(variance + eps)
+        for block in range(BLOCKS):
+            value, pixel, channel, mask = load_group_block(
+                x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
+                sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+            store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base,
+                             first_channel, sy_p, SILU)
+
+
+def launch_shape(count: int) -> tuple[int, int, int]:
+    """(BLOCK, BLOCKS, warps) for a group of `count` elements: one block of the next power of two
+    where the group fits in registers, else two passes of fixed blocks. 16 warps from 4096
+    elements: alone and after a convolution, at the step's shapes on the H100, 16 warps were the
+    fastest or within 1.1 µs of it, 4 or 8 up to 3 µs slower (docs/benchmarks.md)."""
+    if count <= ONE_PASS_LIMIT:
+        block = triton.next_power_of_2(count)
+        return block, 1, 16 if block >= 4096 else 4
+    return TWO_PASS_BLOCK, triton.cdiv(count, TWO_PASS_BLOCK), 16
+
+
+def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                   silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
+                   add_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
+    channels-last tensor; the addend is add's columns add_column..add_column+C, plus add_bias (C,)
+    where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
+    sum does it (the step's time rows are one for both guidance branches). The kernel walks the
+    input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
+    channels-last."""
+    batch, channels, height, width = x.shape
+    if channels % groups:
+        raise ValueError(f"{channels} channels do not split into {groups} groups")
+    if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
+        add = add[:, add_column:add_column + channels].expand(batch, channels)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if not pixels_form_one_axis(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+    sx_n, sx_c, _, sx_p = x.stride()
+    sy_n, _, _, sy_p = y.stride()
+    sa_n, sa_c = add.stride() if add is not None else (0, 0)
+    block, blocks, warps = launch_shape(height * width * channels // groups)
+    unread = x  # a pointer for the addends a call has not
+    group_norm_kernel[(groups, batch)](
+        x, add if add is not None else unread, add_bias if add_bias is not None else unread, weight, bias, y,
+        height * width, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
+        GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
+        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps)
+    return y
+
+
+def pixels_form_one_axis(t: torch.Tensor) -> bool:
+    """Whether pixel (h, w) of t sits at h * W + w pixel strides: channels-last or contiguous
+    tensors, and channel slices of them."""
+    return t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3)

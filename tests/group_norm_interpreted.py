@@ -1,0 +1,115 @@
+"""The fused GroupNorm's Triton kernel on a CPU, in Triton's interpreter: run by
+tests/test_fused_norm.py as a subprocess with TRITON_INTERPRET=1 (the variable must be set before
+triton is imported). Prints one line per check; exits non-zero on the first that fails.
+
+1. The kernel against float64 torch: both input layouts and a channel slice, with and without the
+   addend (columns of a wider tensor; one row per sample, or one row for both plus a bias) and the
+   SiLU, a group held in registers and one read in two passes, a mean far from zero.
+2. A ResBlock whose time embedding is one row for two samples, as in the step.
+3. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
+   columns of one wider row), with every GroupNorm through the op: the same outputs as with
+   torch's GroupNorm.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdcanny import fused_norm  # noqa: E402
+from sdcanny.checkpoint import load_state_networks  # noqa: E402
+from sdcanny.config import TINY  # noqa: E402
+from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
+from sdcanny.networks import GroupNorm, ResBlock, stack_time_projections  # noqa: E402
+from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
+
+# (channels, height, width, groups, layout, addend rows, SiLU): an addend is columns 5..5+C of a
+# wider tensor; addend rows 1 is one row for both samples (broadcast, as the step's time rows
+# are), with a per-channel bias added as the step's ResBlocks fold their first convolution's bias.
+# (60, 24, 24, 3) is one pass of 11520 elements; the groups of (48, 48, 48, 3) and
+# (128, 47, 49, 32) x 16 are over ONE_PASS_LIMIT: two passes.
+KERNEL_CASES = ((40, 4, 6, 4, "channels-last", 2, True), (60, 3, 5, 4, "contiguous", 0, False),
+                (64, 40, 41, 32, "channels-last", 0, True), (64, 5, 7, 32, "slice", 2, True),
+                (40, 4, 6, 4, "channels-last", 1, True),
+                (60, 24, 24, 3, "contiguous", 0, True), (48, 48, 48, 3, "channels-last", 1, False),
+                (128, 47, 49, 2, "channels-last", 1, True), (128, 47, 49, 2, "contiguous", 2, False),
+                (160, 48, 48, 32, "slice", 0, True))
+ADD_COLUMN = 5
+
+
+def reference(x, weight, bias, groups, eps, silu, add):
+    h = x if add is None else x + add.to(x.dtype)[:, :, None, None]
+    out = F.group_norm(h.double(), groups, weight.double(), bias.double(), eps)
+    return F.silu(out) if silu else out
+
+
+def check_kernel():
+    assert 16 * 48 * 48 > ONE_PASS_LIMIT and 64 * 47 * 49 > ONE_PASS_LIMIT >= 20 * 24 * 24
+    g = torch.Generator().manual_seed(0)
+    for channels, height, width, groups, layout, rows, silu in KERNEL_CASES:
+        x = torch.randn(2, channels + 32 * (layout == "slice"), height, width, generator=g) * 0.5 + 100
+        if layout != "contiguous":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if layout == "slice":  # channels 16..16+C of a wider channels-last tensor: not dense
+            x = x[:, 16:16 + channels]
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+        add = torch.randn(rows, channels + 2 * ADD_COLUMN, generator=g) if rows else None
+        add_bias = torch.randn(channels, generator=g) if rows == 1 else None
+        got = group_norm_act(x, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, add_bias)
+        total = None if add is None else add[:, ADD_COLUMN:ADD_COLUMN + channels] + (0 if add_bias is None else add_bias)
+        err = (got.double() - reference(x, weight, bias, groups, 1e-5, silu, total)).abs().max().item()
+        print("kernel", (channels, height, width, groups), layout, f"add {rows} rows" * bool(rows),
+              "and bias" * (add_bias is not None), "silu" * silu, f"max abs err {err:.1e}")
+        assert err < 1e-4, err
+        assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+
+
+def check_resblock_with_one_time_row():
+    """A ResBlock of two samples whose time embedding is one row, as the step's stacked time rows
+    are: the op's addend broadcasts as torch's sum does."""
+    g = torch.Generator().manual_seed(2)
+    block = ResBlock(32, 64, 12).eval()
+    x = torch.randn(2, 32, 6, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(1, 12, generator=g)
+    with torch.no_grad():
+        want = block(x, emb)
+        for m in block.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = True
+        got = block(x, emb)
+    err = ((got - want).norm() / want.norm()).item()
+    print("network resblock, one time row", tuple(got.shape), f"relative L2 {err:.1e}")
+    assert err < 1e-5, err
+
+
+def check_networks():
+    nets = load_state_networks(synthetic_state_dict(TINY, seed=0), TINY)
+    g = torch.Generator().manual_seed(1)
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 16, 24, generator=g).contiguous(memory_format=cl)
+    t, ctx = torch.tensor([601, 601]), torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 16, 24, generator=g).contiguous(memory_format=cl)
+    with torch.no_grad():
+        for net in (nets.controlnet, nets.unet):  # as the fast back-end has them: each ResBlock's time
+            net.to(memory_format=cl)             # projection a block of columns of one product
+            stack_time_projections(net)
+        want = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
+        counts = [fused_norm.use_fused_group_norm(net) for net in (nets.controlnet, nets.unet)]
+        got = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
+    for name, a, b in (*(("controlnet", p, q) for p, q in zip(got[0], want[0])), ("unet", got[1], want[1])):
+        err = ((a - b).norm() / b.norm()).item()
+        print("network", name, tuple(a.shape), f"relative L2 {err:.1e}")
+        assert err < 1e-5, err
+    print("networks", "GroupNorms through the op:", counts)
+
+
+if __name__ == "__main__":
+    import triton  # noqa: F401  (the interpreter must be what triton.jit gives)
+    from triton.runtime.interpreter import InterpretedFunction
+    from sdcanny.group_norm_kernel import group_norm_kernel
+    assert isinstance(group_norm_kernel, InterpretedFunction), "run with TRITON_INTERPRET=1"
+    fused_norm.register_op()
+    check_kernel()
+    check_resblock_with_one_time_row()
+    check_networks()

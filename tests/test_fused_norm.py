@@ -1,0 +1,163 @@
+"""The fused GroupNorm: GroupNorm.normalize's maths, the op's torch path and tracing, and the Triton
+kernel against float64 torch (in Triton's interpreter on a CPU, on the GPU where there is one)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdcanny import compat, fused_norm
+from sdcanny.checkpoint import load_networks
+from sdcanny.config import TINY
+from sdcanny.networks import GroupNorm, ResBlock
+from sdcanny.optional import installed
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_custom_ops = pytest.mark.skipif(not compat.CUSTOM_OPS, reason=f"torch {torch.__version__} has no custom_op (2.4+)")
+
+
+def expected(x, norm, silu, add):
+    """GroupNorm (then SiLU) of x + add, in float64, from the functional form."""
+    h = x.double() + (add.double()[:, :, None, None] if add is not None else 0)
+    out = F.group_norm(h, norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+    return F.silu(out) if silu else out
+
+
+@pytest.mark.parametrize("silu, with_add", [(False, False), (True, False), (True, True)])
+def test_normalize_is_group_norm_of_the_sum_then_silu(silu, with_add):
+    g = torch.Generator().manual_seed(7)
+    norm = GroupNorm(4, 12, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    x = torch.randn(2, 12, 3, 5, generator=g) * 3 + 2
+    add = torch.randn(2, 12, generator=g) if with_add else None
+    torch.testing.assert_close(norm.normalize(x, silu=silu, add=add).double(), expected(x, norm, silu, add),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unavailable_off_cuda():
+    assert "needs a CUDA device" in fused_norm.unavailable_reason(torch.device("cpu"))
+
+
+@needs_custom_ops
+def test_fused_networks_keep_their_state_dict_and_outputs(tiny_checkpoint):
+    """Swapped in (the op's torch path on a CPU), the ControlNet and the UNet give the same outputs
+    and keep the checkpoint's layout; every GroupNorm of theirs is swapped."""
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([601, 601])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
+    keys = list(nets.unet.state_dict())
+    with torch.no_grad():
+        want = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        for net in (nets.unet, nets.controlnet):
+            assert fused_norm.use_fused_group_norm(net) == sum(isinstance(m, GroupNorm) for m in net.modules()) > 0
+        got = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+    # the op's output is channels-last, so the convolutions after it sum in another order: fp32 rounding
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    assert list(nets.unet.state_dict()) == keys
+
+
+@needs_custom_ops
+@pytest.mark.skipif(compat.compile_unavailable_reason("cpu") is not None, reason="torch.compile unavailable here")
+def test_the_op_traces_into_a_compiled_resblock():
+    """torch.compile takes the op as one call (its fake gives the output's shape and strides) and
+    the compiled block computes what the eager one does."""
+    fused_norm.register_op()
+    block = ResBlock(32, 64, 12).eval()
+    for m in block.modules():
+        if isinstance(m, GroupNorm):
+            m.fused = True
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 32, 6, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(2, 12, generator=g)
+    with torch.no_grad():
+        want = block(x, emb)
+        got = torch.compile(block, fullgraph=True, dynamic=False)(x, emb)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not installed("triton") or not installed("triton.runtime.interpreter"),
+                    reason="needs triton with its interpreter (3.0+)")
+def test_the_kernel_and_the_fused_networks_in_the_interpreter():
+    """tests/group_norm_interpreted.py under TRITON_INTERPRET=1: the kernel within 1e-4 of float64
+    torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
+    program per group in one pass and in two, the tiled pair of kernels, a mean far from zero), its output channels-last; a ResBlock with one time row
+    for two samples, and the tiny channels-last ControlNet and UNet, with every GroupNorm through
+    it give torch's GroupNorm's outputs."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "group_norm_interpreted.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("kernel ") == 10 and run.stdout.count("network ") == 15
+    assert "GroupNorms through the op: [27, 61]" in run.stdout
+
+
+@pytest.mark.parametrize("rows, columns, column, add_bias, message", [
+    (2, 8, 0, None, "3 rows or 1 and 8 columns from column 0"), (3, 4, 0, None, "8 columns"),
+    (1, 10, 3, None, "8 columns from column 3"), (1, 8, 0, (4,), r"add_bias must be \(8,\)"),
+    (0, 0, 0, (8,), "needs an addend")])
+def test_the_op_refuses_addends_it_cannot_read(rows, columns, column, add_bias, message):
+    add = torch.ones(rows, columns) if rows else None
+    with pytest.raises(ValueError, match=message):
+        fused_norm.group_norm_act(torch.randn(3, 8, 2, 2), torch.ones(8), torch.zeros(8), add, column,
+                                  torch.ones(add_bias) if add_bias else None, 4, 1e-5, False)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_torch_path_adds_the_columns_and_the_bias(rows):
+    """Off the GPU the op is torch's maths: columns 2..2+C of the addend plus add_bias, broadcast
+    over the samples, against float64 from the functional form."""
+    g = torch.Generator().manual_seed(11)
+    x, add, add_bias = torch.randn(3, 8, 4, 5, generator=g), torch.randn(rows, 12, generator=g), torch.randn(8, generator=g)
+    w, b = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    got = fused_norm.group_norm_act(x, w, b, add, 2, add_bias, 4, 1e-5, True)
+    h = x.double() + (add[:, 2:10].double() + add_bias.double())[:, :, None, None]
+    want = F.silu(F.group_norm(h, 4, w.double(), b.double(), 1e-5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_custom_ops
+def test_the_op_gives_channels_last_for_any_input_layout():
+    """Its traced output and its torch path agree on the layout: channels-last, whatever x's."""
+    fused_norm.register_op()
+    x = torch.randn(2, 8, 3, 5)
+    w, b = torch.ones(8), torch.zeros(8)
+    eager = torch.ops.sdcanny.group_norm_act(x, w, b, None, 0, None, 4, 1e-5, True)
+    traced = fused_norm._group_norm_act_shape(x, w, b, None, 0, None, 4, 1e-5, True)
+    assert eager.stride() == traced.stride() == torch.empty_like(x, memory_format=torch.channels_last).stride()
+    torch.testing.assert_close(eager, F.silu(F.group_norm(x, 4, w, b, 1e-5)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_norm.unavailable_reason(torch.device("cuda")) is not None,
+                    reason="needs a CUDA GPU, torch 2.4+ and triton")
+@pytest.mark.parametrize("channels, height, width, add_rows, silu", [
+    (320, 32, 48, 1, True), (640, 16, 24, 0, True), (1280, 8, 12, 0, False), (2560, 4, 6, 2, True),
+    (960, 32, 48, 0, True)])
+def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows, silu):
+    """The op on the GPU, fp16 channels-last at the step's shapes (960 x 32 x 48: two passes), the
+    addend one row for both samples plus a bias as in the step, or one per sample, against float64
+    torch."""
+    fused_norm.register_op()
+    g = torch.Generator(device="cuda").manual_seed(10)
+    x = (torch.randn(2, channels, height, width, device="cuda", generator=g) * 2 + 1).half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    norm = GroupNorm(32, channels).cuda().half()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.normal_(generator=g)
+    add = torch.randn(add_rows, channels, device="cuda", generator=g).half() if add_rows else None
+    add_bias = torch.randn(channels, device="cuda", generator=g).half() if add_rows == 1 else None
+    got = torch.ops.sdcanny.group_norm_act(x, norm.weight, norm.bias, add, 0, add_bias, 32, norm.eps, silu)
+    add = add if add_bias is None else add + add_bias
+    want = expected(x, norm, silu, add)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
