@@ -1,10 +1,11 @@
-"""The ControlNet's and UNet's GroupNorms (with the SiLU after them and the time embedding's addend
-before them) through one Triton kernel each (sdcanny/group_norm_kernel.py), as the custom op
-`sdcanny::group_norm_act`: an opaque call to torch.compile, ahead-of-time programs and CUDA graphs.
+"""The ControlNet's and UNet's GroupNorms (with the SiLU after them and, in the ResBlocks, the time
+embedding's projection and the first convolution's bias added before them) through one Triton
+kernel each (sdcanny/group_norm_kernel.py), as the custom op `sdcanny::group_norm_act`: an opaque
+call to torch.compile, ahead-of-time programs and CUDA graphs.
 
-Where the graded step's GroupNorms follow a cuDNN convolution, TorchInductor's reductions took
-10-30 µs each at 32x48 and 16x24 latents; the one-kernel form took about half as long after a
-convolution (docs/benchmarks.md). The op needs torch.library.custom_op (torch 2.4+) and triton;
+Where the graded step's GroupNorms follow a cuDNN convolution, TorchInductor wrote each as about
+three kernels; as one, the graded call's sampling loop is 1.3-2.9 ms shorter on the H100
+(docs/benchmarks.md). The op needs torch.library.custom_op (torch 2.4+) and triton;
 without them, or off a CUDA device, the networks keep torch's GroupNorm (`unavailable_reason`).
 
 The op's output is channels-last whatever its input's layout (what the networks' convolutions
