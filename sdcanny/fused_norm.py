@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compat
-from .networks import GroupNorm
+from .networks import GroupNorm, group_norm_addend
 from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
@@ -41,15 +41,9 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
     if add is not None:
-        x = x + addend(add, add_column, add_bias, x)[:, :, None, None]
+        x = x + group_norm_addend(x, add, add_column, add_bias)[:, :, None, None]
     out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
     return (F.silu(out) if silu else out).contiguous(memory_format=torch.channels_last)
-
-
-def addend(add: torch.Tensor, add_column: int, add_bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The (rows, C) addend in x's dtype: add's columns from add_column, plus add_bias."""
-    columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
-    return columns if add_bias is None else columns + add_bias.to(x.dtype)
 
 
 def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,

@@ -11,10 +11,10 @@ are torch's. (A pair of kernels over tiles of whole channels-last rows, for more
 was slower in the step: docs/benchmarks.md.)
 
 The addends are a time-embedding row (columns of a wider one, read in place) and, where the
-network folds it here, the bias of the convolution before the norm. The input may have any strides whose pixels form one axis (channels-last, contiguous, channel
-slices of either); the output is always a new channels-last tensor, whatever the input's layout,
-so that the op's traced output (sdcanny/fused_norm.py) never depends on how TorchInductor lays out
-the input. Imported only where triton is (sdcanny/fused_norm.py decides).
+network folds it here, the bias of the convolution before the norm. The input may have any strides
+whose pixels form one axis (channels-last, contiguous, channel slices of either); the output is
+always a new channels-last tensor, whatever the input's layout, so that the op's traced output
+(sdcanny/fused_norm.py) never depends on how TorchInductor lays out the input. Imported only where triton is (sdcanny/fused_norm.py decides).
 """
 from typing import Optional
 

@@ -61,10 +61,17 @@ class GroupNorm(nn.GroupNorm):
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu)
         if add is not None:
-            columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
-            x = x + (columns if add_bias is None else columns + add_bias.to(x.dtype))[:, :, None, None]
+            x = x + group_norm_addend(x, add, add_column, add_bias)[:, :, None, None]
         out = self(x)
         return F.silu(out) if silu else out
+
+
+def group_norm_addend(x: torch.Tensor, add: torch.Tensor, add_column: int,
+                      add_bias: torch.Tensor | None) -> torch.Tensor:
+    """The (rows, C) addend of GroupNorm.normalize in x's dtype: add's columns from add_column,
+    plus add_bias."""
+    columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+    return columns if add_bias is None else columns + add_bias.to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
