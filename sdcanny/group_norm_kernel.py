@@ -14,9 +14,10 @@ The addends are a time-embedding row (columns of a wider one, read in place) and
 network folds it here, the bias of the convolution before the norm. The input may have any strides
 whose pixels form one axis (channels-last, contiguous, channel slices of either); the output is
 always a new channels-last tensor, whatever the input's layout, so that the op's traced output
-(sdcanny/fused_norm.py) never depends on how TorchInductor lays out the input. Imported only where triton is (sdcanny/fused_norm.py decides).
+(sdcanny/fused_norm.py) never depends on how TorchInductor lays out the input. Imported only
+where triton is (sdcanny/fused_norm.py decides).
 """
-from typing import Optional
+from typing import Optional, Tuple  # not tuple[...]: Python 3.8 (and no __future__ annotations in jit code)
 
 import torch
 import triton
@@ -105,7 +106,7 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
                              first_channel, sy_p, SILU)
 
 
-def launch_shape(count: int) -> tuple[int, int, int]:
+def launch_shape(count: int) -> Tuple[int, int, int]:
     """(BLOCK, BLOCKS, warps) for a group of `count` elements: one block of the next power of two
     where the group fits in registers, else two passes of fixed blocks. 16 warps from 4096
     elements: alone and after a convolution, at the step's shapes on the H100, 16 warps were the
