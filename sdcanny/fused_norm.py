@@ -20,11 +20,10 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import compat
-from .networks import GroupNorm, group_norm_addend
+from .networks import GroupNorm, group_norm_act_torch
 from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
@@ -40,10 +39,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
-    if add is not None:
-        x = x + group_norm_addend(x, add, add_column, add_bias)[:, :, None, None]
-    out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
-    return (F.silu(out) if silu else out).contiguous(memory_format=torch.channels_last)
+    out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,

@@ -60,18 +60,21 @@ class GroupNorm(nn.GroupNorm):
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu)
-        if add is not None:
-            x = x + group_norm_addend(x, add, add_column, add_bias)[:, :, None, None]
-        out = self(x)
-        return F.silu(out) if silu else out
+        return group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
+                                    add_bias)
 
 
-def group_norm_addend(x: torch.Tensor, add: torch.Tensor, add_column: int,
-                      add_bias: torch.Tensor | None) -> torch.Tensor:
-    """The (rows, C) addend of GroupNorm.normalize in x's dtype: add's columns from add_column,
-    plus add_bias."""
-    columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
-    return columns if add_bias is None else columns + add_bias.to(x.dtype)
+def group_norm_act_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                         silu: bool, add: torch.Tensor | None = None, add_column: int = 0,
+                         add_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm.normalize in torch's ops (also the fused op's path off the GPU): the addend (add's
+    columns from add_column, plus add_bias) added in x's dtype, the norm in the weight's dtype as
+    GroupNorm.forward computes it, then the SiLU."""
+    if add is not None:
+        columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
+        x = x + (columns if add_bias is None else columns + add_bias.to(x.dtype))[:, :, None, None]
+    out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
+    return F.silu(out) if silu else out
 
 
 class LayerNorm(nn.LayerNorm):
