@@ -58,7 +58,10 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # "text-every-call" "jit" with the text encoded at every call (what reuse_text saves),
 # "no-pdl" "jit" without programmatic dependent launch (what overlap_launches saves),
 # "unfolded-upsampling" "jit" with each doubling and its convolution as written (what fold_upsampling saves),
-# "inductor-group-norm" "jit" with TorchInductor's GroupNorms (what fused_group_norm saves)
+# "inductor-group-norm" "jit" with TorchInductor's GroupNorms (what fused_group_norm saves),
+# "unfolded-attention" "jit" with the cross-attentions' query and output products (what
+# fold_cross_attention saves), "unfolded-outputs" "jit" with each transformer's output projection
+# as its own product (what fold_transformer_outputs saves), "unfolded" both
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -66,9 +69,12 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "text-every-call": {"compile": "default", "reuse_text": False},
             "no-pdl": {"compile": "default", "overlap_launches": False},
             "unfolded-upsampling": {"compile": "default", "fold_upsampling": False},
-            "inductor-group-norm": {"compile": "default", "fused_group_norm": False}}
+            "inductor-group-norm": {"compile": "default", "fused_group_norm": False},
+            "unfolded-attention": {"compile": "default", "fold_cross_attention": False},
+            "unfolded-outputs": {"compile": "default", "fold_transformer_outputs": False},
+            "unfolded": {"compile": "default", "fold_cross_attention": False, "fold_transformer_outputs": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
-                       "inductor-group-norm")  # run with an engine directory that holds no programs
+                       "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -51,8 +51,8 @@ import torch
 from . import compat, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
-from .networks import (BasicTransformerBlock, fold_upsampling, index_cross_attention, stack_time_projections,
-                       to_mixed_precision)
+from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
+                       index_cross_attention, stack_time_projections, to_mixed_precision)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -157,7 +157,8 @@ class FastTorchBackend:
                  cache_dir: Path | None = DEFAULT_CACHE_DIR, fp32_islands: bool = False,
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
-                 fold_upsampling: bool = True, fused_group_norm: bool = True):
+                 fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
+                 fold_transformer_outputs: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -180,7 +181,13 @@ class FastTorchBackend:
         (networks.Upsample.fold_upsampling); off only to measure what it buys.
         `fused_group_norm`: the ControlNet's and UNet's GroupNorms, with their SiLU and addend, as
         one Triton kernel each (sdcanny/fused_norm.py) where torch (2.4+) and triton allow; off only
-        to measure what it buys."""
+        to measure what it buys.
+        `fold_cross_attention`: each cross-attention's query and output projections folded into
+        rows made with the text's keys and values (networks.fold_cross_attention; needs
+        `precompute_cross_attention`); off only to measure what it buys.
+        `fold_transformer_outputs`: each SpatialTransformer's output projection and its feed-forward's
+        last product as one product (networks.fold_transformer_outputs); off only to measure what
+        it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -194,6 +201,8 @@ class FastTorchBackend:
         self.reuse_text = reuse_text
         self.overlap_launches = overlap_launches
         self.fold_upsampling = fold_upsampling
+        self.fold_cross_attention = fold_cross_attention and precompute_cross_attention
+        self.fold_transformer_outputs = fold_transformer_outputs
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         unavailable = fused_norm.unavailable_reason(self.device) if fused_group_norm else None
@@ -249,7 +258,8 @@ class FastTorchBackend:
                     "stack_time_projections": self.stack_time_projections,
                     "precompute_cross_attention": self.precompute_cross_attention,
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
-                    "fused_group_norm": self.fused_group_norm}
+                    "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
+                    "fold_transformer_outputs": self.fold_transformer_outputs}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -315,6 +325,10 @@ class FastTorchBackend:
                 stack_time_projections(net)
             if self.precompute_cross_attention:
                 index_cross_attention(net)
+            if self.fold_cross_attention:
+                fold_cross_attention(net)
+            if self.fold_transformer_outputs:
+                fold_transformer_outputs(net)
         if self.fold_upsampling:
             for net in (nets.unet, nets.vae):
                 fold_upsampling(net)

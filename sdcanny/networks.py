@@ -233,6 +233,7 @@ class CrossAttention(nn.Module):
         self.register_buffer("fused_weight", None, persistent=False)  # see fuse_projections
         self.fused_self_attention = False
         self.context_index: int | None = None  # see index_cross_attention
+        self.folded = False  # see fold_cross_attention
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -243,9 +244,36 @@ class CrossAttention(nn.Module):
         self.fused_self_attention = self_attention
 
     def keys_values(self, context: torch.Tensor):
+        """k, v of the context; once fold_cross_attention has run, the pair that attend_folded takes."""
         if self.fused_weight is not None and not self.fused_self_attention:
-            return F.linear(context, self.fused_weight).chunk(2, dim=-1)
-        return self.to_k(context), self.to_v(context)
+            k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        return self.fold_keys_values(k, v) if self.folded else (k, v)
+
+    def fold_keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) keys and values -> (score rows, output rows), each (B, heads * T, C). Head h's
+        scores are q_h k_h^T / sqrt(d) with q_h = x Wq_h^T, so x (k_h Wq_h / sqrt(d))^T: the query
+        projection folds into the keys. Its output o_h = softmax(.) v_h enters the output projection
+        as o_h Wo_h^T, so (v_h Wo_h^T) are rows the softmax weighs directly. Made in fp32 at least."""
+        b, t, c = k.shape
+        d = c // self.heads
+        heads_first = (b, t, self.heads, d)
+        wide = torch.promote_types(k.dtype, torch.float32)
+        wq = self.to_q.weight.to(wide).reshape(self.heads, d, -1)  # (H, d, C_in): q_h = x wq[h]^T
+        wo = self.to_out[0].weight.to(wide)  # (C_out, C): out = sum_h o_h wo[:, h*d:(h+1)*d]^T
+        wo = wo.reshape(wo.shape[0], self.heads, d).permute(1, 2, 0)  # (H, d, C_out)
+        scores = torch.matmul(k.to(wide).reshape(heads_first).transpose(1, 2), wq) * d ** -0.5
+        values = torch.matmul(v.to(wide).reshape(heads_first).transpose(1, 2), wo)
+        return (scores.reshape(b, self.heads * t, -1).to(k.dtype),
+                values.reshape(b, self.heads * t, -1).to(v.dtype))
+
+    def attend_folded(self, x: torch.Tensor, score_rows: torch.Tensor, value_rows: torch.Tensor) -> torch.Tensor:
+        """The cross-attention from fold_keys_values' rows: two batched products and a softmax per
+        head, the same maths as forward's projections and attention."""
+        b, n, _ = x.shape
+        weights = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1).softmax(dim=-1)
+        return torch.matmul(weights.reshape(b, n, -1), value_rows) + self.to_out[0].bias
 
     def project(self, x: torch.Tensor, context):
         if isinstance(context, (list, tuple)):  # keys and values made ahead (cross_attention_keys_values)
@@ -255,6 +283,8 @@ class CrossAttention(nn.Module):
         return (self.to_q(x), *self.keys_values(context))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.attend_folded(x, context[2 * self.context_index], context[2 * self.context_index + 1])
         b, n, c = x.shape
         q, k, v = (p.reshape(b, p.shape[1], self.heads, -1).transpose(1, 2) for p in self.project(x, context))
         out = attention(q, k, v)
@@ -294,10 +324,14 @@ class BasicTransformerBlock(nn.Module):
         self.attn1.fuse_projections(self_attention=True)
         self.attn2.fuse_projections(self_attention=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The block up to its feed-forward: self-attention, then cross-attention, each with its residual."""
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        x = self.attn2(self.norm2(x), context) + x
+        return self.attn2(self.norm2(x), context) + x
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attend(x, context)
         return self.ff(self.norm3(x)) + x
 
 
@@ -308,13 +342,32 @@ class SpatialTransformer(nn.Module):
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, context_dim, heads)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.register_buffer("folded_out_weight", None, persistent=False)  # see fold_output_projection
+        self.register_buffer("folded_out_bias", None, persistent=False)
+
+    def fold_output_projection(self) -> None:
+        """proj_out is linear (a 1x1 convolution), and so is the last block's feed-forward output
+        Linear before it: with g the GEGLU's output and r the residual it is added to,
+        proj_out(ff(g) + r) = [g, r] [Wp Wf, Wp]^T + (Wp bf + bp), one matrix product of 5C inputs
+        instead of two and the sum between them. Made in fp32 at least; the checkpoint's weights stay."""
+        out, dtype = self.transformer_blocks[-1].ff.net[2], self.proj_out.weight.dtype
+        wide = torch.promote_types(dtype, torch.float32)
+        wp = self.proj_out.weight.to(wide).flatten(1)
+        self.folded_out_weight = torch.cat([wp @ out.weight.to(wide), wp], dim=1).to(dtype)
+        self.folded_out_bias = (wp @ out.bias.to(wide) + self.proj_out.bias.to(wide)).to(dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
+        *blocks, last = self.transformer_blocks
+        for block in blocks:
             t = block(t, context)
-        return self.proj_out(t.transpose(1, 2).reshape(b, c, h, w)) + x
+        if self.folded_out_weight is None:
+            return self.proj_out(last(t, context).transpose(1, 2).reshape(b, c, h, w)) + x
+        r = last.attend(t, context)
+        g = last.ff.net[0](last.norm3(r))
+        out = F.linear(torch.cat([g, r], dim=-1), self.folded_out_weight, self.folded_out_bias)
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample(nn.Module):
@@ -398,10 +451,33 @@ def index_cross_attention(net: nn.Module) -> None:
         attn.context_index = i
 
 
+def fold_cross_attention(net: nn.Module) -> int:
+    """Each cross-attention layer of `net`, indexed by index_cross_attention, takes its query and
+    output projections folded into the rows made once per prompt pair
+    (CrossAttention.fold_keys_values): at every step two batched products and a softmax instead of
+    the query product, the attention kernel and the output product. Returns the number of layers."""
+    layers = cross_attentions(net)
+    if any(attn.context_index is None for attn in layers):
+        raise ValueError("fold_cross_attention needs index_cross_attention first: the folded rows are made "
+                         "once per prompt pair, with the keys and values")
+    for attn in layers:
+        attn.folded = True
+    return len(layers)
+
+
+def fold_transformer_outputs(net: nn.Module) -> int:
+    """Every SpatialTransformer of `net` with its output projection folded into its feed-forward's
+    last product (SpatialTransformer.fold_output_projection); returns how many."""
+    layers = [m for m in net.modules() if isinstance(m, SpatialTransformer)]
+    for layer in layers:
+        layer.fold_output_projection()
+    return len(layers)
+
+
 def cross_attention_keys_values(net: nn.Module, context: torch.Tensor):
     """[k0, v0, k1, v1, ...] of the context for the cross-attention layers of `net`, in their
-    index order (what the network then takes in place of the context), or the context itself where
-    index_cross_attention has not run."""
+    index order (what the network then takes in place of the context; each pair folded where
+    fold_cross_attention has run), or the context itself where index_cross_attention has not run."""
     layers = cross_attentions(net)
     if not layers or layers[0].context_index is None:
         return context

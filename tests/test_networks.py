@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdcanny.checkpoint import load_networks
@@ -164,3 +165,51 @@ def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint
             torch.testing.assert_close(nets.controlnet(x, t, kv_control, feats), want[1], rtol=1e-5, atol=1e-5)
         swapped = kv_unet[2:4] + kv_unet[:2] + kv_unet[4:]  # the layers do take their own entries
         assert (nets.unet(x, t, swapped) - want[0]).abs().max() > 1e-3
+
+
+def test_folded_cross_attention_is_the_attention_written_out():
+    """One layer: the folded rows (query projection in the keys, output projection in the values)
+    against the attention written out head by head in float64, context of another batch's rows."""
+    from sdcanny.networks import CrossAttention
+    torch.manual_seed(7)
+    attn = CrossAttention(query_dim=24, context_dim=16, heads=3).double()
+    x, context = torch.randn(2, 10, 24).double(), torch.randn(2, 77, 16).double()
+    heads = []
+    for h in range(3):
+        rows = slice(8 * h, 8 * (h + 1))
+        q, k, v = (layer.weight[rows] @ inp.transpose(1, 2) for layer, inp in
+                   ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+        weights = torch.softmax(q.transpose(1, 2) @ k / 8 ** 0.5, dim=-1)
+        heads.append(weights @ v.transpose(1, 2))
+    want = attn.to_out[0](torch.cat(heads, dim=-1))
+    attn.context_index, attn.folded = 0, True
+    score_rows, value_rows = attn.keys_values(context)
+    assert score_rows.shape == value_rows.shape == (2, 3 * 77, 24)
+    torch.testing.assert_close(attn(x, [score_rows, value_rows]), want, rtol=1e-10, atol=1e-10)
+
+
+def test_folded_cross_attention_and_transformer_outputs_compute_the_same(tiny_checkpoint):
+    """Both folds over whole networks in float64: the same outputs, every layer reached, and the
+    folded weights are what the layers use."""
+    from sdcanny.networks import (SpatialTransformer, cross_attention_keys_values, cross_attentions,
+                                  fold_cross_attention, fold_transformer_outputs, index_cross_attention)
+    nets = load_networks(tiny_checkpoint, TINY)
+    unet, controlnet = nets.unet.double(), nets.controlnet.double()
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(2, 4, 8, 8, generator=g).double(), torch.tensor([201, 201])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g).double()
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g).double()
+    with torch.no_grad():
+        want = unet(x, t, ctx), controlnet(x, t, ctx, feats)
+        with pytest.raises(ValueError, match="index_cross_attention first"):
+            fold_cross_attention(unet)
+        for net in (unet, controlnet):
+            index_cross_attention(net)
+            assert fold_cross_attention(net) == len(cross_attentions(net))
+            assert fold_transformer_outputs(net) == sum(isinstance(m, SpatialTransformer) for m in net.modules())
+        rows_unet, rows_control = (cross_attention_keys_values(n, ctx) for n in (unet, controlnet))
+        torch.testing.assert_close(unet(x, t, rows_unet), want[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(controlnet(x, t, rows_control, feats), want[1], rtol=1e-9, atol=1e-9)
+        for layer in (m for m in unet.modules() if isinstance(m, SpatialTransformer)):
+            layer.folded_out_bias.add_(1.0)
+        assert (unet(x, t, rows_unet) - want[0]).abs().max() > 1e-3

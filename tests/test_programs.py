@@ -176,6 +176,8 @@ def test_a_size_outside_the_range_runs_eager_and_says_why(tiny_checkpoint, progr
     ("islands", "built for fp32_islands False, this is True"),
     ("no overlap", "built for overlap_launches True, this is False"),
     ("unfolded", "built for fold_upsampling True, this is False"),
+    ("attention unfolded", "built for fold_cross_attention True, this is False"),
+    ("outputs unfolded", "built for fold_transformer_outputs True, this is False"),
     ("delete", "lacks decode.samples.bin"),
     ("record", "no prepared programs"),
 ])
@@ -195,6 +197,10 @@ def test_stale_or_missing_programs_are_not_used_and_the_reason_is_given(tiny_che
         options = dict(overlap_launches=False)
     elif change == "unfolded":  # other upsampling weights too
         options = dict(fold_upsampling=False)
+    elif change == "attention unfolded":  # other cross-attention inputs
+        options = dict(fold_cross_attention=False)
+    elif change == "outputs unfolded":  # other transformer weights
+        options = dict(fold_transformer_outputs=False)
     elif change == "delete":
         (directory / "decode.samples.bin").unlink()
     (directory / programs.RECORD_NAME).unlink()
