@@ -326,7 +326,7 @@ class FastTorchBackend:
             if self.precompute_cross_attention:
                 index_cross_attention(net)
             if self.fold_cross_attention:
-                fold_cross_attention(net)
+                fold_cross_attention(net, nets.clip.max_length)
             if self.fold_transformer_outputs:
                 fold_transformer_outputs(net)
         if self.fold_upsampling:

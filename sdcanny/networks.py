@@ -153,6 +153,11 @@ class ClipTextModel(nn.Module):
         self.encoder = ClipEncoder(cfg)
         self.final_layer_norm = LayerNorm(cfg.width)
 
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt: the context's length."""
+        return self.embeddings.position_embedding.num_embeddings
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         n = tokens.shape[1]
         x = self.embeddings.token_embedding(tokens) + self.embeddings.position_embedding.weight[:n]
@@ -233,7 +238,8 @@ class CrossAttention(nn.Module):
         self.register_buffer("fused_weight", None, persistent=False)  # see fuse_projections
         self.fused_self_attention = False
         self.context_index: int | None = None  # see index_cross_attention
-        self.folded = False  # see fold_cross_attention
+        self.folded_tokens: int | None = None  # see fold
+        self.register_buffer("token_mask", None, persistent=False)
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -243,20 +249,35 @@ class CrossAttention(nn.Module):
         self.fused_weight = torch.cat([p.weight for p in parts])
         self.fused_self_attention = self_attention
 
+    def fold(self, tokens: int) -> None:
+        """From now on keys_values gives the rows of fold_keys_values for a context of `tokens`
+        tokens, and the layer attends through attend_folded. Each head's rows are padded with zeros to
+        a multiple of 8 tokens, so that each head's scores start 16 bytes aligned for the softmax
+        (77 tokens: a kernel of 2-byte loads); token_mask sets the padding's scores to -inf."""
+        self.folded_tokens = tokens
+        padded = tokens + -tokens % 8
+        self.token_mask = None
+        if padded != tokens:
+            self.token_mask = torch.zeros(padded, dtype=self.to_q.weight.dtype, device=self.to_q.weight.device)
+            self.token_mask[tokens:] = float("-inf")
+
     def keys_values(self, context: torch.Tensor):
-        """k, v of the context; once fold_cross_attention has run, the pair that attend_folded takes."""
+        """k, v of the context; once `fold` has run, the pair that attend_folded takes."""
         if self.fused_weight is not None and not self.fused_self_attention:
             k, v = F.linear(context, self.fused_weight).chunk(2, dim=-1)
         else:
             k, v = self.to_k(context), self.to_v(context)
-        return self.fold_keys_values(k, v) if self.folded else (k, v)
+        return self.fold_keys_values(k, v) if self.folded_tokens is not None else (k, v)
 
     def fold_keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) keys and values -> (score rows, output rows), each (B, heads * T, C). Head h's
         scores are q_h k_h^T / sqrt(d) with q_h = x Wq_h^T, so x (k_h Wq_h / sqrt(d))^T: the query
         projection folds into the keys. Its output o_h = softmax(.) v_h enters the output projection
-        as o_h Wo_h^T, so (v_h Wo_h^T) are rows the softmax weighs directly. Made in fp32 at least."""
+        as o_h Wo_h^T, so (v_h Wo_h^T) are rows the softmax weighs directly. Made in fp32 at least;
+        each head's rows padded with zeros to a multiple of 8 (see `fold`)."""
         b, t, c = k.shape
+        if t != self.folded_tokens:
+            raise ValueError(f"the context has {t} tokens; this layer was folded for {self.folded_tokens}")
         d = c // self.heads
         heads_first = (b, t, self.heads, d)
         wide = torch.promote_types(k.dtype, torch.float32)
@@ -265,15 +286,17 @@ class CrossAttention(nn.Module):
         wo = wo.reshape(wo.shape[0], self.heads, d).permute(1, 2, 0)  # (H, d, C_out)
         scores = torch.matmul(k.to(wide).reshape(heads_first).transpose(1, 2), wq) * d ** -0.5
         values = torch.matmul(v.to(wide).reshape(heads_first).transpose(1, 2), wo)
-        return (scores.reshape(b, self.heads * t, -1).to(k.dtype),
-                values.reshape(b, self.heads * t, -1).to(v.dtype))
+        padding = (0, 0, 0, -t % 8)  # (H, T, C): tokens to a multiple of 8
+        return tuple(F.pad(rows, padding).reshape(b, -1, rows.shape[-1]).to(k.dtype) for rows in (scores, values))
 
     def attend_folded(self, x: torch.Tensor, score_rows: torch.Tensor, value_rows: torch.Tensor) -> torch.Tensor:
         """The cross-attention from fold_keys_values' rows: two batched products and a softmax per
         head, the same maths as forward's projections and attention."""
         b, n, _ = x.shape
-        weights = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1).softmax(dim=-1)
-        return torch.matmul(weights.reshape(b, n, -1), value_rows) + self.to_out[0].bias
+        scores = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1)
+        if self.token_mask is not None:
+            scores = scores + self.token_mask
+        return torch.matmul(scores.softmax(dim=-1).reshape(b, n, -1), value_rows) + self.to_out[0].bias
 
     def project(self, x: torch.Tensor, context):
         if isinstance(context, (list, tuple)):  # keys and values made ahead (cross_attention_keys_values)
@@ -283,7 +306,7 @@ class CrossAttention(nn.Module):
         return (self.to_q(x), *self.keys_values(context))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.folded:
+        if self.folded_tokens is not None:
             return self.attend_folded(x, context[2 * self.context_index], context[2 * self.context_index + 1])
         b, n, c = x.shape
         q, k, v = (p.reshape(b, p.shape[1], self.heads, -1).transpose(1, 2) for p in self.project(x, context))
@@ -451,17 +474,18 @@ def index_cross_attention(net: nn.Module) -> None:
         attn.context_index = i
 
 
-def fold_cross_attention(net: nn.Module) -> int:
+def fold_cross_attention(net: nn.Module, tokens: int) -> int:
     """Each cross-attention layer of `net`, indexed by index_cross_attention, takes its query and
-    output projections folded into the rows made once per prompt pair
-    (CrossAttention.fold_keys_values): at every step two batched products and a softmax instead of
-    the query product, the attention kernel and the output product. Returns the number of layers."""
+    output projections folded into the rows made once per prompt pair from a context of `tokens`
+    tokens (CrossAttention.fold_keys_values): at every step two batched products and a softmax
+    instead of the query product, the attention kernel and the output product. Returns the number
+    of layers."""
     layers = cross_attentions(net)
     if any(attn.context_index is None for attn in layers):
         raise ValueError("fold_cross_attention needs index_cross_attention first: the folded rows are made "
                          "once per prompt pair, with the keys and values")
     for attn in layers:
-        attn.folded = True
+        attn.fold(tokens)
     return len(layers)
 
 

@@ -182,10 +182,17 @@ def test_folded_cross_attention_is_the_attention_written_out():
         weights = torch.softmax(q.transpose(1, 2) @ k / 8 ** 0.5, dim=-1)
         heads.append(weights @ v.transpose(1, 2))
     want = attn.to_out[0](torch.cat(heads, dim=-1))
-    attn.context_index, attn.folded = 0, True
+    attn.context_index = 0
+    attn.fold(tokens=77)
     score_rows, value_rows = attn.keys_values(context)
-    assert score_rows.shape == value_rows.shape == (2, 3 * 77, 24)
+    assert score_rows.shape == value_rows.shape == (2, 3 * 80, 24)  # each head's 77 tokens padded to 80
+    padding = torch.arange(3 * 80) % 80 >= 77
+    assert (score_rows[:, padding] == 0).all() and (value_rows[:, padding] == 0).all()
     torch.testing.assert_close(attn(x, [score_rows, value_rows]), want, rtol=1e-10, atol=1e-10)
+    attn.token_mask.zero_()  # the mask is what keeps the padding's zero scores out of the softmax
+    assert (attn(x, [score_rows, value_rows]) - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="folded for 77"):
+        attn.keys_values(context[:, :76])
 
 
 def test_folded_cross_attention_and_transformer_outputs_compute_the_same(tiny_checkpoint):
@@ -202,10 +209,10 @@ def test_folded_cross_attention_and_transformer_outputs_compute_the_same(tiny_ch
     with torch.no_grad():
         want = unet(x, t, ctx), controlnet(x, t, ctx, feats)
         with pytest.raises(ValueError, match="index_cross_attention first"):
-            fold_cross_attention(unet)
+            fold_cross_attention(unet, 77)
         for net in (unet, controlnet):
             index_cross_attention(net)
-            assert fold_cross_attention(net) == len(cross_attentions(net))
+            assert fold_cross_attention(net, nets.clip.max_length) == len(cross_attentions(net))
             assert fold_transformer_outputs(net) == sum(isinstance(m, SpatialTransformer) for m in net.modules())
         rows_unet, rows_control = (cross_attention_keys_values(n, ctx) for n in (unet, controlnet))
         torch.testing.assert_close(unet(x, t, rows_unet), want[0], rtol=1e-9, atol=1e-9)
