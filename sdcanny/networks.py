@@ -239,7 +239,6 @@ class CrossAttention(nn.Module):
         self.fused_self_attention = False
         self.context_index: int | None = None  # see index_cross_attention
         self.folded_tokens: int | None = None  # see fold
-        self.register_buffer("token_mask", None, persistent=False)
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -251,15 +250,8 @@ class CrossAttention(nn.Module):
 
     def fold(self, tokens: int) -> None:
         """From now on keys_values gives the rows of fold_keys_values for a context of `tokens`
-        tokens, and the layer attends through attend_folded. Each head's rows are padded with zeros to
-        a multiple of 8 tokens, so that each head's scores start 16 bytes aligned for the softmax
-        (77 tokens: a kernel of 2-byte loads); token_mask sets the padding's scores to -inf."""
+        tokens, and the layer attends through attend_folded."""
         self.folded_tokens = tokens
-        padded = tokens + -tokens % 8
-        self.token_mask = None
-        if padded != tokens:
-            self.token_mask = torch.zeros(padded, dtype=self.to_q.weight.dtype, device=self.to_q.weight.device)
-            self.token_mask[tokens:] = float("-inf")
 
     def keys_values(self, context: torch.Tensor):
         """k, v of the context; once `fold` has run, the pair that attend_folded takes."""
@@ -273,8 +265,7 @@ class CrossAttention(nn.Module):
         """(B, T, C) keys and values -> (score rows, output rows), each (B, heads * T, C). Head h's
         scores are q_h k_h^T / sqrt(d) with q_h = x Wq_h^T, so x (k_h Wq_h / sqrt(d))^T: the query
         projection folds into the keys. Its output o_h = softmax(.) v_h enters the output projection
-        as o_h Wo_h^T, so (v_h Wo_h^T) are rows the softmax weighs directly. Made in fp32 at least;
-        each head's rows padded with zeros to a multiple of 8 (see `fold`)."""
+        as o_h Wo_h^T, so (v_h Wo_h^T) are rows the softmax weighs directly. Made in fp32 at least."""
         b, t, c = k.shape
         if t != self.folded_tokens:
             raise ValueError(f"the context has {t} tokens; this layer was folded for {self.folded_tokens}")
@@ -286,17 +277,14 @@ class CrossAttention(nn.Module):
         wo = wo.reshape(wo.shape[0], self.heads, d).permute(1, 2, 0)  # (H, d, C_out)
         scores = torch.matmul(k.to(wide).reshape(heads_first).transpose(1, 2), wq) * d ** -0.5
         values = torch.matmul(v.to(wide).reshape(heads_first).transpose(1, 2), wo)
-        padding = (0, 0, 0, -t % 8)  # (H, T, C): tokens to a multiple of 8
-        return tuple(F.pad(rows, padding).reshape(b, -1, rows.shape[-1]).to(k.dtype) for rows in (scores, values))
+        return tuple(rows.reshape(b, self.heads * t, -1).to(k.dtype) for rows in (scores, values))
 
     def attend_folded(self, x: torch.Tensor, score_rows: torch.Tensor, value_rows: torch.Tensor) -> torch.Tensor:
         """The cross-attention from fold_keys_values' rows: two batched products and a softmax per
         head, the same maths as forward's projections and attention."""
         b, n, _ = x.shape
-        scores = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1)
-        if self.token_mask is not None:
-            scores = scores + self.token_mask
-        return torch.matmul(scores.softmax(dim=-1).reshape(b, n, -1), value_rows) + self.to_out[0].bias
+        weights = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1).softmax(dim=-1)
+        return torch.matmul(weights.reshape(b, n, -1), value_rows) + self.to_out[0].bias
 
     def project(self, x: torch.Tensor, context):
         if isinstance(context, (list, tuple)):  # keys and values made ahead (cross_attention_keys_values)
@@ -475,18 +463,21 @@ def index_cross_attention(net: nn.Module) -> None:
 
 
 def fold_cross_attention(net: nn.Module, tokens: int) -> int:
-    """Each cross-attention layer of `net`, indexed by index_cross_attention, takes its query and
-    output projections folded into the rows made once per prompt pair from a context of `tokens`
-    tokens (CrossAttention.fold_keys_values): at every step two batched products and a softmax
-    instead of the query product, the attention kernel and the output product. Returns the number
-    of layers."""
+    """The cross-attention layers of `net`, indexed by index_cross_attention, whose query and output
+    projections are at least as large as the folded rows (heads x tokens <= channels) take them
+    folded into rows made once per prompt pair from a context of `tokens` tokens
+    (CrossAttention.fold_keys_values): at every step two batched products and a softmax instead of
+    the query product, the attention kernel and the output product. Where the rows would be larger
+    (SD1.5's 320-channel layers: 616 rows of 320), the folded products cost more than they save
+    (docs/benchmarks.md). Returns the number of layers folded."""
     layers = cross_attentions(net)
     if any(attn.context_index is None for attn in layers):
         raise ValueError("fold_cross_attention needs index_cross_attention first: the folded rows are made "
                          "once per prompt pair, with the keys and values")
-    for attn in layers:
+    folded = [attn for attn in layers if attn.heads * tokens <= attn.to_q.in_features]
+    for attn in folded:
         attn.fold(tokens)
-    return len(layers)
+    return len(folded)
 
 
 def fold_transformer_outputs(net: nn.Module) -> int:

@@ -185,34 +185,34 @@ def test_folded_cross_attention_is_the_attention_written_out():
     attn.context_index = 0
     attn.fold(tokens=77)
     score_rows, value_rows = attn.keys_values(context)
-    assert score_rows.shape == value_rows.shape == (2, 3 * 80, 24)  # each head's 77 tokens padded to 80
-    padding = torch.arange(3 * 80) % 80 >= 77
-    assert (score_rows[:, padding] == 0).all() and (value_rows[:, padding] == 0).all()
+    assert score_rows.shape == value_rows.shape == (2, 3 * 77, 24)
     torch.testing.assert_close(attn(x, [score_rows, value_rows]), want, rtol=1e-10, atol=1e-10)
-    attn.token_mask.zero_()  # the mask is what keeps the padding's zero scores out of the softmax
-    assert (attn(x, [score_rows, value_rows]) - want).abs().max() > 1e-3
     with pytest.raises(ValueError, match="folded for 77"):
         attn.keys_values(context[:, :76])
 
 
 def test_folded_cross_attention_and_transformer_outputs_compute_the_same(tiny_checkpoint):
-    """Both folds over whole networks in float64: the same outputs, every layer reached, and the
-    folded weights are what the layers use."""
+    """Both folds over whole networks in float64: the same outputs, the folded weights are what the
+    layers use, and the cross-attentions folded are those whose rows (8 heads x 6 tokens) are no
+    more than their channels: the 64-channel layers, not the 32-channel ones."""
     from sdcanny.networks import (SpatialTransformer, cross_attention_keys_values, cross_attentions,
                                   fold_cross_attention, fold_transformer_outputs, index_cross_attention)
     nets = load_networks(tiny_checkpoint, TINY)
     unet, controlnet = nets.unet.double(), nets.controlnet.double()
     g = torch.Generator().manual_seed(8)
     x, t = torch.randn(2, 4, 8, 8, generator=g).double(), torch.tensor([201, 201])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g).double()
+    ctx = torch.randn(2, 6, TINY.clip.width, generator=g).double()
     feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g).double()
     with torch.no_grad():
         want = unet(x, t, ctx), controlnet(x, t, ctx, feats)
         with pytest.raises(ValueError, match="index_cross_attention first"):
-            fold_cross_attention(unet, 77)
+            fold_cross_attention(unet, 6)
         for net in (unet, controlnet):
             index_cross_attention(net)
-            assert fold_cross_attention(net, nets.clip.max_length) == len(cross_attentions(net))
+            wide = [attn for attn in cross_attentions(net) if attn.to_q.in_features >= 8 * 6]
+            assert 0 < len(wide) < len(cross_attentions(net))
+            assert fold_cross_attention(net, 6) == len(wide)
+            assert all((attn.folded_tokens is not None) == (attn in wide) for attn in cross_attentions(net))
             assert fold_transformer_outputs(net) == sum(isinstance(m, SpatialTransformer) for m in net.modules())
         rows_unet, rows_control = (cross_attention_keys_values(n, ctx) for n in (unet, controlnet))
         torch.testing.assert_close(unet(x, t, rows_unet), want[0], rtol=1e-9, atol=1e-9)
