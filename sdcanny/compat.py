@@ -87,18 +87,6 @@ def cpu_runs_fp16_convolutions() -> bool:
     return True
 
 
-def triton_op_unavailable_reason(device: torch.device) -> str | None:
-    """None if a custom op with a Triton kernel (sdcanny/fused_norm.py, sdcanny/fused_geglu.py) can
-    run on `device`, else why not, as a phrase: "needs a CUDA device, not cpu"."""
-    if device.type != "cuda":
-        return f"needs a CUDA device, not {device.type}"
-    if not CUSTOM_OPS:
-        return f"needs torch.library.custom_op (torch 2.4+; this is {torch.__version__})"
-    if importlib.util.find_spec("triton") is None:
-        return "needs triton, which is not installed"
-    return None
-
-
 def compile_unavailable_reason(device_type: str = "cuda") -> str | None:
     """None if torch.compile (TorchInductor) can run here for `device_type`, else why not in one line."""
     dynamo = getattr(torch, "_dynamo", None)

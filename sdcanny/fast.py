@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from . import compat, fused_norm, programs
-from . import fused_geglu as fused_geglu_ops
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
@@ -159,7 +158,7 @@ class FastTorchBackend:
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
-                 fold_transformer_outputs: bool = True, fused_geglu: bool = True):
+                 fold_transformer_outputs: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -188,10 +187,7 @@ class FastTorchBackend:
         `precompute_cross_attention`); off only to measure what it buys.
         `fold_transformer_outputs`: each SpatialTransformer's output projection and its feed-forward's
         last product as one product (networks.fold_transformer_outputs); off only to measure what
-        it buys.
-        `fused_geglu`: the ControlNet's and UNet's GEGLUs as one Triton matrix product each
-        (sdcanny/fused_geglu.py) where torch (2.4+) and triton allow; off only to measure what it
-        buys."""
+        it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -213,10 +209,6 @@ class FastTorchBackend:
         if unavailable is not None and self.device.type == "cuda":
             self.notes.append(unavailable)
         self.fused_group_norm = fused_group_norm and unavailable is None
-        unavailable = fused_geglu_ops.unavailable_reason(self.device) if fused_geglu else None
-        if unavailable is not None and self.device.type == "cuda":
-            self.notes.append(unavailable)
-        self.fused_geglu = fused_geglu and unavailable is None
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -267,7 +259,7 @@ class FastTorchBackend:
                     "precompute_cross_attention": self.precompute_cross_attention,
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
-                    "fold_transformer_outputs": self.fold_transformer_outputs, "fused_geglu": self.fused_geglu}
+                    "fold_transformer_outputs": self.fold_transformer_outputs}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -343,9 +335,6 @@ class FastTorchBackend:
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
                 fused_norm.use_fused_group_norm(net)
-        if self.fused_geglu:
-            for net in (nets.controlnet, nets.unet):
-                fused_geglu_ops.use_fused_geglu(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import compat
 from .networks import GroupNorm, group_norm_act_torch
+from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 
@@ -65,8 +66,13 @@ def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None if the op can run on `device`, else why not in one line."""
-    reason = compat.triton_op_unavailable_reason(device)
-    return None if reason is None else f"the fused GroupNorm kernel {reason}: GroupNorms stay TorchInductor's"
+    if device.type != "cuda":
+        return f"the fused GroupNorm kernel needs a CUDA device, not {device.type}"
+    if not compat.CUSTOM_OPS:
+        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): GroupNorms stay TorchInductor's"
+    if not installed("triton"):
+        return "triton is not installed, so GroupNorms stay TorchInductor's"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -303,25 +303,13 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """`fused` (set by the fast back-end, sdcanny/fused_geglu.py) makes it one call of the op
-    torch.ops.sdcanny.geglu: the Linear and the gating in one matrix product."""
-    fused = False
-
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return torch.ops.sdcanny.geglu(x, self.proj.weight, self.proj.bias)
-        return geglu_torch(x, self.proj.weight, self.proj.bias)
-
-
-def geglu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GEGLU in torch's ops (also the fused op's path off the GPU): [value, gate] = x W^T + b, then
-    value * gelu(gate)."""
-    value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
-    return value * F.gelu(gate)
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
