@@ -9,57 +9,61 @@ CUDA-graph replays, µs per iteration. Also checks each folded form against the 
 
     python3 benchmarks/cross_attention_fold.py     # on the GPU
 """
+import copy
+import functools
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from graph_timing import replay_us
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdcanny.networks import CrossAttention  # noqa: E402
 
 HEADS, TOKENS, ITERATIONS = 8, 77, 6
 SHAPES = [(1536, 320, 7), (384, 640, 7), (96, 1280, 7), (24, 1280, 2)]  # (queries, channels, calls a step)
 
 
-def layers(channels, device, dtype):
-    """Random weights of one cross-attention and its text's keys and values, batch 2."""
-    scale = channels ** -0.5
-    w_q, w_out = (torch.randn(channels, channels, device=device, dtype=dtype) * scale for _ in range(2))
-    bias = torch.randn(channels, device=device, dtype=dtype) * 0.1
-    k, v = (torch.randn(2, TOKENS, channels, device=device, dtype=dtype) for _ in range(2))
-    return w_q, w_out, bias, k, v
+def layer(channels, device, dtype):
+    """One cross-attention with random weights, and its text's keys and values, batch 2."""
+    torch.manual_seed(channels)
+    attn = CrossAttention(channels, channels, HEADS).to(device=device, dtype=dtype)
+    attn.context_index = 0  # takes [k, v] (or the folded rows) as its context
+    k, v = (torch.randn(2, TOKENS, channels, device=device).to(dtype) for _ in range(2))
+    return attn, k, v
 
 
-def folded_rows(w_q, w_out, k, v, padded):
-    """(score rows, value rows), (2, HEADS * tokens, C), tokens 77 or padded to 80 with zero rows."""
-    b, t, c = k.shape
-    d = c // HEADS
-    wq = w_q.float().reshape(HEADS, d, c)
-    wo = w_out.float().reshape(c, HEADS, d).permute(1, 2, 0)
-    a = torch.matmul(k.float().reshape(b, t, HEADS, d).transpose(1, 2), wq) * d ** -0.5
-    o = torch.matmul(v.float().reshape(b, t, HEADS, d).transpose(1, 2), wo)
-    if padded:
-        a, o = (F.pad(r, (0, 0, 0, -t % 8)) for r in (a, o))
-    return (r.reshape(b, -1, c).to(k.dtype) for r in (a, o))
-
-
-def chain(form, w_q, w_out, bias, k, v):
-    c = w_q.shape[0]
-    d = c // HEADS
-    rows = None if form == "sdpa" else tuple(folded_rows(w_q, w_out, k, v, form == "folded, padded"))
-    mask = torch.zeros(TOKENS - TOKENS % -8, device=k.device, dtype=k.dtype)
+def padded_attention(attn, rows):
+    """The folded attention with each head's rows padded with zeros to a multiple of 8 tokens and the
+    padding's scores masked to -inf: the alternative measured here, not in the networks."""
+    padding = -TOKENS % 8
+    b = rows[0].shape[0]
+    score_rows, value_rows = (F.pad(r.reshape(b, HEADS, TOKENS, -1), (0, 0, 0, padding)).reshape(b, -1, r.shape[-1])
+                              for r in rows)
+    mask = torch.zeros(TOKENS + padding, device=score_rows.device, dtype=score_rows.dtype)
     mask[TOKENS:] = float("-inf")
 
-    def run(x):
+    def attend(x):
         n = x.shape[1]
+        scores = torch.matmul(x, score_rows.transpose(1, 2)).reshape(2, n, HEADS, -1) + mask
+        return torch.matmul(scores.softmax(dim=-1).reshape(2, n, -1), value_rows) + attn.to_out[0].bias
+    return attend
+
+
+def chain(form, attn, k, v):
+    """ITERATIONS times the attention of `form` and the residual add; `attn` is not folded."""
+    if form == "sdpa":
+        attend = functools.partial(attn, context=[k, v])
+    else:
+        folded = copy.deepcopy(attn)
+        folded.fold(TOKENS)
+        rows = folded.fold_keys_values(k, v)
+        attend = padded_attention(folded, rows) if form == "folded, padded" else functools.partial(folded, context=rows)
+
+    def run(x):
         for _ in range(ITERATIONS):
-            if rows is None:
-                q = F.linear(x, w_q).reshape(2, n, HEADS, d).transpose(1, 2)
-                heads = [t.reshape(2, TOKENS, HEADS, d).transpose(1, 2) for t in (k, v)]
-                o = F.scaled_dot_product_attention(q, *heads).transpose(1, 2).reshape(2, n, c)
-                out = F.linear(o, w_out, bias)
-            else:
-                scores = torch.matmul(x, rows[0].transpose(1, 2)).reshape(2, n, HEADS, -1)
-                if scores.shape[-1] != TOKENS:
-                    scores = scores + mask
-                out = torch.matmul(scores.softmax(dim=-1).reshape(2, n, -1), rows[1]) + bias
-            x = out + x
+            x = attend(x) + x
         return x
     return run
 
@@ -70,19 +74,20 @@ def main():
     forms = ("sdpa", "folded", "folded, padded")
     totals = dict.fromkeys(forms, 0.0)
     for queries, channels, per_step in SHAPES:
-        weights = layers(channels, "cuda", torch.half)
+        attn, k, v = layer(channels, "cuda", torch.half)
+        reference = layer(channels, "cuda", torch.float)  # the same weights and text in fp32
         x = torch.randn(2, queries, channels, device="cuda", dtype=torch.half)
-        want = chain("sdpa", *(w.float() for w in weights))(x.float())
         row = {}
-        for form in forms:
-            with torch.no_grad():
-                error = (chain(form, *(w.float() for w in weights))(x.float()) - want).norm() / want.norm()
-                compiled = torch.compile(chain(form, *weights), fullgraph=True, dynamic=False,
+        with torch.no_grad():
+            want = chain("sdpa", *reference)(x.float())
+            for form in forms:
+                error = (chain(form, *reference)(x.float()) - want).norm() / want.norm()
+                compiled = torch.compile(chain(form, attn, k, v), fullgraph=True, dynamic=False,
                                          options={"triton.enable_pdl": True})
                 compiled(x)
                 row[form] = replay_us(lambda: compiled(x), ITERATIONS)
-            totals[form] += row[form] * per_step
-            print(f"  {form} at {queries} x {channels}: relative L2 from SDPA in fp32 {error:.1e}")
+                totals[form] += row[form] * per_step
+                print(f"  {form} at {queries} x {channels}: relative L2 from SDPA in fp32 {error:.1e}")
         print(f"q {queries} channels {channels} x{per_step}/step: "
               + ", ".join(f"{name} {us:.2f}" for name, us in row.items()) + " µs an iteration", flush=True)
     print("per step, weighted by calls (µs):", {name: round(us, 1) for name, us in totals.items()})
