@@ -61,7 +61,8 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # "inductor-group-norm" "jit" with TorchInductor's GroupNorms (what fused_group_norm saves),
 # "unfolded-attention" "jit" with the cross-attentions' query and output products (what
 # fold_cross_attention saves), "unfolded-outputs" "jit" with each transformer's output projection
-# as its own product (what fold_transformer_outputs saves), "unfolded" both
+# as its own product (what fold_transformer_outputs saves), "unfolded" both, "sdpa-attention" "jit"
+# with SDPA for every attention that is not folded (what attention_kernel saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -72,9 +73,11 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "inductor-group-norm": {"compile": "default", "fused_group_norm": False},
             "unfolded-attention": {"compile": "default", "fold_cross_attention": False},
             "unfolded-outputs": {"compile": "default", "fold_transformer_outputs": False},
-            "unfolded": {"compile": "default", "fold_cross_attention": False, "fold_transformer_outputs": False}}
+            "unfolded": {"compile": "default", "fold_cross_attention": False, "fold_transformer_outputs": False},
+            "sdpa-attention": {"compile": "default", "attention_kernel": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
-                       "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded")  # run with an engine directory that holds no programs
+                       "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
+                       "sdpa-attention")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

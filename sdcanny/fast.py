@@ -48,7 +48,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fused_norm, programs
+from . import compat, fused_attention, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
@@ -158,7 +158,7 @@ class FastTorchBackend:
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
-                 fold_transformer_outputs: bool = True):
+                 fold_transformer_outputs: bool = True, attention_kernel: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -187,7 +187,10 @@ class FastTorchBackend:
         `precompute_cross_attention`); off only to measure what it buys.
         `fold_transformer_outputs`: each SpatialTransformer's output projection and its feed-forward's
         last product as one product (networks.fold_transformer_outputs); off only to measure what
-        it buys."""
+        it buys.
+        `attention_kernel`: the ControlNet's and UNet's attentions that are not folded, up to 512 keys,
+        through one Triton kernel each (sdcanny/fused_attention.py) where torch (2.4+) and triton
+        allow; longer ones stay SDPA; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -209,6 +212,10 @@ class FastTorchBackend:
         if unavailable is not None and self.device.type == "cuda":
             self.notes.append(unavailable)
         self.fused_group_norm = fused_group_norm and unavailable is None
+        unavailable = fused_attention.unavailable_reason(self.device) if attention_kernel else None
+        if unavailable is not None and self.device.type == "cuda":
+            self.notes.append(unavailable)
+        self.attention_kernel = attention_kernel and unavailable is None
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -259,7 +266,7 @@ class FastTorchBackend:
                     "precompute_cross_attention": self.precompute_cross_attention,
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
-                    "fold_transformer_outputs": self.fold_transformer_outputs}
+                    "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -335,6 +342,9 @@ class FastTorchBackend:
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
                 fused_norm.use_fused_group_norm(net)
+        if self.attention_kernel:
+            for net in (nets.controlnet, nets.unet):
+                fused_attention.use_fused_attention(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

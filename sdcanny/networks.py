@@ -239,6 +239,9 @@ class CrossAttention(nn.Module):
         self.fused_self_attention = False
         self.context_index: int | None = None  # see index_cross_attention
         self.folded_tokens: int | None = None  # see fold
+        # set by the fast back-end (sdcanny/fused_attention.py): the attention is one call of the op
+        # torch.ops.sdcanny.attention on the projections as they are, not SDPA on their heads
+        self.fused_attention = False
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -296,6 +299,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.folded_tokens is not None:
             return self.attend_folded(x, context[2 * self.context_index], context[2 * self.context_index + 1])
+        if self.fused_attention:
+            return self.to_out(torch.ops.sdcanny.attention(*self.project(x, context), self.heads))
         b, n, c = x.shape
         q, k, v = (p.reshape(b, p.shape[1], self.heads, -1).transpose(1, 2) for p in self.project(x, context))
         out = attention(q, k, v)

@@ -1,0 +1,73 @@
+"""The ControlNet's and UNet's short attentions through one Triton kernel each
+(sdcanny/attention_kernel.py), as the custom op `sdcanny::attention`: an opaque call to
+torch.compile, ahead-of-time programs and CUDA graphs.
+
+The op takes q (B, N, H*d) and k, v (B, T, H*d) as the layer's projections give them and returns
+the heads' outputs side by side, (B, N, H*d), contiguous. Up to KERNEL_KEYS keys it runs the
+kernel; longer attentions, where cuDNN's kernel was as fast or faster (1536 keys of width 40 in the
+graded step), go to SDPA. Off the GPU it is torch's maths. The op needs torch.library.custom_op
+(torch 2.4+) and triton; without them, or off a CUDA device, the networks keep SDPA
+(`unavailable_reason`). Under Triton's interpreter (TRITON_INTERPRET=1) the kernel runs on CPU
+tensors too: that is how the tests check it without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import compat
+from .networks import CrossAttention
+from .optional import installed
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
+KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest short one has 384
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q_h k_h^T / sqrt(d)) v_h for each of the heads, side by side: q (B, N, H*d),
+    k and v (B, T, H*d) -> (B, N, H*d), contiguous."""
+    if (q.is_cuda or INTERPRETED) and k.shape[1] <= KERNEL_KEYS:
+        from .attention_kernel import attention as kernel
+        return kernel(q, k, v, heads)
+    b, n, c = q.shape
+    split = [t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, c)
+
+
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The op's output for tracing: q's shape and dtype, contiguous, no data."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None if the op can run on `device`, else why not in one line."""
+    if device.type != "cuda":
+        return f"the attention kernel needs a CUDA device, not {device.type}"
+    if not compat.CUSTOM_OPS:
+        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): attention stays SDPA"
+    if not installed("triton"):
+        return "triton is not installed, so attention stays SDPA"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def register_op() -> None:
+    """Defines `torch.ops.sdcanny.attention` once per process. Programs that call it need it
+    defined before they load (programs.load calls this)."""
+    tags = compat.custom_op_layout_tags()  # q, k, v stay the slices they were traced as
+    op = torch.library.custom_op("sdcanny::attention", attention, mutates_args=(), **({"tags": tags} if tags else {}))
+    op.register_fake(_attention_shape)
+
+
+def use_fused_attention(net: nn.Module) -> int:
+    """Every attention layer of `net` (the ControlNet, the UNet) that is not folded attends through
+    the op; returns how many layers were switched (a folded layer never reaches the op)."""
+    register_op()
+    layers = [m for m in net.modules() if isinstance(m, CrossAttention)]
+    for layer in layers:
+        layer.fused_attention = True
+    return sum(layer.folded_tokens is None for layer in layers)
