@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_attention  # noqa: E402
-from sdcanny.attention_kernel import attention  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
@@ -46,6 +45,7 @@ def inputs(batch, queries, keys, heads, width, dtype, g, device="cpu"):
 
 
 def check_kernel():
+    from sdcanny.attention_kernel import attention  # triton: not on every stack that imports this file
     g = torch.Generator().manual_seed(0)
     for batch, queries, keys, heads, width, dtype, launch in KERNEL_CASES:
         q, k, v = inputs(batch, queries, keys, heads, width, dtype, g)
