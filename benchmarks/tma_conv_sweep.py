@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
-from triton_conv_sweep import L2_BYTES, time_replays
+from triton_conv_sweep import conv_problem, time_replays
 
 
 @triton.jit
@@ -143,15 +143,8 @@ def sweep(limit_s):
     start = time.time()
     tot_cudnn = tot_best = 0.0
     for (n, h, w, c, co), per_step in SHAPES.items():
-        torch.manual_seed(0)
-        x = torch.randn(n, c, h, w, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-        wbytes = co * c * 9 * 2
-        copies = max(4, min(64, 2 * L2_BYTES // wbytes + 1))
-        ws = [(torch.randn(co, c, 3, 3, device=dev) / (3 * c ** 0.5)).half().contiguous(memory_format=torch.channels_last)
-              for _ in range(copies)]
-        b = torch.randn(co, device=dev, dtype=torch.float16)
-        want = torch.nn.functional.conv2d(x.float(), ws[0].float(), b.float(), padding=1)
-        cudnn_us = time_replays(lambda i: torch.nn.functional.conv2d(x, ws[i], b, padding=1), copies)
+        x, ws, b, want, cudnn_us = conv_problem(n, h, w, c, co, dev)
+        copies = len(ws)
         x_nhwc = x.permute(0, 2, 3, 1)
         wf = [wi.permute(0, 2, 3, 1).reshape(co, 9 * c) for wi in ws]
         assert x_nhwc.is_contiguous() and wf[0].is_contiguous()

@@ -159,6 +159,19 @@ def time_replays(fn_for, copies, reps=5):
     return sorted(times)[len(times) // 2]
 
 
+def conv_problem(n, h, w, c, co, dev):
+    """One 3x3 convolution shape's inputs (fp16 channels-last, seeded), its weights in enough copies to
+    leave L2 between calls, the fp32 result, and cuDNN's µs a call: (x, weights, bias, want, cudnn_us)."""
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    copies = max(4, min(64, 2 * L2_BYTES // (co * c * 9 * 2) + 1))
+    ws = [(torch.randn(co, c, 3, 3, device=dev) / (3 * c ** 0.5)).half().contiguous(memory_format=torch.channels_last)
+          for _ in range(copies)]
+    b = torch.randn(co, device=dev, dtype=torch.float16)
+    want = torch.nn.functional.conv2d(x.float(), ws[0].float(), b.float(), padding=1)
+    return x, ws, b, want, time_replays(lambda i: torch.nn.functional.conv2d(x, ws[i], b, padding=1), copies)
+
+
 def configs(h, w, co):
     out = [("halo", bh, bw, bn, bk, stages, warps) for (bh, bw), bn, bk, stages, warps in itertools.product(
         [(8, 16), (4, 16), (8, 8)], (64, 128), (32, 64), (2, 3), (4, 8)) if co % bn == 0]
@@ -179,15 +192,8 @@ def main():
              "best plain µs | best halo µs | rel err |", "|---|---|---|---|---|---|---|"]
     start = time.time()
     for name, (n, h, w, c, co) in SHAPES.items():
-        torch.manual_seed(0)
-        x = torch.randn(n, c, h, w, device=dev, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
-        wbytes = co * c * 9 * 2
-        copies = max(4, min(64, 2 * L2_BYTES // wbytes + 1))
-        ws = [(torch.randn(co, c, 3, 3, device=dev) / (3 * c ** 0.5)).half().contiguous(memory_format=torch.channels_last)
-              for _ in range(copies)]
-        b = torch.randn(co, device=dev, dtype=torch.float16)
-        want = torch.nn.functional.conv2d(x.float(), ws[0].float(), b.float(), padding=1)
-        cudnn_us = time_replays(lambda i: torch.nn.functional.conv2d(x, ws[i], b, padding=1), copies)
+        x, ws, b, want, cudnn_us = conv_problem(n, h, w, c, co, dev)
+        copies = len(ws)
         x_nhwc = x.permute(0, 2, 3, 1)  # a view: channels-last memory is NHWC
         wk = [wi.permute(0, 2, 3, 1) for wi in ws]  # (CO, 3, 3, C) views, contiguous in memory
         assert x_nhwc.is_contiguous() and wk[0].is_contiguous()
