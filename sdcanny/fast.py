@@ -189,8 +189,9 @@ class FastTorchBackend:
         last product as one product (networks.fold_transformer_outputs); off only to measure what
         it buys.
         `attention_kernel`: the ControlNet's and UNet's attentions that are not folded, up to 512 keys,
-        through one Triton kernel each (sdcanny/fused_attention.py) where torch (2.4+) and triton
-        allow; longer ones stay SDPA; off only to measure what it buys."""
+        through one Triton kernel each (sdcanny/fused_attention.py) where torch (2.4+), triton and
+        the GPU (Hopper or later, where it was measured) allow; longer ones stay SDPA; off only to
+        measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)

@@ -6,9 +6,9 @@ The op takes q (B, N, H*d) and k, v (B, T, H*d) as the layer's projections give 
 the heads' outputs side by side, (B, N, H*d), contiguous. Up to KERNEL_KEYS keys it runs the
 kernel; longer attentions, where cuDNN's kernel was as fast or faster (1536 keys of width 40 in the
 graded step), go to SDPA. Off the GPU it is torch's maths. The op needs torch.library.custom_op
-(torch 2.4+) and triton; without them, or off a CUDA device, the networks keep SDPA
-(`unavailable_reason`). Under Triton's interpreter (TRITON_INTERPRET=1) the kernel runs on CPU
-tensors too: that is how the tests check it without a GPU.
+(torch 2.4+) and triton, and is used on Hopper GPUs and later, where it was measured; elsewhere
+the networks keep SDPA (`unavailable_reason`). Under Triton's interpreter (TRITON_INTERPRET=1) the
+kernel runs on CPU tensors too: that is how the tests check it without a GPU.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest short one has 384
+MEASURED_ON = (9, 0)  # compute capability: the kernel was timed against SDPA on Hopper (H100, H200) only
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -51,6 +52,11 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): attention stays SDPA"
     if not installed("triton"):
         return "triton is not installed, so attention stays SDPA"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MEASURED_ON:
+        return (f"the attention kernel was measured against SDPA on compute capability "
+                f"{'.'.join(map(str, MEASURED_ON))}+ GPUs only, not this {'.'.join(map(str, capability))} one: "
+                "attention stays SDPA")
     return None
 
 

@@ -34,6 +34,17 @@ def test_unavailable_off_cuda():
     assert "needs a CUDA device" in fused_attention.unavailable_reason(torch.device("cpu"))
 
 
+@pytest.mark.skipif(not compat.CUSTOM_OPS or not installed("triton"), reason="needs torch 2.4+ and triton")
+@pytest.mark.parametrize("capability, used", [((8, 6), False), ((9, 0), True), ((10, 0), True)])
+def test_used_only_on_gpus_where_it_was_measured(monkeypatch, capability, used):
+    """An A10 (8.6) keeps SDPA and says why; Hopper (9.0) and later take the kernel."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    reason = fused_attention.unavailable_reason(torch.device("cuda"))
+    assert (reason is None) == used
+    if not used:
+        assert "measured against SDPA on compute capability 9.0+ GPUs only, not this 8.6 one" in reason
+
+
 @pytest.mark.skipif(not installed("triton"), reason="needs triton")
 @pytest.mark.parametrize("shapes, message", [
     (((2, 5, 12), (2, 7, 12), (2, 6, 12)), "are not"), (((2, 5, 12), (3, 7, 12), (3, 7, 12)), "are not"),
