@@ -14,7 +14,7 @@ versions or probes signatures.
 | `torch.compile` on Python 3.11+ | unsupported | supported |
 | torch.compile's generated code saved for a later process (`aot_compile`, `torch.compiler.load_compiled_function`) | absent | 2.11 has it |
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
-| `torch.library.custom_op` (our Triton GroupNorm as one op torch.compile can call) | absent | 2.4+ |
+| `torch.library.custom_op` (our Triton GroupNorm and attention as ops torch.compile can call) | absent | 2.4+ |
 """
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ LOAD_STATE_DICT_ASSIGN = "assign" in inspect.signature(torch.nn.Module.load_stat
 _ONNX_EXPORT_DYNAMO_ARG = "dynamo" in inspect.signature(torch.onnx.export).parameters
 CUSTOM_OPS = hasattr(torch.library, "custom_op")
 _CUSTOM_OP_TAGS = CUSTOM_OPS and "tags" in inspect.signature(torch.library.custom_op).parameters
+
+
+def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwise: str) -> str | None:
+    """None where one of our Triton kernels, called as a custom op, can run on `device`; else why not,
+    in one line naming the `kernel` and saying what runs `otherwise`."""
+    if device.type != "cuda":
+        return f"{kernel} needs a CUDA device, not {device.type}"
+    if not CUSTOM_OPS:
+        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): {otherwise}"
+    if importlib.util.find_spec("triton") is None:
+        return f"triton is not installed, so {otherwise}"
+    return None
 
 
 def custom_op_layout_tags() -> tuple:

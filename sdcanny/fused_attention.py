@@ -21,7 +21,6 @@ from torch import nn
 
 from . import compat
 from .networks import CrossAttention
-from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest short one has 384
@@ -45,13 +44,10 @@ def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None if the op can run on `device`, else why not in one line."""
-    if device.type != "cuda":
-        return f"the attention kernel needs a CUDA device, not {device.type}"
-    if not compat.CUSTOM_OPS:
-        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): attention stays SDPA"
-    if not installed("triton"):
-        return "triton is not installed, so attention stays SDPA"
+    """None if the op can run on `device` and is used there, else why not in one line."""
+    reason = compat.custom_kernel_unavailable_reason(device, "the attention kernel", "attention stays SDPA")
+    if reason is not None:
+        return reason
     capability = torch.cuda.get_device_capability(device)
     if capability < MEASURED_ON:
         return (f"the attention kernel was measured against SDPA on compute capability "

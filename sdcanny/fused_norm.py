@@ -24,7 +24,6 @@ from torch import nn
 
 from . import compat
 from .networks import GroupNorm, group_norm_act_torch
-from .optional import installed
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 
@@ -66,13 +65,7 @@ def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None if the op can run on `device`, else why not in one line."""
-    if device.type != "cuda":
-        return f"the fused GroupNorm kernel needs a CUDA device, not {device.type}"
-    if not compat.CUSTOM_OPS:
-        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): GroupNorms stay TorchInductor's"
-    if not installed("triton"):
-        return "triton is not installed, so GroupNorms stay TorchInductor's"
-    return None
+    return compat.custom_kernel_unavailable_reason(device, "the fused GroupNorm kernel", "GroupNorms stay TorchInductor's")
 
 
 @functools.lru_cache(maxsize=None)
