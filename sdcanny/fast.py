@@ -209,14 +209,8 @@ class FastTorchBackend:
         self.fold_transformer_outputs = fold_transformer_outputs
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
-        unavailable = fused_norm.unavailable_reason(self.device) if fused_group_norm else None
-        if unavailable is not None and self.device.type == "cuda":
-            self.notes.append(unavailable)
-        self.fused_group_norm = fused_group_norm and unavailable is None
-        unavailable = fused_attention.unavailable_reason(self.device) if attention_kernel else None
-        if unavailable is not None and self.device.type == "cuda":
-            self.notes.append(unavailable)
-        self.attention_kernel = attention_kernel and unavailable is None
+        self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
+        self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -247,6 +241,14 @@ class FastTorchBackend:
         self.last_latents: torch.Tensor | None = None
         self.last_form: str | None = None
         self._time_rows: OrderedDict = OrderedDict()  # schedule -> Stages.time_rows of its timesteps
+
+    def _kernel_usable(self, wanted: bool, unavailable_reason: Callable) -> bool:
+        """Whether a kernel option that is `wanted` can be on here; on a GPU that cannot take it,
+        a note says why (off a GPU the torch path is expected and said nowhere)."""
+        unavailable = unavailable_reason(self.device) if wanted else None
+        if unavailable is not None and self.device.type == "cuda":
+            self.notes.append(unavailable)
+        return wanted and unavailable is None
 
     @classmethod
     def create(cls, checkpoint: Path, cfg: ModelConfig, device: str = "cuda",

@@ -16,11 +16,10 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import compat
-from .networks import CrossAttention
+from .networks import CrossAttention, multi_head_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest short one has 384
@@ -33,9 +32,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     if (q.is_cuda or INTERPRETED) and k.shape[1] <= KERNEL_KEYS:
         from .attention_kernel import attention as kernel
         return kernel(q, k, v, heads)
-    b, n, c = q.shape
-    split = [t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, c)
+    return multi_head_attention(q, k, v, heads)
 
 
 def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

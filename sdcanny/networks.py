@@ -41,6 +41,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """`attention` of (B, N, H*d) and (B, T, H*d) projections, split into their heads, with the heads'
+    outputs side by side again: (B, N, H*d)."""
+    b, n, c = q.shape
+    split = [p.reshape(b, p.shape[1], heads, -1).transpose(1, 2) for p in (q, k, v)]
+    return attention(*split).transpose(1, 2).reshape(b, n, c)
+
+
 class GroupNorm(nn.GroupNorm):
     """Computes in its parameters' dtype. In a network of one dtype that is plain GroupNorm; with
     fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
@@ -299,12 +307,8 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.folded_tokens is not None:
             return self.attend_folded(x, context[2 * self.context_index], context[2 * self.context_index + 1])
-        if self.fused_attention:
-            return self.to_out(torch.ops.sdcanny.attention(*self.project(x, context), self.heads))
-        b, n, c = x.shape
-        q, k, v = (p.reshape(b, p.shape[1], self.heads, -1).transpose(1, 2) for p in self.project(x, context))
-        out = attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+        attend = torch.ops.sdcanny.attention if self.fused_attention else multi_head_attention
+        return self.to_out(attend(*self.project(x, context), self.heads))
 
 
 class GEGLU(nn.Module):
