@@ -52,12 +52,16 @@ from . import compat, fused_attention, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
-                       index_cross_attention, stack_time_projections, to_mixed_precision)
+                       index_cross_attention, stack_time_projections, to_mixed_precision, use_patch_products)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
 
 DEFAULT_CACHE_DIR = DEFAULT_ENGINE_DIR / "torch_inductor_cache"
+# 3x3 convolutions of at most this many output rows run as patches times weights: the graded call's
+# 4x6 and 8x12 latents for its two guidance branches (48 and 192 rows), where the weights' reading
+# bounds them (docs/benchmarks.md)
+PATCH_PRODUCT_ROWS = 192
 
 
 @functools.lru_cache(maxsize=16)  # schedules are cached too: one table per (steps, eta)
@@ -158,7 +162,8 @@ class FastTorchBackend:
                  max_captured_sizes: int = 8, tune_new_sizes: bool = False, stack_time_projections: bool = True,
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
-                 fold_transformer_outputs: bool = True, attention_kernel: bool = True):
+                 fold_transformer_outputs: bool = True, attention_kernel: bool = True,
+                 patch_product_rows: int = PATCH_PRODUCT_ROWS):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -191,7 +196,11 @@ class FastTorchBackend:
         `attention_kernel`: the ControlNet's and UNet's attentions that are not folded, up to 512 keys,
         through one Triton kernel each (sdcanny/fused_attention.py) where torch (2.4+), triton and
         the GPU (Hopper or later, where it was measured) allow; longer ones stay SDPA; off only to
-        measure what it buys."""
+        measure what it buys.
+        `patch_product_rows`: the ControlNet's and UNet's 3x3 convolutions with at most this many output
+        rows (samples x latent pixels, at sizes compiled or run as they come) as one matrix product of
+        the input's patches and the weights (networks.conv3x3_as_product); 0 runs every one through
+        cuDNN."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -207,6 +216,9 @@ class FastTorchBackend:
         self.fold_upsampling = fold_upsampling
         self.fold_cross_attention = fold_cross_attention and precompute_cross_attention
         self.fold_transformer_outputs = fold_transformer_outputs
+        if patch_product_rows < 0:
+            raise ValueError(f"patch_product_rows must be 0 or more, got {patch_product_rows}")
+        self.patch_product_rows = patch_product_rows
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
@@ -269,7 +281,8 @@ class FastTorchBackend:
                     "precompute_cross_attention": self.precompute_cross_attention,
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
-                    "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel}
+                    "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel,
+                    "patch_product_rows": self.patch_product_rows}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -339,6 +352,7 @@ class FastTorchBackend:
                 fold_cross_attention(net, nets.clip.max_length)
             if self.fold_transformer_outputs:
                 fold_transformer_outputs(net)
+            use_patch_products(net, self.patch_product_rows)
         if self.fold_upsampling:
             for net in (nets.unet, nets.vae):
                 fold_upsampling(net)

@@ -204,6 +204,49 @@ class TimeEmbed(nn.Sequential):
         return super().forward(t_emb.to(self[0].weight.dtype))
 
 
+def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride, padding=1) of a 3x3 weight as one matrix product: the
+    input's 3x3 patches, one row per output pixel (tap-major, channels inner), times the weight as an
+    (out, 9 x in) matrix. For a few output rows (the 4x6 and 8x12 latents) the convolution is bound by
+    reading its weights, and cuBLAS's skinny products stream them faster than cuDNN's convolutions
+    do (docs/benchmarks.md); the patches are a few MB. The weight matrix is a view where the weight is
+    channels-last, as the fast back-end keeps it. The result is channels-last."""
+    n, c, h, w = x.shape
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
+    taps = torch.arange(3, device=x.device)
+    rows = (torch.arange(out_h, device=x.device) * stride)[:, None, None, None] + taps[None, None, :, None]
+    cols = (torch.arange(out_w, device=x.device) * stride)[None, :, None, None] + taps[None, None, None, :]
+    # one indexed read, (N, out_h, out_w, 3, 3, C): the compiler makes it (and the padding) one kernel,
+    # where nine slices stacked would be a kernel each
+    patches = padded[:, rows, cols, :].reshape(n * out_h * out_w, 9 * c)
+    matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
+    out = patches @ matrix.t() if bias is None else torch.addmm(bias, patches, matrix.t())
+    return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int) -> torch.Tensor:
+    """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights
+    (conv3x3_as_product) where it has at most `product_rows` output rows (samples x pixels), else
+    through F.conv2d. A size the compiler keeps symbolic takes F.conv2d: comparing it would tie the
+    compiled program to sizes on one side of the bound."""
+    n, _, h, w = x.shape
+    stride = conv.stride[0]
+    rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
+    if isinstance(rows, int) and rows <= product_rows:
+        return conv3x3_as_product(x, conv.weight, bias, stride)
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+
+
+def use_patch_products(net: nn.Module, rows: int) -> None:
+    """Runs the 3x3 convolutions of net's ResBlocks and Downsamples that have at most `rows` output
+    rows as patches times weights (conv3x3); 0 runs every one through F.conv2d."""
+    for module in net.modules():
+        if isinstance(module, (ResBlock, Downsample)):
+            module.product_rows = rows
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int, out_channels: int, emb_channels: int):
         super().__init__()
@@ -215,6 +258,7 @@ class ResBlock(nn.Module):
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
+        self.product_rows = 0  # see use_patch_products
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
@@ -227,12 +271,12 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = F.conv2d(in_norm.normalize(x, silu=True), in_conv.weight, None, in_conv.stride, in_conv.padding)
+            h = conv3x3(in_norm.normalize(x, silu=True), in_conv, None, self.product_rows)
             add_bias = in_conv.bias
         else:
-            h, add_bias = in_conv(in_norm.normalize(x, silu=True)), None
+            h, add_bias = conv3x3(in_norm.normalize(x, silu=True), in_conv, in_conv.bias, self.product_rows), None
         h = out_norm.normalize(h, silu=True, add=add, add_column=column, add_bias=add_bias)
-        return self.skip_connection(x) + out_conv(h)
+        return self.skip_connection(x) + conv3x3(h, out_conv, out_conv.bias, self.product_rows)
 
 
 class CrossAttention(nn.Module):
@@ -394,9 +438,10 @@ class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.product_rows = 0  # see use_patch_products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return conv3x3(x, self.op, self.op.bias, self.product_rows)
 
 
 class Upsample(nn.Module):

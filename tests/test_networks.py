@@ -220,3 +220,76 @@ def test_folded_cross_attention_and_transformer_outputs_compute_the_same(tiny_ch
         for layer in (m for m in unet.modules() if isinstance(m, SpatialTransformer)):
             layer.folded_out_bias.add_(1.0)
         assert (unet(x, t, rows_unet) - want[0]).abs().max() > 1e-3
+
+
+def direct_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> torch.Tensor:
+    """A 3x3 convolution with padding 1 written out tap by tap (an independent second path)."""
+    n, c, h, w = x.shape
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    padded = torch.zeros(n, c, h + 2, w + 2, dtype=x.dtype)
+    padded[:, :, 1:-1, 1:-1] = x
+    out = bias[None, :, None, None].expand(n, -1, out_h, out_w).clone()
+    for dy in range(3):
+        for dx in range(3):
+            window = padded[:, :, dy:dy + stride * (out_h - 1) + 1:stride, dx:dx + stride * (out_w - 1) + 1:stride]
+            out += torch.einsum("nchw,oc->nohw", window, weight[:, :, dy, dx])
+    return out
+
+
+@pytest.mark.parametrize("shape, stride", [((2, 8, 4, 6), 1), ((1, 3, 5, 7), 1), ((2, 8, 8, 12), 2), ((3, 4, 7, 5), 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_3x3_convolution_as_patches_times_weights(shape, stride, channels_last):
+    from sdcanny.networks import conv3x3_as_product
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, shape[1], 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    if channels_last:
+        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    want = direct_conv3x3(x, weight, bias, stride)
+    got = conv3x3_as_product(x, weight, bias, stride)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv3x3_as_product(x, weight, None, stride), want - bias[None, :, None, None],
+                               rtol=1e-12, atol=1e-12)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_patch_products_reach_the_small_convolutions_and_compute_the_same(tiny_checkpoint):
+    """use_patch_products sets the bound on every ResBlock and Downsample of the UNet and the
+    ControlNet, whose outputs stay the same maths (float64, so that only rounding could differ)."""
+    from sdcanny import networks
+    nets = load_networks(tiny_checkpoint, TINY)
+    nets.unet.double(), nets.controlnet.double()
+    g = torch.Generator().manual_seed(9)
+    x, t = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([301, 301])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g, dtype=torch.float64)
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        want = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        for net in (nets.unet, nets.controlnet):
+            networks.use_patch_products(net, 2 * 8 * 8)
+        layers = [m for m in nets.unet.modules() if isinstance(m, (networks.ResBlock, networks.Downsample))]
+        assert layers and all(layer.product_rows == 128 for layer in layers)
+        got = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bound, rows_seen", [(0, set()), (2 * 4 * 4, {32, 8, 2}), (2 * 8 * 8, {128, 32, 8, 2})])
+def test_the_row_bound_decides_which_convolutions_take_the_product(tiny_checkpoint, monkeypatch, bound, rows_seen):
+    from sdcanny import networks
+    unet = load_networks(tiny_checkpoint, TINY).unet
+    networks.use_patch_products(unet, bound)
+    seen = set()
+    product = networks.conv3x3_as_product
+
+    def recording(x, weight, bias, stride=1):
+        out = product(x, weight, bias, stride)
+        seen.add(out.shape[0] * out.shape[2] * out.shape[3])
+        return out
+    monkeypatch.setattr(networks, "conv3x3_as_product", recording)
+    g = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 1]), torch.randn(2, 77, TINY.clip.width, generator=g))
+    assert seen == rows_seen
