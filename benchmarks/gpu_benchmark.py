@@ -63,9 +63,8 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # fold_cross_attention saves), "unfolded-outputs" "jit" with each transformer's output projection
 # as its own product (what fold_transformer_outputs saves), "unfolded" both, "sdpa-attention" "jit"
 # with SDPA for every attention that is not folded (what attention_kernel saves), "cudnn-convs" "jit"
-# with every 3x3 convolution through cuDNN (neither patch products nor the convolution kernel) and "patches-48" with only the 4x6 ones as patch products
-# (what patch_product_rows saves, and at which bound), "no-conv-kernel" "jit" with the 4x6 ones as
-# patch products instead of the Triton kernel (what conv_kernel saves)
+# with every 3x3 convolution through cuDNN and "patches-48" with only the 4x6 ones as patch products
+# (what patch_product_rows saves, and at which bound)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -78,13 +77,11 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "unfolded-outputs": {"compile": "default", "fold_transformer_outputs": False},
             "unfolded": {"compile": "default", "fold_cross_attention": False, "fold_transformer_outputs": False},
             "sdpa-attention": {"compile": "default", "attention_kernel": False},
-            "cudnn-convs": {"compile": "default", "patch_product_rows": 0, "conv_kernel": False},
-            "patches-48": {"compile": "default", "patch_product_rows": 48},
-            "no-conv-kernel": {"compile": "default", "conv_kernel": False}}
+            "cudnn-convs": {"compile": "default", "patch_product_rows": 0},
+            "patches-48": {"compile": "default", "patch_product_rows": 48}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
-                       "sdpa-attention", "cudnn-convs", "patches-48",
-                       "no-conv-kernel")  # run with an engine directory that holds no programs
+                       "sdpa-attention", "cudnn-convs", "patches-48")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -48,7 +48,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fused_attention, fused_conv, fused_norm, programs
+from . import compat, fused_attention, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
@@ -163,7 +163,7 @@ class FastTorchBackend:
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
-                 patch_product_rows: int = PATCH_PRODUCT_ROWS, conv_kernel: bool = True):
+                 patch_product_rows: int = PATCH_PRODUCT_ROWS):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -200,11 +200,7 @@ class FastTorchBackend:
         `patch_product_rows`: the ControlNet's and UNet's 3x3 convolutions with at most this many output
         rows (samples x latent pixels, at sizes compiled or run as they come) as one matrix product of
         the input's patches and the weights (networks.conv3x3_as_product); 0 runs every one through
-        cuDNN.
-        `conv_kernel`: the ResBlocks' 3x3 convolutions of at most fused_conv.KERNEL_ROWS output rows
-        (the graded call's 4x6 latent) through one weight-streaming Triton kernel each
-        (sdcanny/fused_conv.py), before `patch_product_rows` is asked, where torch (2.4+), triton and
-        the GPU (Hopper or later, where it was measured) allow; off only to measure what it buys."""
+        cuDNN."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -227,7 +223,6 @@ class FastTorchBackend:
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
-        self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -287,7 +282,7 @@ class FastTorchBackend:
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
                     "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel,
-                    "patch_product_rows": self.patch_product_rows, "conv_kernel": self.conv_kernel}
+                    "patch_product_rows": self.patch_product_rows}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -367,9 +362,6 @@ class FastTorchBackend:
         if self.attention_kernel:
             for net in (nets.controlnet, nets.unet):
                 fused_attention.use_fused_attention(net)
-        if self.conv_kernel:
-            for net in (nets.controlnet, nets.unet):
-                fused_conv.use_conv_kernel(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

@@ -226,22 +226,14 @@ def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
-def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int,
-            kernel_rows: int = 0) -> torch.Tensor:
-    """conv's 3x3 convolution (padding 1) of x with `bias`, by its number of output rows (samples
-    x pixels): at most `kernel_rows` (stride 1), the op torch.ops.sdcanny.conv3x3_slices
-    (sdcanny/fused_conv.py), whose partial sums are added up here, where the compiler folds the sum
-    into the element-wise kernel after it; else at most `product_rows`, patches times weights
-    (conv3x3_as_product); else F.conv2d. A size the compiler keeps symbolic takes F.conv2d: comparing
-    it would tie the compiled program to sizes on one side of a bound."""
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int) -> torch.Tensor:
+    """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights
+    (conv3x3_as_product) where it has at most `product_rows` output rows (samples x pixels), else
+    through F.conv2d. A size the compiler keeps symbolic takes F.conv2d: comparing it would tie the
+    compiled program to sizes on one side of the bound."""
     n, _, h, w = x.shape
     stride = conv.stride[0]
-    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-    rows = n * out_h * out_w
-    if isinstance(rows, int) and stride == 1 and rows <= kernel_rows:
-        out = torch.ops.sdcanny.conv3x3_slices(x, conv.weight).sum(0)
-        out = out if bias is None else out + bias.float()
-        return out.to(x.dtype).view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+    rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
     if isinstance(rows, int) and rows <= product_rows:
         return conv3x3_as_product(x, conv.weight, bias, stride)
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
@@ -267,7 +259,6 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
         self.product_rows = 0  # see use_patch_products
-        self.kernel_rows = 0  # set by sdcanny/fused_conv.py: see conv3x3
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
@@ -280,13 +271,12 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = conv3x3(in_norm.normalize(x, silu=True), in_conv, None, self.product_rows, self.kernel_rows)
+            h = conv3x3(in_norm.normalize(x, silu=True), in_conv, None, self.product_rows)
             add_bias = in_conv.bias
         else:
-            h = conv3x3(in_norm.normalize(x, silu=True), in_conv, in_conv.bias, self.product_rows, self.kernel_rows)
-            add_bias = None
+            h, add_bias = conv3x3(in_norm.normalize(x, silu=True), in_conv, in_conv.bias, self.product_rows), None
         h = out_norm.normalize(h, silu=True, add=add, add_column=column, add_bias=add_bias)
-        return self.skip_connection(x) + conv3x3(h, out_conv, out_conv.bias, self.product_rows, self.kernel_rows)
+        return self.skip_connection(x) + conv3x3(h, out_conv, out_conv.bias, self.product_rows)
 
 
 class CrossAttention(nn.Module):
