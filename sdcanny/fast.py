@@ -376,7 +376,7 @@ class FastTorchBackend:
                                                               self.program_variants)
             if variant is not None:
                 loaded = self.programs.get(variant) or self._load_programs(variant)
-                return {name: programs.PreparedStage(name, loaded[name], stage)
+                return {name: programs.PreparedStage(name, loaded[name], stage, variant)
                         for name, stage in self.stages.items()}, "compiled ahead"
             self._note_once(f"{problem}: that size runs eager")
         if self.compiled is not None and self.programs is None and self._compiled_size in (None, sizes):

@@ -14,6 +14,7 @@ fp32 result matches the original to rounding. No TensorRT, no checkpoint I/O in 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -229,22 +230,37 @@ def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int) -> torch.Tensor:
     """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights
     (conv3x3_as_product) where it has at most `product_rows` output rows (samples x pixels), else
-    through F.conv2d. A size the compiler keeps symbolic takes F.conv2d: comparing it would tie the
-    compiled program to sizes on one side of the bound."""
+    through F.conv2d."""
     n, _, h, w = x.shape
     stride = conv.stride[0]
-    rows = n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1)
-    if isinstance(rows, int) and rows <= product_rows:
+    if product_rows and n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) <= product_rows:
         return conv3x3_as_product(x, conv.weight, bias, stride)
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
 def use_patch_products(net: nn.Module, rows: int) -> None:
-    """Runs the 3x3 convolutions of net's ResBlocks and Downsamples that have at most `rows` output
-    rows as patches times weights (conv3x3); 0 runs every one through F.conv2d."""
+    """Runs the 3x3 convolutions of net's ResBlocks, Downsamples and Upsamples that have at most
+    `rows` output rows as patches times weights (conv3x3); 0 runs every one through F.conv2d. A trace
+    whose sizes are symbolic must have 0 (programs.compile_variant sees to it): the compiler would
+    tie the program to sizes on one side of the bound."""
     for module in net.modules():
-        if isinstance(module, (ResBlock, Downsample)):
+        if isinstance(module, (ResBlock, Downsample, Upsample)):
             module.product_rows = rows
+
+
+@contextlib.contextmanager
+def without_patch_products(net: nn.Module):
+    """use_patch_products(net, 0) for the duration, then each layer's bound as it was: for a trace
+    whose sizes are symbolic, where the compiler would guard on the comparison."""
+    layers = [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample))]
+    bounds = [layer.product_rows for layer in layers]
+    for layer in layers:
+        layer.product_rows = 0
+    try:
+        yield
+    finally:
+        for layer, bound in zip(layers, bounds):
+            layer.product_rows = bound
 
 
 class ResBlock(nn.Module):
@@ -450,6 +466,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.register_buffer("phase_weight", None, persistent=False)  # see fold_upsampling
         self.register_buffer("phase_bias", None, persistent=False)
+        self.product_rows = 0  # see use_patch_products
 
     def fold_upsampling(self) -> None:
         """Folds the nearest-neighbour doubling into the convolution's weights. A 3x3 convolution
@@ -461,8 +478,12 @@ class Upsample(nn.Module):
         self.phase_weight, self.phase_bias = upsampling_phases(self.conv.weight, self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.phase_weight is None:
-            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        n, _, h, w = x.shape
+        if self.phase_weight is None or (self.product_rows and n * 4 * h * w <= self.product_rows):
+            # few rows: the doubled image's patches come in one indexed read (conv3x3), and its
+            # weights are 9/16 of the phases' (the convolution is bound by reading them)
+            return conv3x3(F.interpolate(x, scale_factor=2, mode="nearest"), self.conv, self.conv.bias,
+                           self.product_rows)
         return interleave_phases(F.conv2d(x, self.phase_weight, self.phase_bias, padding=1))
 
 

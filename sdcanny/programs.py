@@ -25,6 +25,7 @@ The form here runs the same generated code as the in-process compilation, which 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import subprocess
@@ -37,6 +38,7 @@ import torch
 
 from . import compat, fused_attention, fused_norm
 from .config import ModelConfig
+from .networks import without_patch_products
 from .optional import progress, write
 from .paths import DEFAULT_ENGINE_DIR, PROJECT_ROOT
 from .records import read_record, write_record
@@ -236,7 +238,8 @@ def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device,
     examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
     for name, module in stages.items():
         mark_symbolic(name, examples[name], axes)
-        compiled = compile_stage(module, examples[name], inductor_options)
+        with without_patch_products(module) if axes else contextlib.nullcontext():  # no bound on symbolic sizes
+            compiled = compile_stage(module, examples[name], inductor_options)
         compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
     return round(time.perf_counter() - start, 1)
 
@@ -363,16 +366,20 @@ class OutsidePreparedShapes(RuntimeError):
 
 class PreparedStage:
     """A stage served by its program: called like the stage module. Inputs that the program's
-    guards refuse raise OutsidePreparedShapes (the back-end then runs that size eager)."""
+    guards refuse raise OutsidePreparedShapes (the back-end then runs that size eager). The program
+    of a `variant` with symbolic axes was traced without patch products (compile_variant), and its
+    guards hold the module to that."""
 
-    def __init__(self, name: str, compiled, module: torch.nn.Module):
+    def __init__(self, name: str, compiled, module: torch.nn.Module, variant: str):
         self.name, self.compiled, self.module = name, compiled, module
+        self.symbolic = bool(VARIANTS[variant][1])
 
     def __call__(self, *args):
-        if not self.compiled.guard_check(self.module, *args):
-            raise OutsidePreparedShapes(f"the {self.name} program's guards refuse these inputs "
-                                        f"({guard_failure(self.compiled, self.module, *args)})")
-        return self.compiled(self.module, *args)
+        with without_patch_products(self.module) if self.symbolic else contextlib.nullcontext():
+            if not self.compiled.guard_check(self.module, *args):
+                raise OutsidePreparedShapes(f"the {self.name} program's guards refuse these inputs "
+                                            f"({guard_failure(self.compiled, self.module, *args)})")
+            return self.compiled(self.module, *args)
 
 
 def guard_failure(compiled, *args) -> str:

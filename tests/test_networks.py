@@ -255,8 +255,9 @@ def test_a_3x3_convolution_as_patches_times_weights(shape, stride, channels_last
 
 
 def test_patch_products_reach_the_small_convolutions_and_compute_the_same(tiny_checkpoint):
-    """use_patch_products sets the bound on every ResBlock and Downsample of the UNet and the
-    ControlNet, whose outputs stay the same maths (float64, so that only rounding could differ)."""
+    """use_patch_products sets the bound on every ResBlock, Downsample and Upsample of the UNet and
+    the ControlNet, whose outputs stay the same maths (float64, so that only rounding could differ);
+    without_patch_products lifts it for a while."""
     from sdcanny import networks
     nets = load_networks(tiny_checkpoint, TINY)
     nets.unet.double(), nets.controlnet.double()
@@ -268,9 +269,13 @@ def test_patch_products_reach_the_small_convolutions_and_compute_the_same(tiny_c
         want = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
         for net in (nets.unet, nets.controlnet):
             networks.use_patch_products(net, 2 * 8 * 8)
-        layers = [m for m in nets.unet.modules() if isinstance(m, (networks.ResBlock, networks.Downsample))]
-        assert layers and all(layer.product_rows == 128 for layer in layers)
+        kinds = (networks.ResBlock, networks.Downsample, networks.Upsample)
+        layers = [m for m in nets.unet.modules() if isinstance(m, kinds)]
+        assert {type(layer) for layer in layers} == set(kinds) and all(layer.product_rows == 128 for layer in layers)
         got = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        with networks.without_patch_products(nets.unet):  # as programs compile symbolic sizes
+            assert all(layer.product_rows == 0 for layer in layers)
+        assert all(layer.product_rows == 128 for layer in layers)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
