@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_conv_sweep import conv_problem, time_replays
+from triton_conv_sweep import check_problem, conv_problem, time_replays
 
 
 @triton.jit
@@ -154,12 +154,8 @@ def config_list(m, c, co, sms):
 def check(device, cases):
     torch.manual_seed(0)
     for (n, h, w, c, co), cfg in cases:
-        x = torch.randn(n, c, h, w, device=device)
-        wt = torch.randn(co, c, 3, 3, device=device) / (3 * c ** 0.5)
-        b = torch.randn(co, device=device)
-        want = torch.nn.functional.conv2d(x, wt, b, padding=1).permute(0, 2, 3, 1).reshape(-1, co)
-        xh = x.half().permute(0, 2, 3, 1).contiguous()
-        w_mat = wt.half().permute(0, 2, 3, 1).reshape(co, 9 * c).contiguous()
+        b, want, xh, w_mat = check_problem(n, h, w, c, co, device)
+        want = want.permute(0, 2, 3, 1).reshape(-1, co)
         operand, desc = weight_operand(w_mat, cfg)
         m = n * h * w
         partials = torch.empty((cfg["split"], m, co), dtype=torch.float32, device=device)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
-from triton_conv_sweep import conv_problem, time_replays
+from triton_conv_sweep import check_problem, conv_problem, time_replays
 
 
 @triton.jit
@@ -74,12 +74,7 @@ def conv3x3_tma(x_nhwc, w_flat, bias, cfg, out=None, partials=None):
 def check(device, shapes_cfgs):
     torch.manual_seed(0)
     for (n, h, w, c, co), cfg in shapes_cfgs:
-        x = torch.randn(n, c, h, w, device=device)
-        wt = torch.randn(co, c, 3, 3, device=device) / (3 * c ** 0.5)
-        b = torch.randn(co, device=device)
-        want = torch.nn.functional.conv2d(x, wt, b, padding=1)
-        xh = x.half().permute(0, 2, 3, 1).contiguous()
-        wf = wt.half().permute(0, 2, 3, 1).reshape(co, 9 * c).contiguous()
+        b, want, xh, wf = check_problem(n, h, w, c, co, device)
         got = conv3x3_tma(xh, wf, b.half(), cfg).permute(0, 3, 1, 2).float()
         err = ((got - want).norm() / want.norm()).item()
         print("check", (n, h, w, c, co), cfg, "rel err", f"{err:.2e}", flush=True)

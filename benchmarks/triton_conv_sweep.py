@@ -159,6 +159,17 @@ def time_replays(fn_for, copies, reps=5):
     return sorted(times)[len(times) // 2]
 
 
+def check_problem(n, h, w, c, co, device):
+    """A seeded fp32 convolution for the kernels' correctness checks: (bias, the fp32 result with the
+    bias, the input as fp16 NHWC, the weight as the fp16 (out, 9 x in) matrix, tap-major)."""
+    x = torch.randn(n, c, h, w, device=device)
+    wt = torch.randn(co, c, 3, 3, device=device) / (3 * c ** 0.5)
+    b = torch.randn(co, device=device)
+    want = torch.nn.functional.conv2d(x, wt, b, padding=1)
+    return (b, want, x.half().permute(0, 2, 3, 1).contiguous(),
+            wt.half().permute(0, 2, 3, 1).reshape(co, 9 * c).contiguous())
+
+
 def conv_problem(n, h, w, c, co, dev):
     """One 3x3 convolution shape's inputs (fp16 channels-last, seeded), its weights in enough copies to
     leave L2 between calls, the fp32 result, and cuDNN's µs a call: (x, weights, bias, want, cudnn_us)."""
