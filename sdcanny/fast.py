@@ -198,9 +198,10 @@ class FastTorchBackend:
         the GPU (Hopper or later, where it was measured) allow; longer ones stay SDPA; off only to
         measure what it buys.
         `patch_product_rows`: the ControlNet's and UNet's 3x3 convolutions with at most this many output
-        rows (samples x latent pixels, at sizes compiled or run as they come) as one matrix product of
-        the input's patches and the weights (networks.conv3x3_as_product); 0 runs every one through
-        cuDNN."""
+        rows (samples x latent pixels) as one matrix product of the input's patches and the weights
+        (networks.conv3x3_as_product): at sizes compiled for themselves (the graded programs, the
+        first size in-process) and sizes run eager; the programs of symbolic sizes go without
+        (programs.compile_variant). 0 runs every one through cuDNN."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
