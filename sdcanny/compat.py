@@ -15,6 +15,7 @@ versions or probes signatures.
 | torch.compile's generated code saved for a later process (`aot_compile`, `torch.compiler.load_compiled_function`) | absent | 2.11 has it |
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
 | `torch.library.custom_op` (our Triton GroupNorm and attention as ops torch.compile can call) | absent | 2.4+ |
+| `torch.compiler.is_compiling` | `torch._dynamo.is_compiling` | 2.3+ |
 """
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ LOAD_STATE_DICT_ASSIGN = "assign" in inspect.signature(torch.nn.Module.load_stat
 _ONNX_EXPORT_DYNAMO_ARG = "dynamo" in inspect.signature(torch.onnx.export).parameters
 CUSTOM_OPS = hasattr(torch.library, "custom_op")
 _CUSTOM_OP_TAGS = CUSTOM_OPS and "tags" in inspect.signature(torch.library.custom_op).parameters
+
+
+def _is_compiling_function():
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling
+    return importlib.import_module("torch._dynamo").is_compiling  # 2.0-2.2: not imported with torch (0.1 s)
+
+
+# Whether torch.compile is tracing the caller; traced, a constant True. Picked here, once: dynamo
+# cannot trace the lookup itself
+is_compiling = _is_compiling_function()
 
 
 def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwise: str) -> str | None:

@@ -199,9 +199,9 @@ class FastTorchBackend:
         measure what it buys.
         `patch_product_rows`: the ControlNet's and UNet's 3x3 convolutions with at most this many output
         rows (samples x latent pixels) as one matrix product of the input's patches and the weights
-        (networks.conv3x3_as_product): at sizes compiled for themselves (the graded programs, the
-        first size in-process) and sizes run eager; the programs of symbolic sizes go without
-        (programs.compile_variant). 0 runs every one through cuDNN."""
+        (networks.conv3x3_as_product), in code compiled for its size (the graded programs, the first
+        size in-process); the programs of symbolic sizes and sizes run eager go without
+        (networks.takes_patch_product, programs.compile_variant). 0 runs every one through cuDNN."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compat
 from .config import ClipConfig, UNetConfig, VAEConfig
 
 # A finite stand-in for -inf in the CLIP causal mask: exp() of it underflows to exactly 0 in
@@ -227,32 +228,41 @@ def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
 
 
+def takes_patch_product(rows: int, product_rows: int) -> bool:
+    """Whether a 3x3 convolution of `rows` output rows runs as conv3x3_as_product: in compiled code
+    only, where the patches are one kernel (run eager, their index grids and gather are several small
+    kernels, not measured against cuDNN), and up to the bound."""
+    return bool(product_rows) and compat.is_compiling() and rows <= product_rows
+
+
 def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int) -> torch.Tensor:
-    """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights
-    (conv3x3_as_product) where it has at most `product_rows` output rows (samples x pixels), else
-    through F.conv2d."""
+    """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights where
+    takes_patch_product says so for its output rows (samples x pixels), else through F.conv2d."""
     n, _, h, w = x.shape
     stride = conv.stride[0]
-    if product_rows and n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) <= product_rows:
+    if takes_patch_product(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1), product_rows):
         return conv3x3_as_product(x, conv.weight, bias, stride)
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
+def patch_product_layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample))]
+
+
 def use_patch_products(net: nn.Module, rows: int) -> None:
-    """Runs the 3x3 convolutions of net's ResBlocks, Downsamples and Upsamples that have at most
-    `rows` output rows as patches times weights (conv3x3); 0 runs every one through F.conv2d. A trace
-    whose sizes are symbolic must have 0 (programs.compile_variant sees to it): the compiler would
-    tie the program to sizes on one side of the bound."""
-    for module in net.modules():
-        if isinstance(module, (ResBlock, Downsample, Upsample)):
-            module.product_rows = rows
+    """Compiled, the 3x3 convolutions of net's ResBlocks, Downsamples and Upsamples that have at
+    most `rows` output rows run as patches times weights (takes_patch_product); 0 runs every one
+    through F.conv2d. A trace whose sizes are symbolic must have 0 (programs.compile_variant sees to
+    it): the compiler would tie the program to sizes on one side of the bound."""
+    for layer in patch_product_layers(net):
+        layer.product_rows = rows
 
 
 @contextlib.contextmanager
 def without_patch_products(net: nn.Module):
     """use_patch_products(net, 0) for the duration, then each layer's bound as it was: for a trace
     whose sizes are symbolic, where the compiler would guard on the comparison."""
-    layers = [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample))]
+    layers = patch_product_layers(net)
     bounds = [layer.product_rows for layer in layers]
     for layer in layers:
         layer.product_rows = 0
@@ -479,7 +489,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        if self.phase_weight is None or (self.product_rows and n * 4 * h * w <= self.product_rows):
+        if self.phase_weight is None or takes_patch_product(n * 4 * h * w, self.product_rows):
             # few rows: the doubled image's patches come in one indexed read (conv3x3), and its
             # weights are 9/16 of the phases' (the convolution is bound by reading them)
             return conv3x3(F.interpolate(x, scale_factor=2, mode="nearest"), self.conv, self.conv.bias,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
 from sdcanny.networks import UnionModel
@@ -254,47 +255,67 @@ def test_a_3x3_convolution_as_patches_times_weights(shape, stride, channels_last
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_patch_products_reach_the_small_convolutions_and_compute_the_same(tiny_checkpoint):
+def test_patch_products_are_set_on_every_layer_and_lifted_for_a_while(tiny_checkpoint):
     """use_patch_products sets the bound on every ResBlock, Downsample and Upsample of the UNet and
-    the ControlNet, whose outputs stay the same maths (float64, so that only rounding could differ);
-    without_patch_products lifts it for a while."""
+    the ControlNet; without_patch_products lifts it for a while; run eager, the networks ignore it
+    (the same outputs, bit for bit)."""
     from sdcanny import networks
     nets = load_networks(tiny_checkpoint, TINY)
-    nets.unet.double(), nets.controlnet.double()
     g = torch.Generator().manual_seed(9)
-    x, t = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), torch.tensor([301, 301])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g, dtype=torch.float64)
-    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g, dtype=torch.float64)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([301, 301])
+    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
     with torch.no_grad():
-        want = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        want = nets.unet(x, t, ctx)
         for net in (nets.unet, nets.controlnet):
-            networks.use_patch_products(net, 2 * 8 * 8)
+            networks.use_patch_products(net, 128)
         kinds = (networks.ResBlock, networks.Downsample, networks.Upsample)
-        layers = [m for m in nets.unet.modules() if isinstance(m, kinds)]
+        layers = networks.patch_product_layers(nets.unet)
         assert {type(layer) for layer in layers} == set(kinds) and all(layer.product_rows == 128 for layer in layers)
-        got = nets.unet(x, t, ctx), nets.controlnet(x, t, ctx, feats)
+        assert torch.equal(nets.unet(x, t, ctx), want)
         with networks.without_patch_products(nets.unet):  # as programs compile symbolic sizes
             assert all(layer.product_rows == 0 for layer in layers)
         assert all(layer.product_rows == 128 for layer in layers)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
-    for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("bound, rows_seen", [(0, set()), (2 * 4 * 4, {32, 8, 2}), (2 * 8 * 8, {128, 32, 8, 2})])
-def test_the_row_bound_decides_which_convolutions_take_the_product(tiny_checkpoint, monkeypatch, bound, rows_seen):
-    from sdcanny import networks
-    unet = load_networks(tiny_checkpoint, TINY).unet
-    networks.use_patch_products(unet, bound)
-    seen = set()
-    product = networks.conv3x3_as_product
+def can_read_compiled_code() -> bool:
+    """torch.compile runs on this CPU and TorchInductor hands back its code (run_and_get_code, 2.1+)."""
+    if compat.compile_unavailable_reason("cpu") is not None:
+        return False
+    import torch._inductor.utils
+    return hasattr(torch._inductor.utils, "run_and_get_code")
 
-    def recording(x, weight, bias, stride=1):
-        out = product(x, weight, bias, stride)
-        seen.add(out.shape[0] * out.shape[2] * out.shape[3])
-        return out
-    monkeypatch.setattr(networks, "conv3x3_as_product", recording)
-    g = torch.Generator().manual_seed(10)
+
+def compiled_code(layer: torch.nn.Module, *args) -> tuple[torch.Tensor, str]:
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
     with torch.no_grad():
-        unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 1]), torch.randn(2, 77, TINY.clip.width, generator=g))
-    assert seen == rows_seen
+        out, code = run_and_get_code(torch.compile(layer, fullgraph=True, dynamic=False), *args)
+    return out, "\n".join(code)
+
+
+@pytest.mark.skipif(not can_read_compiled_code(), reason="needs torch.compile with TorchInductor's run_and_get_code (2.1+)")
+@pytest.mark.parametrize("kind", ["resblock", "downsample", "upsample"])
+def test_compiled_layers_take_the_patch_product_up_to_the_bound(kind):
+    """Compiled, a ResBlock's two 3x3 convolutions, a Downsample's and a folded Upsample's (48 output
+    rows each) become products at a bound of 48 and stay convolutions at 47; the outputs are the
+    eager layer's."""
+    from sdcanny import networks
+    g = torch.Generator().manual_seed(11)
+    if kind == "resblock":
+        layer, args, convolutions = networks.ResBlock(32, 64, 8), (torch.randn(2, 32, 4, 6, generator=g),
+                                                                   torch.randn(2, 8, generator=g)), 2
+    elif kind == "downsample":
+        layer, args, convolutions = networks.Downsample(32), (torch.randn(2, 32, 8, 12, generator=g),), 1
+    else:
+        layer, args, convolutions = networks.Upsample(32), (torch.randn(2, 32, 2, 3, generator=g),), 1
+        layer.fold_upsampling()
+    layer.eval()
+    with torch.no_grad():
+        want = layer(*args)
+    counts = {}
+    for bound in (47, 48):
+        networks.use_patch_products(layer, bound)
+        got, code = compiled_code(layer, *args)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        counts[bound] = code.count("extern_kernels.convolution(")
+    assert counts[47] - counts[48] == convolutions, counts
