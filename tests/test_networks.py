@@ -9,6 +9,14 @@ from sdcanny.config import TINY
 from sdcanny.networks import UnionModel
 
 
+def unet_inputs(seed: int, timestep: int):
+    """The tiny UNet's inputs at an 8x8 latent for both guidance branches, seeded, and the generator
+    for any further draws."""
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([timestep, timestep])
+    return x, t, torch.randn(2, 77, TINY.clip.width, generator=g), g
+
+
 def test_union_equals_separate_controlnet_and_unet_calls(tiny_checkpoint):
     nets = load_networks(tiny_checkpoint, TINY)
     union = UnionModel(nets.controlnet, nets.unet)
@@ -44,9 +52,7 @@ def test_clip_is_causal(tiny_checkpoint):
 def test_fused_attention_projections_compute_the_same(tiny_checkpoint):
     from sdcanny.networks import BasicTransformerBlock
     nets = load_networks(tiny_checkpoint, TINY)
-    g = torch.Generator().manual_seed(2)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([501, 501])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    x, t, ctx, _ = unet_inputs(2, 501)
     with torch.no_grad():
         before = nets.unet(x, t, ctx)
         blocks = [m for m in nets.unet.modules() if isinstance(m, BasicTransformerBlock)]
@@ -63,9 +69,7 @@ def test_stacked_time_projections_compute_the_same(tiny_checkpoint):
     its own Linear gives: UNet and ControlNet outputs unchanged, the checkpoint layout too."""
     from sdcanny.networks import ResBlock, stack_time_projections
     nets = load_networks(tiny_checkpoint, TINY)
-    g = torch.Generator().manual_seed(3)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([751, 751])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    x, t, ctx, g = unet_inputs(3, 751)
     feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
     keys = {name: list(net.state_dict()) for name, net in (("unet", nets.unet), ("controlnet", nets.controlnet))}
     with torch.no_grad():
@@ -126,9 +130,7 @@ def test_folded_upsampling_in_the_unet_and_the_vae(tiny_checkpoint):
     keep to fp32 rounding, and the layers do use the folded weights."""
     from sdcanny.networks import fold_upsampling
     nets = load_networks(tiny_checkpoint, TINY)
-    g = torch.Generator().manual_seed(6)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([401, 401])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    x, t, ctx, _ = unet_inputs(6, 401)
     with torch.no_grad():
         want = nets.unet(x, t, ctx), nets.vae(x[:1])
         assert fold_upsampling(nets.unet) == len(TINY.unet.channel_mult) - 1
@@ -147,9 +149,7 @@ def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint
     from sdcanny.networks import (BasicTransformerBlock, cross_attention_keys_values, cross_attentions,
                                   index_cross_attention)
     nets = load_networks(tiny_checkpoint, TINY)
-    g = torch.Generator().manual_seed(4)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([301, 301])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    x, t, ctx, g = unet_inputs(4, 301)
     feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
     with torch.no_grad():
         assert cross_attention_keys_values(nets.unet, ctx) is ctx  # not indexed: the context itself
@@ -261,9 +261,7 @@ def test_patch_products_are_set_on_every_layer_and_lifted_for_a_while(tiny_check
     (the same outputs, bit for bit)."""
     from sdcanny import networks
     nets = load_networks(tiny_checkpoint, TINY)
-    g = torch.Generator().manual_seed(9)
-    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([301, 301])
-    ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
+    x, t, ctx, _ = unet_inputs(9, 301)
     with torch.no_grad():
         want = nets.unet(x, t, ctx)
         for net in (nets.unet, nets.controlnet):
