@@ -238,10 +238,17 @@ def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device,
     examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
     for name, module in stages.items():
         mark_symbolic(name, examples[name], axes)
-        with without_patch_products(module) if axes else contextlib.nullcontext():  # no bound on symbolic sizes
+        with traced_form(module, variant):
             compiled = compile_stage(module, examples[name], inductor_options)
         compiled.save_compiled_function(str(program_path(program_dir, name, variant)))
     return round(time.perf_counter() - start, 1)
+
+
+def traced_form(module: torch.nn.Module, variant: str):
+    """The form a variant's programs are traced in and called in (their guards hold the module to
+    it): kinds with symbolic axes without patch products, whose row bound the compiler would guard
+    on (networks.use_patch_products)."""
+    return without_patch_products(module) if VARIANTS[variant][1] else contextlib.nullcontext()
 
 
 def compile_stage(module: torch.nn.Module, args: tuple, inductor_options: dict):
@@ -366,16 +373,14 @@ class OutsidePreparedShapes(RuntimeError):
 
 class PreparedStage:
     """A stage served by its program: called like the stage module. Inputs that the program's
-    guards refuse raise OutsidePreparedShapes (the back-end then runs that size eager). The program
-    of a `variant` with symbolic axes was traced without patch products (compile_variant), and its
-    guards hold the module to that."""
+    guards refuse raise OutsidePreparedShapes (the back-end then runs that size eager). Called in
+    the `variant`'s traced_form."""
 
     def __init__(self, name: str, compiled, module: torch.nn.Module, variant: str):
-        self.name, self.compiled, self.module = name, compiled, module
-        self.symbolic = bool(VARIANTS[variant][1])
+        self.name, self.compiled, self.module, self.variant = name, compiled, module, variant
 
     def __call__(self, *args):
-        with without_patch_products(self.module) if self.symbolic else contextlib.nullcontext():
+        with traced_form(self.module, self.variant):
             if not self.compiled.guard_check(self.module, *args):
                 raise OutsidePreparedShapes(f"the {self.name} program's guards refuse these inputs "
                                             f"({guard_failure(self.compiled, self.module, *args)})")
