@@ -64,7 +64,11 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # as its own product (what fold_transformer_outputs saves), "unfolded" both, "sdpa-attention" "jit"
 # with SDPA for every attention that is not folded (what attention_kernel saves), "cudnn-convs" "jit"
 # with every 3x3 convolution through cuDNN and "patches-48" with only the 4x6 ones as patch products
-# (what patch_product_rows saves, and at which bound)
+# (what patch_product_rows saves, and at which bound), "gathered-patches" "jit" with the patches
+# gathered from the GroupNorm's output by a kernel of their own (what norm_patches saves),
+# "serial-kernels" "jit" with our Triton kernels launched without programmatic dependent launch (what
+# overlap_kernels saves), "attention-1536" "jit" with the 1536-key self-attentions through our kernel
+# too (attention_kernel_keys)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -78,10 +82,14 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "unfolded": {"compile": "default", "fold_cross_attention": False, "fold_transformer_outputs": False},
             "sdpa-attention": {"compile": "default", "attention_kernel": False},
             "cudnn-convs": {"compile": "default", "patch_product_rows": 0},
-            "patches-48": {"compile": "default", "patch_product_rows": 48}}
+            "patches-48": {"compile": "default", "patch_product_rows": 48},
+            "gathered-patches": {"compile": "default", "norm_patches": False},
+            "serial-kernels": {"compile": "default", "overlap_kernels": False},
+            "attention-1536": {"compile": "default", "attention_kernel_keys": 1536}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
-                       "sdpa-attention", "cudnn-convs", "patches-48")  # run with an engine directory that holds no programs
+                       "sdpa-attention", "cudnn-convs", "patches-48", "gathered-patches", "serial-kernels",
+                       "attention-1536")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -23,8 +23,10 @@ import triton.language as tl
 def attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, queries, keys, sq_b, sq_n, sk_b, sk_t, sv_b, sv_t, so_b, so_n,
                      scale_log2,
                      HEADS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, OVERLAP: tl.constexpr):
     pid_m, head_of_sample = tl.program_id(0), tl.program_id(1)
+    if OVERLAP:  # launched while the kernel ahead finishes: wait here for its results
+        tl.extra.cuda.gdc_wait()
     sample, head = head_of_sample // HEADS, head_of_sample % HEADS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
@@ -50,6 +52,8 @@ def attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, queries, keys, sq_b, sq_n, sk_b
         v = tl.load(v_base + key[:, None] * sv_t + cols[None, :], mask=is_key[:, None] & in_head[None, :], other=0.0)
         acc = tl.dot(p, v, acc * rescale[:, None])
         row_max = new_max
+    if OVERLAP:  # q, k and v are read: the next kernel may start (it waits for this one's output)
+        tl.extra.cuda.gdc_launch_dependents()
     out = acc / row_sum[:, None]
     tl.store(o_ptr + sample.to(tl.int64) * so_b + rows[:, None] * so_n + head * D + cols[None, :],
              out.to(o_ptr.dtype.element_ty), mask=(rows < queries)[:, None] & in_head[None, :])
@@ -70,8 +74,10 @@ def default_launch(keys: int) -> Tuple[int, int, int, int]:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              launch: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
-    """softmax(q_h k_h^T / sqrt(d)) v_h for each head h, q (B, N, H*d), k and v (B, T, H*d) -> (B, N, H*d)."""
+              launch: Optional[Tuple[int, int, int, int]] = None, overlap: bool = False) -> torch.Tensor:
+    """softmax(q_h k_h^T / sqrt(d)) v_h for each head h, q (B, N, H*d), k and v (B, T, H*d) -> (B, N, H*d).
+    `overlap`: launched with programmatic dependent launch (the caller asks
+    compat.kernel_launches_overlap whether the GPU and triton have it)."""
     batch, queries, channels = q.shape
     keys = k.shape[1]
     width = channels // heads
@@ -86,5 +92,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     attention_kernel[grid](q, k, v, out, queries, keys, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            v.stride(0), v.stride(1), out.stride(0), out.stride(1), 1.4426950408889634 * width ** -0.5,
                            HEADS=heads, D=width, D_PAD=max(16, triton.next_power_of_2(width)), BLOCK_M=block_m,
-                           BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                           BLOCK_N=block_n, num_warps=warps, num_stages=stages, OVERLAP=overlap,
+                           **({"launch_pdl": True} if overlap else {}))
     return out

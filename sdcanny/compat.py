@@ -16,9 +16,14 @@ versions or probes signatures.
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
 | `torch.library.custom_op` (our Triton GroupNorm and attention as ops torch.compile can call) | absent | 2.4+ |
 | `torch.compiler.is_compiling` | `torch._dynamo.is_compiling` | 2.3+ |
+
+And one thing of triton's: whether our own Triton kernels launch with programmatic dependent launch
+(`kernel_launches_overlap`: triton's `launch_pdl` option and grid-dependency intrinsics, on a GPU of
+compute capability 9.0+).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -56,6 +61,28 @@ def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwis
     if importlib.util.find_spec("triton") is None:
         return f"triton is not installed, so {otherwise}"
     return None
+
+
+def kernel_launches_overlap(device: torch.device) -> bool:
+    """Whether our Triton kernels (GroupNorm, attention) on `device` launch with programmatic
+    dependent launch, as TorchInductor's do with `triton.enable_pdl`: each starts while the kernel
+    ahead of it finishes and waits for that kernel's results in place (`tl.extra.cuda.gdc_wait`).
+    Needs compute capability 9.0+ and a triton with the launch option and the intrinsics."""
+    if device.type != "cuda":
+        return False
+    return _kernel_launches_overlap(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_launches_overlap(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index) < (9, 0):
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as triton_cuda
+    except ImportError:
+        return False
+    return hasattr(triton_cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def custom_op_layout_tags() -> tuple:

@@ -163,7 +163,8 @@ class FastTorchBackend:
                  precompute_cross_attention: bool = True, reuse_text: bool = True, overlap_launches: bool = True,
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
-                 patch_product_rows: int = PATCH_PRODUCT_ROWS):
+                 attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
+                 norm_patches: bool = True, overlap_kernels: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -196,12 +197,17 @@ class FastTorchBackend:
         `attention_kernel`: the ControlNet's and UNet's attentions that are not folded, up to 512 keys,
         through one Triton kernel each (sdcanny/fused_attention.py) where torch (2.4+), triton and
         the GPU (Hopper or later, where it was measured) allow; longer ones stay SDPA; off only to
-        measure what it buys.
+        measure what it buys. `attention_kernel_keys` moves that bound.
         `patch_product_rows`: the ControlNet's and UNet's 3x3 convolutions with at most this many output
         rows (samples x latent pixels) as one matrix product of the input's patches and the weights
         (networks.conv3x3_as_product), in code compiled for its size (the graded programs, the first
         size in-process); the programs of symbolic sizes and sizes run eager go without
-        (networks.takes_patch_product, programs.compile_variant). 0 runs every one through cuDNN."""
+        (networks.takes_patch_product, programs.compile_variant). 0 runs every one through cuDNN.
+        `norm_patches`: where a ResBlock's convolution is a patch product, the fused GroupNorm before
+        it writes the patches itself (networks.norm_conv3x3); off only to measure what it buys.
+        `overlap_kernels`: our Triton kernels (GroupNorm, attention) launched with programmatic
+        dependent launch where the GPU and triton have it (compat.kernel_launches_overlap), as
+        `overlap_launches` does for TorchInductor's; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -220,6 +226,11 @@ class FastTorchBackend:
         if patch_product_rows < 0:
             raise ValueError(f"patch_product_rows must be 0 or more, got {patch_product_rows}")
         self.patch_product_rows = patch_product_rows
+        if attention_kernel_keys < 1:
+            raise ValueError(f"attention_kernel_keys must be 1 or more, got {attention_kernel_keys}")
+        self.attention_kernel_keys = attention_kernel_keys
+        self.norm_patches = norm_patches
+        self.overlap_kernels = overlap_kernels
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
@@ -283,7 +294,8 @@ class FastTorchBackend:
                     "overlap_launches": self.overlap_launches, "fold_upsampling": self.fold_upsampling,
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
                     "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel,
-                    "patch_product_rows": self.patch_product_rows}
+                    "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
+                    "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -359,10 +371,10 @@ class FastTorchBackend:
                 fold_upsampling(net)
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
-                fused_norm.use_fused_group_norm(net)
+                fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels)
         if self.attention_kernel:
             for net in (nets.controlnet, nets.unet):
-                fused_attention.use_fused_attention(net)
+                fused_attention.use_fused_attention(net, self.attention_kernel_keys, self.overlap_kernels)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

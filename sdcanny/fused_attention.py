@@ -26,16 +26,20 @@ KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest 
 MEASURED_ON = (9, 0)  # compute capability: the kernel was timed against SDPA on Hopper (H100, H200) only
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+              kernel_keys: int = KERNEL_KEYS, overlap: bool = False) -> torch.Tensor:
     """softmax(q_h k_h^T / sqrt(d)) v_h for each of the heads, side by side: q (B, N, H*d),
-    k and v (B, T, H*d) -> (B, N, H*d), contiguous."""
-    if (q.is_cuda or INTERPRETED) and k.shape[1] <= KERNEL_KEYS:
+    k and v (B, T, H*d) -> (B, N, H*d), contiguous; through the kernel up to `kernel_keys` keys
+    (with `overlap`, launched with programmatic dependent launch where
+    compat.kernel_launches_overlap allows)."""
+    if (q.is_cuda or INTERPRETED) and k.shape[1] <= kernel_keys:
         from .attention_kernel import attention as kernel
-        return kernel(q, k, v, heads)
+        return kernel(q, k, v, heads, overlap=overlap and compat.kernel_launches_overlap(q.device))
     return multi_head_attention(q, k, v, heads)
 
 
-def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                     kernel_keys: int = KERNEL_KEYS, overlap: bool = False) -> torch.Tensor:
     """The op's output for tracing: q's shape and dtype, contiguous, no data."""
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -62,11 +66,15 @@ def register_op() -> None:
     op.register_fake(_attention_shape)
 
 
-def use_fused_attention(net: nn.Module) -> int:
+def use_fused_attention(net: nn.Module, kernel_keys: int = KERNEL_KEYS, overlap: bool = True) -> int:
     """Every attention layer of `net` (the ControlNet, the UNet) that is not folded attends through
-    the op; returns how many layers were switched (a folded layer never reaches the op)."""
+    the op, the kernel up to `kernel_keys` keys (launched with programmatic dependent launch where
+    `overlap` and the GPU and triton have it); returns how many layers were switched (a folded
+    layer never reaches the op)."""
     register_op()
     layers = [m for m in net.modules() if isinstance(m, CrossAttention)]
     for layer in layers:
         layer.fused_attention = True
+        layer.kernel_keys = kernel_keys
+        layer.kernel_overlap = overlap
     return sum(layer.folded_tokens is None for layer in layers)

@@ -52,35 +52,55 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start
 
 @triton.jit
 def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
-                     sy_p, SILU: tl.constexpr):
-    """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output."""
+                     sy_p, width, height, channels, SILU: tl.constexpr, PATCHES: tl.constexpr):
+    """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output;
+    or, with PATCHES, into the 3x3 patches of the padded output (conv3x3_as_product's matrix: a row
+    per pixel, tap-major, channels inner, sy_p apart), the zeros of the padding included."""
     weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
     bias = tl.load(bias_ptr + first_channel + channel, mask=mask).to(tl.float32)
     out = (value - mean) * rstd * weight + bias
     if SILU:
         out = out * tl.sigmoid(out)
-    tl.store(y_base + pixel * sy_p + channel, out.to(y_base.dtype.element_ty), mask=mask)
+    out = out.to(y_base.dtype.element_ty)
+    if PATCHES:
+        row, column = pixel // width, pixel % width
+        for tap in tl.static_range(9):
+            dy, dx = tap // 3 - 1, tap % 3 - 1
+            # this pixel is tap (dy, dx) of the pixel (dy, dx) before it, where that one is in the image
+            target = (row >= dy) & (row - dy < height) & (column >= dx) & (column - dx < width)
+            tl.store(y_base + (pixel - dy * width - dx) * sy_p + tap * channels + channel, out, mask=mask & target)
+            # and where this pixel's own tap (dy, dx) is off the image, that tap is padding
+            outside = (row + dy < 0) | (row + dy >= height) | (column + dx < 0) | (column + dx >= width)
+            tl.store(y_base + pixel * sy_p + tap * channels + channel, tl.zeros_like(out), mask=mask & outside)
+    else:
+        tl.store(y_base + pixel * sy_p + channel, out, mask=mask)
 
 
 @triton.jit
-def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sx_c,
-                      sy_n, sy_p, sa_n, sa_c, eps,
+def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, pixels, width, channels,
+                      sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
                       GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
-                      HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+                      HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
+                      PATCHES: tl.constexpr, OVERLAP: tl.constexpr):
     group, sample = tl.program_id(0), tl.program_id(1)
+    if OVERLAP:  # launched while the kernel ahead finishes: wait here for its results
+        tl.extra.cuda.gdc_wait()
     count = pixels * GROUP_CHANNELS
     first_channel = group * GROUP_CHANNELS
     x_base = x_ptr + sample.to(tl.int64) * sx_n + first_channel * sx_c
-    y_base = y_ptr + sample.to(tl.int64) * sy_n + first_channel  # channels-last: a channel is 1 apart
+    y_base = y_ptr + sample.to(tl.int64) * sy_n + first_channel  # channels-last (or patches): a channel is 1 apart
+    height = pixels // width
     if BLOCKS == 1:  # the whole group in registers: read once, statistics about the exact mean
         value, pixel, channel, mask = load_group_block(
             x_base, add_ptr, add_bias_ptr, sample, first_channel, 0, count, pixels, sx_p, sx_c, sa_n, sa_c,
             GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+        if OVERLAP:  # the input is read: the next kernel may start (it waits for this one's output)
+            tl.extra.cuda.gdc_launch_dependents()
         mean = tl.sum(value, axis=0) / count
         centred = tl.where(mask, value - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / count + eps)
         store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
-                         sy_p, SILU)
+                         sy_p, width, height, channels, SILU, PATCHES)
     else:
         shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
         if HAS_ADD:
@@ -94,6 +114,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
             centred = tl.where(mask, value - shift, 0.0)
             sum1 += centred
             sum2 += centred * centred
+        if OVERLAP:  # the next kernel only waits for this one's output, and never writes its input
+            tl.extra.cuda.gdc_launch_dependents()
         mean_shifted = tl.sum(sum1, axis=0) / count
         variance = tl.maximum(tl.sum(sum2, axis=0) / count - mean_shifted * mean_shifted, 0.0)
         mean = mean_shifted + shift
@@ -103,7 +125,7 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
                 x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
                 sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
             store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base,
-                             first_channel, sy_p, SILU)
+                             first_channel, sy_p, width, height, channels, SILU, PATCHES)
 
 
 def launch_shape(count: int) -> Tuple[int, int, int]:
@@ -119,9 +141,14 @@ def launch_shape(count: int) -> Tuple[int, int, int]:
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
-                   add_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   add_bias: Optional[torch.Tensor] = None, patches: bool = False,
+                   overlap: bool = False) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
-    channels-last tensor; the addend is add's columns add_column..add_column+C, plus add_bias (C,)
+    channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
+    (padding 1) that networks.conv3x3_as_product multiplies, made here instead of by another kernel
+    from the normalised tensor; `overlap`: launched with programmatic dependent launch (the caller
+    asks compat.kernel_launches_overlap whether the GPU and triton have it). The addend is add's
+    columns add_column..add_column+C, plus add_bias (C,)
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
@@ -131,19 +158,24 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    if patches:
+        y = torch.empty((batch * height * width, 9 * channels), dtype=x.dtype, device=x.device)
+        sy_n, sy_p = height * width * 9 * channels, 9 * channels
+    else:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        sy_n, _, _, sy_p = y.stride()
     if not pixels_form_one_axis(x):
         x = x.contiguous(memory_format=torch.channels_last)
     sx_n, sx_c, _, sx_p = x.stride()
-    sy_n, _, _, sy_p = y.stride()
     sa_n, sa_c = add.stride() if add is not None else (0, 0)
     block, blocks, warps = launch_shape(height * width * channels // groups)
     unread = x  # a pointer for the addends a call has not
     group_norm_kernel[(groups, batch)](
         x, add if add is not None else unread, add_bias if add_bias is not None else unread, weight, bias, y,
-        height * width, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
+        height * width, width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
-        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps)
+        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps,
+        PATCHES=patches, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
     return y
 
 

@@ -56,22 +56,27 @@ class GroupNorm(nn.GroupNorm):
     fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
     in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
     sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
-    the addend and the SiLU inside it."""
+    the addend and the SiLU inside it; `writes_patches` lets the op write a convolution's patches
+    itself (norm_conv3x3), `overlap` launches its kernel with programmatic dependent launch."""
     fused = False
+    writes_patches = False
+    overlap = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
     def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, add_column: int = 0,
-                  add_bias: torch.Tensor | None = None) -> torch.Tensor:
+                  add_bias: torch.Tensor | None = None, patches: bool = False) -> torch.Tensor:
         """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
         use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
-        block, read in place), plus add_bias (C,) where given, in x's dtype."""
+        block, read in place), plus add_bias (C,) where given, in x's dtype. With `patches`, the
+        result's 3x3 patches (patch_matrix) instead: the fused op writes them itself."""
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
-                                                    self.num_groups, self.eps, silu)
-        return group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
-                                    add_bias)
+                                                    self.num_groups, self.eps, silu, patches, self.overlap)
+        out = group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
+                                   add_bias)
+        return patch_matrix(out) if patches else out
 
 
 def group_norm_act_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -206,14 +211,9 @@ class TimeEmbed(nn.Sequential):
         return super().forward(t_emb.to(self[0].weight.dtype))
 
 
-def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       stride: int = 1) -> torch.Tensor:
-    """conv2d(x, weight, bias, stride, padding=1) of a 3x3 weight as one matrix product: the
-    input's 3x3 patches, one row per output pixel (tap-major, channels inner), times the weight as an
-    (out, 9 x in) matrix. For a few output rows (the 4x6 and 8x12 latents) the convolution is bound by
-    reading its weights, and cuBLAS's skinny products stream them faster than cuDNN's convolutions
-    do (docs/benchmarks.md); the patches are a few MB. The weight matrix is a view where the weight is
-    channels-last, as the fast back-end keeps it. The result is channels-last."""
+def patch_matrix(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """The 3x3 patches (padding 1) of an (N, C, H, W) tensor: one row per output pixel, tap-major,
+    channels inner, (N x out_h x out_w, 9 x C)."""
     n, c, h, w = x.shape
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H+2, W+2, C)
@@ -222,10 +222,28 @@ def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     cols = (torch.arange(out_w, device=x.device) * stride)[None, :, None, None] + taps[None, None, None, :]
     # one indexed read, (N, out_h, out_w, 3, 3, C): the compiler makes it (and the padding) one kernel,
     # where nine slices stacked would be a kernel each
-    patches = padded[:, rows, cols, :].reshape(n * out_h * out_w, 9 * c)
-    matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)
+    return padded[:, rows, cols, :].reshape(n * out_h * out_w, 9 * c)
+
+
+def patch_product(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, out_h: int,
+                  out_w: int) -> torch.Tensor:
+    """The convolution whose patch_matrix is `patches`: one matrix product with the 3x3 weight as an
+    (out, 9 x in) matrix, a view where the weight is channels-last (as the fast back-end keeps it).
+    The result is channels-last, (N, out, out_h, out_w)."""
+    matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
     out = patches @ matrix.t() if bias is None else torch.addmm(bias, patches, matrix.t())
     return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       stride: int = 1) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride, padding=1) of a 3x3 weight as one matrix product: the
+    input's patches (patch_matrix) times the weights (patch_product). For a few output rows (the
+    4x6 and 8x12 latents) the convolution is bound by reading its weights, and cuBLAS's skinny
+    products stream them faster than cuDNN's convolutions do (docs/benchmarks.md); the patches are a
+    few MB."""
+    n, _, h, w = x.shape
+    return patch_product(patch_matrix(x, stride), weight, bias, n, (h - 1) // stride + 1, (w - 1) // stride + 1)
 
 
 def takes_patch_product(rows: int, product_rows: int) -> bool:
@@ -243,6 +261,20 @@ def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product
     if takes_patch_product(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1), product_rows):
         return conv3x3_as_product(x, conv.weight, bias, stride)
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+
+
+def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
+                 add: torch.Tensor | None = None, add_column: int = 0,
+                 add_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """conv3x3(silu(norm(x + addend)), conv, bias), a ResBlock's norm and convolution (stride 1).
+    Where the convolution is a patch product and the norm is the fused op, the op writes the
+    patches itself: no kernel reads the normalised tensor back to gather them."""
+    n, _, h, w = x.shape
+    if norm.fused and norm.writes_patches and takes_patch_product(n * h * w, product_rows):
+        patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
+        return patch_product(patches, conv.weight, bias, n, h, w)
+    return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
+                   product_rows)
 
 
 def patch_product_layers(net: nn.Module) -> list[nn.Module]:
@@ -297,12 +329,12 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = conv3x3(in_norm.normalize(x, silu=True), in_conv, None, self.product_rows)
+            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows)
             add_bias = in_conv.bias
         else:
-            h, add_bias = conv3x3(in_norm.normalize(x, silu=True), in_conv, in_conv.bias, self.product_rows), None
-        h = out_norm.normalize(h, silu=True, add=add, add_column=column, add_bias=add_bias)
-        return self.skip_connection(x) + conv3x3(h, out_conv, out_conv.bias, self.product_rows)
+            h, add_bias = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows), None
+        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias)
+        return self.skip_connection(x) + h
 
 
 class CrossAttention(nn.Module):
@@ -318,8 +350,11 @@ class CrossAttention(nn.Module):
         self.context_index: int | None = None  # see index_cross_attention
         self.folded_tokens: int | None = None  # see fold
         # set by the fast back-end (sdcanny/fused_attention.py): the attention is one call of the op
-        # torch.ops.sdcanny.attention on the projections as they are, not SDPA on their heads
+        # torch.ops.sdcanny.attention on the projections as they are, not SDPA on their heads; its
+        # kernel up to kernel_keys keys (launched overlapped where kernel_overlap), SDPA beyond
         self.fused_attention = False
+        self.kernel_keys = 0
+        self.kernel_overlap = False
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -377,8 +412,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if self.folded_tokens is not None:
             return self.attend_folded(x, context[2 * self.context_index], context[2 * self.context_index + 1])
-        attend = torch.ops.sdcanny.attention if self.fused_attention else multi_head_attention
-        return self.to_out(attend(*self.project(x, context), self.heads))
+        if self.fused_attention:
+            return self.to_out(torch.ops.sdcanny.attention(*self.project(x, context), self.heads, self.kernel_keys,
+                                                           self.kernel_overlap))
+        return self.to_out(multi_head_attention(*self.project(x, context), self.heads))
 
 
 class GEGLU(nn.Module):

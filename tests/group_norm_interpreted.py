@@ -4,7 +4,9 @@ triton is imported). Prints one line per check; exits non-zero on the first that
 
 1. The kernel against float64 torch: both input layouts and a channel slice, with and without the
    addend (columns of a wider tensor; one row per sample, or one row for both plus a bias) and the
-   SiLU, a group held in registers and one read in two passes, a mean far from zero.
+   SiLU, a group held in registers and one read in two passes, a mean far from zero; and the
+   kernel's 3x3 patches of its output (padding zeros included) the same, bit for bit, as
+   networks.patch_matrix gathers from it.
 2. A ResBlock whose time embedding is one row for two samples, as in the step.
 3. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
    columns of one wider row), with every GroupNorm through the op: the same outputs as with
@@ -21,7 +23,7 @@ from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
 from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
-from sdcanny.networks import GroupNorm, ResBlock, stack_time_projections  # noqa: E402
+from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, stack_time_projections  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
 # (channels, height, width, groups, layout, addend rows, SiLU): an addend is columns 5..5+C of a
@@ -63,6 +65,8 @@ def check_kernel():
               "and bias" * (add_bias is not None), "silu" * silu, f"max abs err {err:.1e}")
         assert err < 1e-4, err
         assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+        patches = group_norm_act(x, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, add_bias, patches=True)
+        assert torch.equal(patches, patch_matrix(got)), "the patches are not the output's"
 
 
 def check_resblock_with_one_time_row():

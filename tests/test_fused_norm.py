@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sdcanny import compat, fused_norm
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.networks import GroupNorm, ResBlock
+from sdcanny.networks import GroupNorm, ResBlock, use_patch_products
 from sdcanny.optional import installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,35 @@ def test_the_op_traces_into_a_compiled_resblock():
         want = block(x, emb)
         got = torch.compile(block, fullgraph=True, dynamic=False)(x, emb)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_custom_ops
+@pytest.mark.skipif(compat.compile_unavailable_reason("cpu") is not None, reason="torch.compile unavailable here")
+def test_a_compiled_resblock_takes_its_patches_from_the_op():
+    """Compiled at a patch-product bound that takes its convolutions, a ResBlock with fused norms
+    asks the op itself for both convolutions' patches (no convolution and no gather left: two op
+    calls with the SiLU and patches on); below the bound it keeps its two convolutions. Both compute what the
+    eager block does."""
+    from torch._inductor.utils import run_and_get_code
+    fused_norm.register_op()
+    block = ResBlock(32, 32, 8).eval()  # an identity skip: the block's only convolutions are its two 3x3
+    assert fused_norm.use_fused_group_norm(block, patches=True, overlap=False) == 2
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 32, 4, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    emb = torch.randn(2, 8, generator=g)
+    with torch.no_grad():
+        want = block(x, emb)
+        codes = {}
+        for bound in (47, 48):
+            use_patch_products(block, bound)
+            torch._dynamo.reset()
+            got, code = run_and_get_code(torch.compile(block, fullgraph=True, dynamic=False), x, emb)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            codes[bound] = "\n".join(code)
+    op_calls = [line for line in codes[48].splitlines() if "sdcanny.group_norm_act.default(" in line]
+    assert len(op_calls) == 2 and all("1e-05, True, True" in line for line in op_calls), op_calls
+    assert codes[48].count("extern_kernels.convolution(") == 0
+    assert codes[47].count("extern_kernels.convolution(") == 2
 
 
 @pytest.mark.skipif(not installed("triton") or not installed("triton.runtime.interpreter"),
