@@ -95,10 +95,15 @@ def test_the_kernel_and_the_networks_in_the_interpreter():
                                                   (24, None, 160), (6144, None, 40)])
 def test_gpu_attention_op_matches_float64(queries, keys, width):
     """The op on the GPU, fp16, at the graded step's attention shapes (8 heads, batch 2; 1536 keys
-    go to SDPA, the others to the kernel) and at a 512x768 image's 6144 keys, against float64."""
+    go to SDPA, the others to the kernel) and at a 512x768 image's 6144 keys, against float64; the
+    kernel launched overlapped (programmatic dependent launch, where the GPU has it) gives the same
+    output bit for bit, and with the key bound moved to 1536 the long ones go to the kernel too."""
     fused_attention.register_op()
     q, k, v = inputs(2, queries, keys, 8, width, torch.float16, torch.Generator().manual_seed(5), "cuda")
     got = torch.ops.sdcanny.attention(q, k, v, 8)
     want = written_out(q, k, v, 8)
     assert got.shape == q.shape and got.is_contiguous()
     assert ((got.double() - want).norm() / want.norm()).item() < 2e-3
+    assert torch.equal(torch.ops.sdcanny.attention(q, k, v, 8, fused_attention.KERNEL_KEYS, True), got)
+    through_kernel = torch.ops.sdcanny.attention(q, k, v, 8, 1536, True)
+    assert ((through_kernel.double() - want).norm() / want.norm()).item() < 2e-3

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sdcanny import compat, fused_norm
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.networks import GroupNorm, ResBlock, use_patch_products
+from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, use_patch_products
 from sdcanny.optional import installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,8 @@ def test_the_op_gives_channels_last_for_any_input_layout():
 def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows, silu):
     """The op on the GPU, fp16 channels-last at the step's shapes (960 x 32 x 48: two passes), the
     addend one row for both samples plus a bias as in the step, or one per sample, against float64
-    torch."""
+    torch; launched overlapped (programmatic dependent launch, where the GPU has it) too, the same
+    output bit for bit, and the patches it writes are those of its output, bit for bit."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(10)
     x = (torch.randn(2, channels, height, width, device="cuda", generator=g) * 2 + 1).half()
@@ -185,8 +186,12 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
         norm.bias.normal_(generator=g)
     add = torch.randn(add_rows, channels, device="cuda", generator=g).half() if add_rows else None
     add_bias = torch.randn(channels, device="cuda", generator=g).half() if add_rows == 1 else None
-    got = torch.ops.sdcanny.group_norm_act(x, norm.weight, norm.bias, add, 0, add_bias, 32, norm.eps, silu)
-    add = add if add_bias is None else add + add_bias
-    want = expected(x, norm, silu, add)
+    args = (x, norm.weight, norm.bias, add, 0, add_bias, 32, norm.eps, silu)
+    got = torch.ops.sdcanny.group_norm_act(*args)
+    want = expected(x, norm, silu, add if add_bias is None else add + add_bias)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
+    overlapped = torch.ops.sdcanny.group_norm_act(*args, False, True)
+    patches = torch.ops.sdcanny.group_norm_act(*args, True, True)
+    assert torch.equal(overlapped, got)
+    assert torch.equal(patches, patch_matrix(got))
