@@ -754,7 +754,8 @@ class UNet(nn.Module):
             if controls is not None:
                 skip = skip + controls.pop()
             h = block(torch.cat([h, skip], dim=1), emb, context)
-        return self.out(h)
+        norm, _, conv = self.out  # GroupNorm, SiLU, Conv: normalize applies the SiLU (the fused op, one kernel)
+        return conv(norm.normalize(h, silu=True))
 
 
 class HintBlock(nn.Sequential):
