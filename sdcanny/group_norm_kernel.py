@@ -3,8 +3,8 @@
 TorchInductor writes a channels-last GroupNorm that follows a cuDNN convolution as several kernels
 (partial statistics, their sum, the normalisation); in the graded step they cost 10-30 µs a
 GroupNorm (docs/benchmarks.md). Here one program normalises one group of one sample in one launch.
-A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but the
-960-channel one) is read once, its statistics taken about the exact mean, and written once; a
+A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but those of
+640 and 960 channels at 32x48 and of 1920 at 16x24) is read once, its statistics taken about the exact mean, and written once; a
 larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
 does not cancel the variance away, then the normalised output). The mean and the biased variance
 are torch's. (A pair of kernels over tiles of whole channels-last rows, for more programs at 32x48,
@@ -23,8 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-ONE_PASS_LIMIT = 32768  # elements of a group held in registers at once (64 a thread at 16 warps)
-TWO_PASS_BLOCK = 8192  # elements of a larger group each step of its two passes loads
+# Elements of a group held in registers at once (32 a thread at 16 warps). 32768 spilled: the 640 x
+# 32 x 48 group was 0.6 µs faster in two passes of 16384, and the 960-channel one's two passes of
+# 16384 took 13.8 µs where six of 8192 took 24.7 (H100, docs/benchmarks.md)
+ONE_PASS_LIMIT = 16384
+TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes loads
 
 
 @triton.jit
