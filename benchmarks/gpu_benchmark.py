@@ -63,8 +63,9 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # fold_cross_attention saves), "unfolded-outputs" "jit" with each transformer's output projection
 # as its own product (what fold_transformer_outputs saves), "unfolded" both, "sdpa-attention" "jit"
 # with SDPA for every attention that is not folded (what attention_kernel saves), "cudnn-convs" "jit"
-# with every 3x3 convolution through cuDNN and "patches-48" with only the 4x6 ones as patch products
-# (what patch_product_rows saves, and at which bound), "gathered-patches" "jit" with the patches
+# with every 3x3 convolution through cuDNN, "patches-48" with only the 4x6 ones as patch products,
+# "patches-768" with the 16x24 ones too and "patches-3072" with every ResBlock's, Downsample's and
+# Upsample's (what patch_product_rows saves, and at which bound), "gathered-patches" "jit" with the patches
 # gathered from the GroupNorm's output by a kernel of their own (what norm_patches saves),
 # "serial-kernels" "jit" with our Triton kernels launched without programmatic dependent launch (what
 # overlap_kernels saves), "attention-1536" "jit" with the 1536-key self-attentions through our kernel
@@ -83,12 +84,15 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "sdpa-attention": {"compile": "default", "attention_kernel": False},
             "cudnn-convs": {"compile": "default", "patch_product_rows": 0},
             "patches-48": {"compile": "default", "patch_product_rows": 48},
+            "patches-768": {"compile": "default", "patch_product_rows": 768},
+            "patches-3072": {"compile": "default", "patch_product_rows": 3072},
             "gathered-patches": {"compile": "default", "norm_patches": False},
             "serial-kernels": {"compile": "default", "overlap_kernels": False},
             "attention-1536": {"compile": "default", "attention_kernel_keys": 1536}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
-                       "sdpa-attention", "cudnn-convs", "patches-48", "gathered-patches", "serial-kernels",
+                       "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
+                       "gathered-patches", "serial-kernels",
                        "attention-1536")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
