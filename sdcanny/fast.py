@@ -133,15 +133,15 @@ NetworksSource = Union[Networks, Callable[[], Networks]]
 
 
 @contextlib.contextmanager
-def cudnn_benchmark(enabled: bool):
-    """torch.backends.cudnn.benchmark set for a block (torch 2.0's cudnn.flags() would also reset
-    the other flags to its defaults)."""
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+def cudnn_settings(benchmark: bool, deterministic: bool):
+    """torch.backends.cudnn.benchmark and .deterministic set for a block (torch 2.0's cudnn.flags()
+    would also reset the other flags to its defaults)."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = saved
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
 
 
 class FastTorchBackend:
@@ -164,7 +164,7 @@ class FastTorchBackend:
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
-                 norm_patches: bool = True, overlap_kernels: bool = True):
+                 norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = False):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -207,7 +207,10 @@ class FastTorchBackend:
         it writes the patches itself (networks.norm_conv3x3); off only to measure what it buys.
         `overlap_kernels`: our Triton kernels (GroupNorm, attention) launched with programmatic
         dependent launch where the GPU and triton have it (compat.kernel_launches_overlap), as
-        `overlap_launches` does for TorchInductor's; off only to measure what it buys."""
+        `overlap_launches` does for TorchInductor's; off only to measure what it buys.
+        `deterministic_convolutions`: cuDNN chooses among its deterministic convolution algorithms
+        only (torch.backends.cudnn.deterministic while a request runs). Its split-K algorithms need
+        a zeroed workspace, a memset before the convolution that the step's graph waits on."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -231,6 +234,7 @@ class FastTorchBackend:
         self.attention_kernel_keys = attention_kernel_keys
         self.norm_patches = norm_patches
         self.overlap_kernels = overlap_kernels
+        self.deterministic_convolutions = deterministic_convolutions
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
@@ -555,8 +559,9 @@ class FastTorchBackend:
 
     def _conv_algorithms(self, run: Run):
         """cuDNN times its convolution algorithms for the run's size (once, then cached for the
-        process) where the run says so; else its heuristics choose."""
-        return cudnn_benchmark(self.device.type == "cuda" and run.tune_convs)
+        process) where the run says so; else its heuristics choose. Deterministic ones only where
+        `deterministic_convolutions` says so."""
+        return cudnn_settings(self.device.type == "cuda" and run.tune_convs, self.deterministic_convolutions)
 
     def _capture(self, run: Run, name: str, part: Callable[[], None]) -> None:
         """Records the part into a graph (nothing runs). The size's graphs share one memory pool: they

@@ -11,7 +11,7 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import FastTorchBackend, copy_into, cudnn_benchmark, step_table
+from sdcanny.fast import FastTorchBackend, copy_into, cudnn_settings, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -152,17 +152,17 @@ def test_copy_into_fills_nested_tensors_in_place_and_refuses_another_structure()
         copy_into(places[1], [torch.zeros(1, 3)])
 
 
-def test_cudnn_benchmark_is_set_for_a_block_and_restored():
-    saved = torch.backends.cudnn.benchmark
+def test_cudnn_settings_are_set_for_a_block_and_restored():
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     try:
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
         with pytest.raises(KeyError):
-            with cudnn_benchmark(False):
-                assert torch.backends.cudnn.benchmark is False
+            with cudnn_settings(False, True):
+                assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
                 raise KeyError("inside")
-        assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
     finally:
-        torch.backends.cudnn.benchmark = saved
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
 
 
 @needs_cuda
