@@ -8,7 +8,8 @@ A group that fits in registers (ONE_PASS_LIMIT elements: every group of the grad
 larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
 does not cancel the variance away, then the normalised output). The mean and the biased variance
 are torch's. (A pair of kernels over tiles of whole channels-last rows, for more programs at 32x48,
-was slower in the step: docs/benchmarks.md.)
+was slower in the step; so was one kernel over slabs of rows whose programs met their sums through
+atomics and a grid-wide count: docs/benchmarks.md.)
 
 The addends are a time-embedding row (columns of a wider one, read in place) and, where the
 network folds it here, the bias of the convolution before the norm. The input may have any strides
