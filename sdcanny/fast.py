@@ -210,8 +210,8 @@ class FastTorchBackend:
         `overlap_launches` does for TorchInductor's; off only to measure what it buys.
         `deterministic_convolutions`: cuDNN chooses among its deterministic convolution algorithms
         only (torch.backends.cudnn.deterministic while a request runs). Its other algorithms, split-K
-        ones, need a zeroed workspace: a memset before the convolution, about 10 a step with a
-        gap of 3-7 µs after each; without them the graded loop was 0.46 ms shorter
+        ones, need a zeroed workspace: a memset before the convolution, 11-15 a step with a gap
+        of 3-7 µs after each; without them the graded loop was 0.46 ms shorter
         (docs/benchmarks.md). Off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")

@@ -3,9 +3,9 @@
 TorchInductor writes a channels-last GroupNorm that follows a cuDNN convolution as several kernels
 (partial statistics, their sum, the normalisation); in the graded step they cost 10-30 µs a
 GroupNorm (docs/benchmarks.md). Here one program normalises one group of one sample in one launch.
-A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but those of
-640 and 960 channels at 32x48 and of 1920 at 16x24) is read once, its statistics taken about the exact mean, and written once; a
-larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
+A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but those
+of 640 and 960 channels at 32x48 and of 1920 at 16x24) is read once, its statistics taken about the
+exact mean, and written once; a larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
 does not cancel the variance away, then the normalised output). The mean and the biased variance
 are torch's. (A pair of kernels over tiles of whole channels-last rows, for more programs at 32x48,
 was slower in the step; so was one kernel over slabs of rows whose programs met their sums through
@@ -58,8 +58,8 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start
 def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
                      sy_p, width, height, channels, SILU: tl.constexpr, PATCHES: tl.constexpr):
     """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output;
-    or, with PATCHES, into the 3x3 patches of the padded output (conv3x3_as_product's matrix: a row
-    per pixel, tap-major, channels inner, sy_p apart), the zeros of the padding included."""
+    or, with PATCHES, into the 3x3 patches of the padded output (networks.patch_matrix's layout: a
+    row per pixel, tap-major, channels inner, sy_p apart), the zeros of the padding included."""
     weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
     bias = tl.load(bias_ptr + first_channel + channel, mask=mask).to(tl.float32)
     out = (value - mean) * rstd * weight + bias
@@ -149,7 +149,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
                    overlap: bool = False) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
     channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
-    (padding 1) that networks.conv3x3_as_product multiplies, made here instead of by another kernel
+    (padding 1), networks.patch_matrix's, made here instead of by another kernel
     from the normalised tensor; `overlap`: launched with programmatic dependent launch (the caller
     asks compat.kernel_launches_overlap whether the GPU and triton have it). The addend is add's
     columns add_column..add_column+C, plus add_bias (C,)
