@@ -70,7 +70,9 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # "serial-kernels" "jit" with our Triton kernels launched without programmatic dependent launch (what
 # overlap_kernels saves), "attention-1536" "jit" with the 1536-key self-attentions through our kernel
 # too (attention_kernel_keys), "any-convs" "jit" with every cuDNN convolution algorithm,
-# deterministic or not (what deterministic_convolutions saves)
+# deterministic or not (what deterministic_convolutions saves), "inductor-vae-norm" "jit" with
+# TorchInductor's GroupNorms in the VAE decoder (what vae_group_norm saves), "unpadded-outputs" "jit"
+# with the last convolutions' 4 and 3 filters as they are (what pad_output_channels saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -90,12 +92,14 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "gathered-patches": {"compile": "default", "norm_patches": False},
             "serial-kernels": {"compile": "default", "overlap_kernels": False},
             "attention-1536": {"compile": "default", "attention_kernel_keys": 1536},
-            "any-convs": {"compile": "default", "deterministic_convolutions": False}}
+            "any-convs": {"compile": "default", "deterministic_convolutions": False},
+            "inductor-vae-norm": {"compile": "default", "vae_group_norm": False},
+            "unpadded-outputs": {"compile": "default", "pad_output_channels": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
                        "gathered-patches", "serial-kernels",
-                       "attention-1536", "any-convs")  # run with an engine directory that holds no programs
+                       "attention-1536", "any-convs", "inductor-vae-norm", "unpadded-outputs")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -52,7 +52,8 @@ from . import compat, fused_attention, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
-                       index_cross_attention, stack_time_projections, to_mixed_precision, use_patch_products)
+                       index_cross_attention, pad_output_channels, stack_time_projections, to_mixed_precision,
+                       use_patch_products)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -164,7 +165,8 @@ class FastTorchBackend:
                  fold_upsampling: bool = True, fused_group_norm: bool = True, fold_cross_attention: bool = True,
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
-                 norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True):
+                 norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
+                 vae_group_norm: bool = True, pad_output_channels: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -212,7 +214,13 @@ class FastTorchBackend:
         only (torch.backends.cudnn.deterministic while a request runs). Its other algorithms, split-K
         ones, need a zeroed workspace: a memset before the convolution, 11-15 a step with a gap
         of 3-7 µs after each; without them the graded loop was 0.46 ms shorter
-        (docs/benchmarks.md). Off only to measure what it buys."""
+        (docs/benchmarks.md). Off only to measure what it buys.
+        `vae_group_norm`: the VAE decoder's GroupNorms (and SiLUs) through the op as well, where
+        `fused_group_norm` is on, its tiled kernels for their large groups
+        (group_norm_kernel.tiled_group_norm_act); off only to measure what it buys.
+        `pad_output_channels`: the UNet's and the VAE decoder's last convolutions (4 and 3 channels)
+        run with their weights padded to 8 filters (networks.OutputConv), so that cuDNN pads
+        nothing in kernels of its own; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -240,6 +248,8 @@ class FastTorchBackend:
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
+        self.vae_group_norm = vae_group_norm and self.fused_group_norm
+        self.pad_output_channels = pad_output_channels
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
@@ -301,7 +311,8 @@ class FastTorchBackend:
                     "fused_group_norm": self.fused_group_norm, "fold_cross_attention": self.fold_cross_attention,
                     "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel,
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
-                    "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels}
+                    "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
+                    "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -375,9 +386,14 @@ class FastTorchBackend:
         if self.fold_upsampling:
             for net in (nets.unet, nets.vae):
                 fold_upsampling(net)
+        if self.pad_output_channels:
+            for net in (nets.unet, nets.vae):
+                pad_output_channels(net)
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
                 fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels)
+            if self.vae_group_norm:
+                fused_norm.use_fused_group_norm(nets.vae, overlap=self.overlap_kernels, tiles=True)
         if self.attention_kernel:
             for net in (nets.controlnet, nets.unet):
                 fused_attention.use_fused_attention(net, self.attention_kernel_keys, self.overlap_kernels)

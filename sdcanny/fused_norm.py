@@ -30,17 +30,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels o
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                    add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
-                   silu: bool, patches: bool = False, overlap: bool = False) -> torch.Tensor:
+                   silu: bool, patches: bool = False, overlap: bool = False, tiles: bool = False) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
     add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
     dtype; with `patches`, its 3x3 patches (networks.patch_matrix). The Triton kernel on a GPU
     (with `overlap`, launched with programmatic dependent launch where compat.kernel_launches_overlap
-    allows), torch's maths (GroupNorm.normalize's) elsewhere."""
+    allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
+    maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias)
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
-                      overlap and compat.kernel_launches_overlap(x.device))
+                      overlap and compat.kernel_launches_overlap(x.device), tiles)
     out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
     return patch_matrix(out) if patches else out.contiguous(memory_format=torch.channels_last)
 
@@ -61,7 +62,8 @@ def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
 
 def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                           add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
-                          silu: bool, patches: bool = False, overlap: bool = False) -> torch.Tensor:
+                          silu: bool, patches: bool = False, overlap: bool = False,
+                          tiles: bool = False) -> torch.Tensor:
     """The op's output for tracing: x's shape and dtype, channels-last, no data (or the patches'
     matrix, (N x H x W, 9 x C))."""
     if patches:
@@ -85,15 +87,17 @@ def register_op() -> None:
     op.register_fake(_group_norm_act_shape)
 
 
-def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = True) -> int:
-    """Every GroupNorm of `net` (the ControlNet, the UNet) normalises through the op; returns how
-    many. `patches`: where a ResBlock's convolution is a patch product, the op writes its patches
-    (networks.norm_conv3x3). `overlap`: the kernel launched with programmatic dependent launch
-    where the GPU and triton have it."""
+def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = True, tiles: bool = False) -> int:
+    """Every GroupNorm of `net` (the ControlNet, the UNet, the VAE decoder) normalises through the
+    op; returns how many. `patches`: where a ResBlock's convolution is a patch product, the op
+    writes its patches (networks.norm_conv3x3). `overlap`: the kernel launched with programmatic
+    dependent launch where the GPU and triton have it. `tiles`: through the tiled kernels (the VAE
+    decoder's, whose groups are large and whose norms take no addend)."""
     register_op()
     norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
     for norm in norms:
         norm.fused = True
         norm.writes_patches = patches
         norm.overlap = overlap
+        norm.tiled = tiles
     return len(norms)

@@ -17,6 +17,14 @@ whose pixels form one axis (channels-last, contiguous, channel slices of either)
 always a new channels-last tensor, whatever the input's layout, so that the op's traced output
 (sdcanny/fused_norm.py) never depends on how TorchInductor lays out the input. Imported only
 where triton is (sdcanny/fused_norm.py decides).
+
+The VAE decoder's groups are another matter: one sample, 32 groups of 24576 to 393216 elements (up
+to 50 MB a tensor at 256x384), where 32 programs cannot stream the tensor and TorchInductor's
+GroupNorms took 1.2 ms of the graded call's 3.1 ms decode (docs/benchmarks.md). Called with
+`tiles`, the op goes through three kernels over tiles of whole channels-last pixel rows instead:
+per-tile sums of every group (`tile_sums_kernel`), each group's mean and variance from them
+(`tile_stats_kernel`), and the normalisation (`tile_normalize_kernel`). (For the step's groups, a
+pair of such kernels was slower than one program per group: docs/benchmarks.md.)
 """
 from typing import Optional, Tuple  # not tuple[...]: Python 3.8 (and no __future__ annotations in jit code)
 
@@ -29,6 +37,8 @@ import triton.language as tl
 # 16384 took 13.8 µs where six of 8192 took 24.7 (H100, docs/benchmarks.md)
 ONE_PASS_LIMIT = 16384
 TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes loads
+TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels, padded per group) the tiled kernels load at once
+MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile
 
 
 @triton.jit
@@ -132,6 +142,135 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
                              first_channel, sy_p, width, height, channels, SILU, PATCHES)
 
 
+@triton.jit
+def load_rows(x_base, first_pixel, pixels, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
+              CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS channels-last pixel rows from first_pixel, every channel, as a (pixel, group, channel in
+    group) block of fp32; channels past GROUP_CHANNELS are padding (masked)."""
+    pixel = first_pixel + tl.arange(0, ROWS)[:, None, None]
+    in_group = tl.arange(0, CHANNEL_BLOCK)[None, None, :]
+    channel = tl.arange(0, GROUPS)[None, :, None] * GROUP_CHANNELS + in_group
+    mask = (pixel < pixels) & (in_group < GROUP_CHANNELS)
+    value = tl.load(x_base + pixel * sx_p + channel, mask=mask, other=0.0)
+    return value.to(tl.float32), pixel, channel, mask
+
+
+@triton.jit
+def group_shifts(x_base, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr):
+    """Each group's first value (pixel 0, its first channel) in fp32: the tiles' sums are taken about
+    it, so that a mean far from zero does not cancel the variance away."""
+    return tl.load(x_base + tl.arange(0, GROUPS) * GROUP_CHANNELS).to(tl.float32)
+
+
+@triton.jit
+def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
+                     CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr, LOADS: tl.constexpr, OVERLAP: tl.constexpr):
+    """Per tile (LOADS x ROWS pixels) and group: the sum and the sum of squares about the group's
+    shift, into sums (N, tiles, GROUPS, 2)."""
+    tile, sample, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+    if OVERLAP:
+        tl.extra.cuda.gdc_wait()
+    x_base = x_ptr + sample.to(tl.int64) * sx_n
+    shift = group_shifts(x_base, GROUPS, GROUP_CHANNELS)[None, :, None]
+    sum1 = tl.zeros([GROUPS], dtype=tl.float32)
+    sum2 = tl.zeros([GROUPS], dtype=tl.float32)
+    for load in range(LOADS):
+        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, GROUPS, GROUP_CHANNELS,
+                                      CHANNEL_BLOCK, ROWS)
+        centred = tl.where(mask, value - shift, 0.0)
+        sum1 += tl.sum(tl.sum(centred, axis=2), axis=0)
+        sum2 += tl.sum(tl.sum(centred * centred, axis=2), axis=0)
+    if OVERLAP:
+        tl.extra.cuda.gdc_launch_dependents()
+    out = sums_ptr + ((sample * tiles + tile) * GROUPS + tl.arange(0, GROUPS)) * 2
+    tl.store(out, sum1)
+    tl.store(out + 1, sum2)
+
+
+@triton.jit
+def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROUPS: tl.constexpr,
+                      GROUP_CHANNELS: tl.constexpr, TILE_BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
+    """A sample's tile sums added up into each group's mean and 1 / std, into stats (N, GROUPS, 2)."""
+    sample = tl.program_id(0)
+    if OVERLAP:
+        tl.extra.cuda.gdc_wait()
+    group = tl.arange(0, GROUPS)[None, :]
+    sum1 = tl.zeros([GROUPS], dtype=tl.float32)
+    sum2 = tl.zeros([GROUPS], dtype=tl.float32)
+    for first in range(0, tiles, TILE_BLOCK):
+        tile = first + tl.arange(0, TILE_BLOCK)[:, None]
+        sums = sums_ptr + ((sample * tiles + tile) * GROUPS + group) * 2
+        sum1 += tl.sum(tl.load(sums, mask=tile < tiles, other=0.0), axis=0)
+        sum2 += tl.sum(tl.load(sums + 1, mask=tile < tiles, other=0.0), axis=0)
+    if OVERLAP:
+        tl.extra.cuda.gdc_launch_dependents()
+    count = pixels * GROUP_CHANNELS
+    mean_shifted = sum1 / count
+    variance = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
+    mean = mean_shifted + group_shifts(x_ptr + sample.to(tl.int64) * sx_n, GROUPS, GROUP_CHANNELS)
+    out = stats_ptr + (sample * GROUPS + tl.arange(0, GROUPS)) * 2
+    tl.store(out, mean)
+    tl.store(out + 1, 1.0 / tl.sqrt(variance + eps))
+
+
+@triton.jit
+def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sy_n, sy_p,
+                          GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, CHANNEL_BLOCK: tl.constexpr,
+                          ROWS: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr):
+    """ROWS pixel rows normalised with their groups' statistics, scaled, shifted, SiLU'd."""
+    block, sample = tl.program_id(0), tl.program_id(1)
+    if OVERLAP:
+        tl.extra.cuda.gdc_wait()
+    stats = stats_ptr + (sample * GROUPS + tl.arange(0, GROUPS)[None, :, None]) * 2
+    mean, rstd = tl.load(stats), tl.load(stats + 1)
+    value, pixel, channel, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p,
+                                            GROUPS, GROUP_CHANNELS, CHANNEL_BLOCK, ROWS)
+    if OVERLAP:
+        tl.extra.cuda.gdc_launch_dependents()
+    weight = tl.load(weight_ptr + channel, mask=mask).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=mask).to(tl.float32)
+    out = (value - mean) * rstd * weight + bias
+    if SILU:
+        out = out * tl.sigmoid(out)
+    tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def tiling(pixels: int, padded_channels: int) -> Tuple[int, int, int]:
+    """(ROWS, LOADS, tiles) for the sums: ROWS pixel rows a load (TILE_LOAD_ELEMENTS with the
+    channels padded per group), LOADS loads a tile, as few as keep the tiles within MAX_TILES."""
+    rows = max(1, TILE_LOAD_ELEMENTS // padded_channels)
+    loads = triton.cdiv(triton.cdiv(pixels, rows), MAX_TILES)
+    return rows, loads, triton.cdiv(pixels, rows * loads)
+
+
+def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
+                         silu: bool, overlap: bool) -> torch.Tensor:
+    """silu?(group_norm(x)) through the three tiled kernels, into a new channels-last tensor; x is
+    read channels-last (copied so first where it is not). `groups` must be a power of two (the
+    kernels' tl.arange spans one)."""
+    batch, channels, height, width = x.shape
+    if groups & (groups - 1):
+        raise ValueError(f"the tiled kernels take a power-of-two number of groups, got {groups}")
+    if x.stride(1) != 1 or not pixels_form_one_axis(x):
+        x = x.contiguous(memory_format=torch.channels_last)
+    pixels, group_channels = height * width, channels // groups
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    sx_n, _, _, sx_p = x.stride()
+    sy_n, _, _, sy_p = y.stride()
+    channel_block = triton.next_power_of_2(group_channels)
+    rows, loads, tiles = tiling(pixels, groups * channel_block)
+    sums = torch.empty((batch, tiles, groups, 2), dtype=torch.float32, device=x.device)
+    stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
+    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
+    tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
+                                     LOADS=loads, num_warps=8, **shape)
+    tile_stats_kernel[(batch,)](x, sums, stats, tiles, pixels, sx_n, eps, TILE_BLOCK=64, num_warps=4, **shape)
+    tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](
+        x, stats, weight, bias, y, pixels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
+        SILU=silu, num_warps=8, **shape)
+    return y
+
+
 def launch_shape(count: int) -> Tuple[int, int, int]:
     """(BLOCK, BLOCKS, warps) for a group of `count` elements: one block of the next power of two
     where the group fits in registers, else two passes of fixed blocks. 16 warps from 4096
@@ -146,7 +285,7 @@ def launch_shape(count: int) -> Tuple[int, int, int]:
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
                    add_bias: Optional[torch.Tensor] = None, patches: bool = False,
-                   overlap: bool = False) -> torch.Tensor:
+                   overlap: bool = False, tiles: bool = False) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
     channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
     (padding 1), networks.patch_matrix's, made here instead of by another kernel
@@ -156,10 +295,15 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
-    channels-last."""
+    channels-last. `tiles`: through the three tiled kernels (tiled_group_norm_act), for large
+    groups of few samples (the VAE decoder's); no addend, no patches."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
+    if tiles:
+        if add is not None or add_bias is not None or patches:
+            raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
+        return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
     if patches:

@@ -57,10 +57,12 @@ class GroupNorm(nn.GroupNorm):
     in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
     sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
     the addend and the SiLU inside it; `writes_patches` lets the op write a convolution's patches
-    itself (norm_conv3x3), `overlap` launches its kernel with programmatic dependent launch."""
+    itself (norm_conv3x3), `overlap` launches its kernel with programmatic dependent launch,
+    `tiled` runs the op's tiled kernels (the VAE decoder's norms)."""
     fused = False
     writes_patches = False
     overlap = False
+    tiled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
@@ -73,7 +75,8 @@ class GroupNorm(nn.GroupNorm):
         result's 3x3 patches (patch_matrix) instead: the fused op writes them itself."""
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
-                                                    self.num_groups, self.eps, silu, patches, self.overlap)
+                                                    self.num_groups, self.eps, silu, patches, self.overlap,
+                                                    self.tiled)
         out = group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
                                    add_bias)
         return patch_matrix(out) if patches else out
@@ -571,6 +574,39 @@ def fold_upsampling(net: nn.Module) -> int:
     return len(layers)
 
 
+class OutputConv(nn.Conv2d):
+    """A network's last 3x3 convolution, to 4 (UNet) or 3 (VAE) channels. cuDNN's fp16 kernels
+    take channels in multiples of 8: it pads such a convolution's output with a memset and a
+    padding kernel on each side of the convolution (about 8 µs a step on the H100,
+    docs/benchmarks.md). `pad_channels` gives it weights padded with zero filters instead; the
+    output is the padded convolution's first channels, the same numbers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("padded_weight", None, persistent=False)  # see pad_channels
+        self.register_buffer("padded_bias", None, persistent=False)
+
+    def pad_channels(self, multiple: int = 8) -> None:
+        extra = -self.out_channels % multiple
+        if extra:
+            self.padded_weight = F.pad(self.weight.detach(), (0, 0, 0, 0, 0, 0, 0, extra))
+            self.padded_bias = F.pad(self.bias.detach(), (0, extra))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padded_weight is None:
+            return super().forward(x)
+        return F.conv2d(x, self.padded_weight, self.padded_bias, self.stride, self.padding)[:, :self.out_channels]
+
+
+def pad_output_channels(net: nn.Module, multiple: int = 8) -> int:
+    """Every OutputConv of `net` (the UNet, the VAE decoder) padded (OutputConv.pad_channels); returns
+    how many."""
+    layers = [m for m in net.modules() if isinstance(m, OutputConv)]
+    for layer in layers:
+        layer.pad_channels(multiple)
+    return len(layers)
+
+
 def cross_attentions(net: nn.Module) -> list[CrossAttention]:
     return [m.attn2 for m in net.modules() if isinstance(m, BasicTransformerBlock)]
 
@@ -722,7 +758,7 @@ class UNet(nn.Module):
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), OutputConv(ch, cfg.out_channels, 3, padding=1))
         self.register_buffer("stacked_time_weight", None, persistent=False)  # see stack_time_projections
         self.register_buffer("stacked_time_bias", None, persistent=False)
 
@@ -832,8 +868,8 @@ class VAEResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(self.norm1.normalize(x, silu=True))
+        h = self.conv2(self.norm2.normalize(h, silu=True))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h
 
@@ -851,7 +887,7 @@ class VAEAttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        n = self.norm(x)
+        n = self.norm.normalize(x)
         q, k, v = (p(n).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
         out = attention(q, k, v)[:, 0]
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
@@ -888,7 +924,7 @@ class Decoder(nn.Module):
             ch = out_ch
         self.up = nn.ModuleList(reversed(levels))  # indexed by level, run from the deepest
         self.norm_out = vae_norm(ch)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = OutputConv(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -898,7 +934,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out.normalize(h, silu=True))
 
 
 class VAEDecoder(nn.Module):

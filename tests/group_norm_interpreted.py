@@ -7,10 +7,13 @@ triton is imported). Prints one line per check; exits non-zero on the first that
    SiLU, a group held in registers and one read in two passes, a mean far from zero; and the
    kernel's 3x3 patches of its output (padding zeros included) the same, bit for bit, as
    networks.patch_matrix gathers from it.
-2. A ResBlock whose time embedding is one row for two samples, as in the step.
-3. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
-   columns of one wider row), with every GroupNorm through the op: the same outputs as with
-   torch's GroupNorm.
+2. The tiled kernels (the VAE decoder's) against float64 torch: one sample and two, groups of
+   power-of-two widths and of others (padded), tiles of one load and of several, a part-filled
+   last tile, a mean far from zero, an input not channels-last.
+3. A ResBlock whose time embedding is one row for two samples, as in the step.
+4. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
+   columns of one wider row), with every GroupNorm through the op, and the tiny VAE decoder with
+   every GroupNorm through the tiled kernels: the same outputs as with torch's GroupNorm.
 """
 import sys
 from pathlib import Path
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
-from sdcanny.group_norm_kernel import ONE_PASS_LIMIT, group_norm_act  # noqa: E402
+from sdcanny.group_norm_kernel import MAX_TILES, ONE_PASS_LIMIT, group_norm_act, tiling  # noqa: E402
 from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, stack_time_projections  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
@@ -69,6 +72,29 @@ def check_kernel():
         assert torch.equal(patches, patch_matrix(got)), "the patches are not the output's"
 
 
+# (samples, channels, height, width, layout, SiLU) for the tiled kernels, 32 groups: 128 and 256
+# channels are groups 4 and 8 wide, 96 is 3 wide (padded to 4 in the kernels' blocks); (1, 256,
+# 72, 120) has more row blocks than MAX_TILES, so each tile takes several loads
+TILED_CASES = ((1, 128, 20, 30, "channels-last", False), (2, 96, 13, 17, "channels-last", True),
+               (1, 256, 72, 120, "channels-last", True), (2, 64, 9, 11, "contiguous", True))
+
+
+def check_tiled():
+    rows, loads, _ = tiling(72 * 120, 256)
+    assert loads > 1 and 72 * 120 > rows * MAX_TILES, (rows, loads)
+    g = torch.Generator().manual_seed(3)
+    for batch, channels, height, width, layout, silu in TILED_CASES:
+        x = torch.randn(batch, channels, height, width, generator=g) * 0.5 + 100
+        if layout == "channels-last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+        got = group_norm_act(x, weight, bias, 32, 1e-6, silu, tiles=True)
+        err = (got.double() - reference(x, weight, bias, 32, 1e-6, silu, None)).abs().max().item()
+        print("tiled", (batch, channels, height, width), layout, "silu" * silu, f"max abs err {err:.1e}")
+        assert err < 1e-4, err
+        assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+
+
 def check_resblock_with_one_time_row():
     """A ResBlock of two samples whose time embedding is one row, as the step's stacked time rows
     are: the op's addend broadcasts as torch's sum does."""
@@ -106,6 +132,15 @@ def check_networks():
         print("network", name, tuple(a.shape), f"relative L2 {err:.1e}")
         assert err < 1e-5, err
     print("networks", "GroupNorms through the op:", counts)
+    z = torch.randn(1, TINY.vae.embed_dim, 6, 10, generator=g).contiguous(memory_format=cl)
+    with torch.no_grad():
+        nets.vae.to(memory_format=cl)
+        want = nets.vae(z)
+        count = fused_norm.use_fused_group_norm(nets.vae, tiles=True)
+        got = nets.vae(z)
+    err = ((got - want).norm() / want.norm()).item()
+    print("network vae", tuple(got.shape), f"relative L2 {err:.1e}", "GroupNorms through the tiled kernels:", count)
+    assert err < 1e-5, err
 
 
 if __name__ == "__main__":
@@ -115,5 +150,6 @@ if __name__ == "__main__":
     assert isinstance(group_norm_kernel, InterpretedFunction), "run with TRITON_INTERPRET=1"
     fused_norm.register_op()
     check_kernel()
+    check_tiled()
     check_resblock_with_one_time_row()
     check_networks()

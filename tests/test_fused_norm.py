@@ -119,15 +119,19 @@ def test_a_compiled_resblock_takes_its_patches_from_the_op():
 def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     """tests/group_norm_interpreted.py under TRITON_INTERPRET=1: the kernel within 1e-4 of float64
     torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
-    program per group in one pass and in two, the tiled pair of kernels, a mean far from zero), its output channels-last; a ResBlock with one time row
-    for two samples, and the tiny channels-last ControlNet and UNet, with every GroupNorm through
-    it give torch's GroupNorm's outputs."""
+    program per group in one pass and in two, a mean far from zero), its output channels-last; the
+    tiled kernels the same (one sample and two, padded group widths, several loads a tile); a
+    ResBlock with one time row for two samples, and the tiny channels-last ControlNet and UNet,
+    with every GroupNorm through it, and the tiny VAE decoder through the tiled kernels, give torch's
+    GroupNorm's outputs."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "group_norm_interpreted.py")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("kernel ") == 10 and run.stdout.count("network ") == 15
+    starts = [line.split(" ")[0] for line in run.stdout.splitlines()]
+    assert starts.count("kernel") == 10 and starts.count("tiled") == 4 and starts.count("network") == 16
     assert "GroupNorms through the op: [27, 61]" in run.stdout
+    assert "GroupNorms through the tiled kernels: 22" in run.stdout
 
 
 @pytest.mark.parametrize("rows, columns, column, add_bias, message", [
@@ -195,3 +199,40 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
     patches = torch.ops.sdcanny.group_norm_act(*args, True, True)
     assert torch.equal(overlapped, got)
     assert torch.equal(patches, patch_matrix(got))
+
+
+@pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
+@pytest.mark.parametrize("add, add_bias, patches, groups, message", [
+    (True, False, False, 32, "no addend"), (False, False, True, 32, "no patches"),
+    (False, False, False, 24, "power-of-two number of groups, got 24")])
+def test_the_tiled_kernels_refuse_what_they_cannot_do(add, add_bias, patches, groups, message):
+    """The tiled path takes neither addends nor patches, and only power-of-two group counts: an error
+    before any kernel runs (no GPU needed)."""
+    from sdcanny.group_norm_kernel import group_norm_act
+    x = torch.randn(1, 96, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        group_norm_act(x, torch.ones(96), torch.zeros(96), groups, 1e-6, True, torch.ones(1, 96) if add else None,
+                       patches=patches, tiles=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fused_norm.unavailable_reason(torch.device("cuda")) is not None,
+                    reason="needs a CUDA GPU, torch 2.4+ and triton")
+@pytest.mark.parametrize("channels, height, width, silu", [
+    (512, 32, 48, False), (512, 64, 96, True), (256, 128, 192, True), (256, 256, 384, True), (128, 256, 384, True)])
+def test_gpu_tiled_group_norm_matches_float64(channels, height, width, silu):
+    """The tiled kernels on the GPU at the VAE decoder's graded shapes (one sample, fp16 channels-last,
+    eps 1e-6) against float64 torch; overlapped the same output bit for bit."""
+    fused_norm.register_op()
+    g = torch.Generator(device="cuda").manual_seed(12)
+    x = (torch.randn(1, channels, height, width, device="cuda", generator=g) * 2 + 3).half()
+    x = x.contiguous(memory_format=torch.channels_last)
+    norm = GroupNorm(32, channels, eps=1e-6).cuda().half()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.normal_(generator=g)
+    args = (x, norm.weight, norm.bias, None, 0, None, 32, norm.eps, silu, False)
+    got = torch.ops.sdcanny.group_norm_act(*args, False, True)
+    want = expected(x, norm, silu, None)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
+    assert torch.equal(torch.ops.sdcanny.group_norm_act(*args, True, True), got)

@@ -143,6 +143,29 @@ def test_folded_upsampling_in_the_unet_and_the_vae(tiny_checkpoint):
         assert (nets.vae(x[:1]) - got[1]).abs().max() > 1e-3
 
 
+def test_padded_output_convolutions_compute_the_same(tiny_checkpoint):
+    """pad_output_channels gives the UNet's and the VAE decoder's last convolutions 8 filters (4 and 3
+    of them the checkpoint's, the rest zeros): the outputs keep their channels and values, the
+    state dict its keys and shapes, and the layers do use the padded weights."""
+    from sdcanny.networks import OutputConv, pad_output_channels
+    nets = load_networks(tiny_checkpoint, TINY)
+    x, t, ctx, _ = unet_inputs(9, 301)
+    shapes = {k: v.shape for k, v in nets.unet.state_dict().items()}
+    with torch.no_grad():
+        want = nets.unet(x, t, ctx), nets.vae(x[:1])
+        assert pad_output_channels(nets.unet) == 1 and pad_output_channels(nets.vae) == 1
+        got = nets.unet(x, t, ctx), nets.vae(x[:1])
+        layers = [m for net in (nets.unet, nets.vae) for m in net.modules() if isinstance(m, OutputConv)]
+        assert [tuple(m.padded_weight.shape[:2]) for m in layers] == [(8, TINY.unet.model_channels), (8, TINY.vae.ch)]
+        assert all(m.padded_weight[m.out_channels:].abs().sum() == 0 for m in layers)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        assert got[0].shape[1] == 4 and got[1].shape[1] == 3
+        assert {k: v.shape for k, v in nets.unet.state_dict().items()} == shapes
+        layers[1].padded_weight[:3].zero_()
+        assert (nets.vae(x[:1]) - got[1]).abs().max() > 1e-3
+
+
 def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint):
     """Keys and values of the text made once (as the text stage does) and taken by index give
     the outputs of projecting the context in every layer, fused projections or not."""
