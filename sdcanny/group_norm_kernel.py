@@ -37,6 +37,10 @@ import triton.language as tl
 # 16384 took 13.8 µs where six of 8192 took 24.7 (H100, docs/benchmarks.md)
 ONE_PASS_LIMIT = 16384
 TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes loads
+# With `tiles`, groups of more than this many elements take the tiled kernels; smaller ones (the
+# VAE decoder's 32x48 and 64x96 levels) are faster through one program per group (H100,
+# docs/benchmarks.md)
+TILED_FROM = 131072
 TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels, padded per group) the tiled kernels load at once
 MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile
 
@@ -143,14 +147,13 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
-def load_rows(x_base, first_pixel, pixels, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
-              CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS channels-last pixel rows from first_pixel, every channel, as a (pixel, group, channel in
-    group) block of fp32; channels past GROUP_CHANNELS are padding (masked)."""
-    pixel = first_pixel + tl.arange(0, ROWS)[:, None, None]
-    in_group = tl.arange(0, CHANNEL_BLOCK)[None, None, :]
-    channel = tl.arange(0, GROUPS)[None, :, None] * GROUP_CHANNELS + in_group
-    mask = (pixel < pixels) & (in_group < GROUP_CHANNELS)
+def load_rows(x_base, first_pixel, pixels, sx_p, channels, CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS channels-last pixel rows from first_pixel, every channel (CHANNEL_BLOCK: the channels'
+    next power of two, the rest masked), as a (pixel, channel) block of fp32: each row one
+    contiguous read."""
+    pixel = first_pixel + tl.arange(0, ROWS)[:, None]
+    channel = tl.arange(0, CHANNEL_BLOCK)[None, :]
+    mask = (pixel < pixels) & (channel < channels)
     value = tl.load(x_base + pixel * sx_p + channel, mask=mask, other=0.0)
     return value.to(tl.float32), pixel, channel, mask
 
@@ -163,28 +166,33 @@ def group_shifts(x_base, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr):
 
 
 @triton.jit
-def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
-                     CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr, LOADS: tl.constexpr, OVERLAP: tl.constexpr):
+def tile_sums_kernel(x_ptr, sums_ptr, pixels, channels, sx_n, sx_p, GROUPS: tl.constexpr,
+                     GROUP_CHANNELS: tl.constexpr, CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                     LOADS: tl.constexpr, OVERLAP: tl.constexpr):
     """Per tile (LOADS x ROWS pixels) and group: the sum and the sum of squares about the group's
-    shift, into sums (N, tiles, GROUPS, 2)."""
+    shift, into sums (N, tiles, GROUPS, 2). Each channel's sums first, then the groups' (a masked
+    sum over the channels: group widths need not be powers of two)."""
     tile, sample, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
     x_base = x_ptr + sample.to(tl.int64) * sx_n
-    shift = group_shifts(x_base, GROUPS, GROUP_CHANNELS)[None, :, None]
-    sum1 = tl.zeros([GROUPS], dtype=tl.float32)
-    sum2 = tl.zeros([GROUPS], dtype=tl.float32)
+    channel = tl.arange(0, CHANNEL_BLOCK)
+    group_of = channel // GROUP_CHANNELS  # padding channels (masked) fall past the last group
+    shift = tl.load(x_base + group_of * GROUP_CHANNELS, mask=channel < channels, other=0.0).to(tl.float32)
+    sum1 = tl.zeros([CHANNEL_BLOCK], dtype=tl.float32)
+    sum2 = tl.zeros([CHANNEL_BLOCK], dtype=tl.float32)
     for load in range(LOADS):
-        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, GROUPS, GROUP_CHANNELS,
-                                      CHANNEL_BLOCK, ROWS)
-        centred = tl.where(mask, value - shift, 0.0)
-        sum1 += tl.sum(tl.sum(centred, axis=2), axis=0)
-        sum2 += tl.sum(tl.sum(centred * centred, axis=2), axis=0)
+        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, CHANNEL_BLOCK,
+                                      ROWS)
+        centred = tl.where(mask, value - shift[None, :], 0.0)
+        sum1 += tl.sum(centred, axis=0)
+        sum2 += tl.sum(centred * centred, axis=0)
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
+    member = group_of[None, :] == tl.arange(0, GROUPS)[:, None]
     out = sums_ptr + ((sample * tiles + tile) * GROUPS + tl.arange(0, GROUPS)) * 2
-    tl.store(out, sum1)
-    tl.store(out + 1, sum2)
+    tl.store(out, tl.sum(tl.where(member, sum1[None, :], 0.0), axis=1))
+    tl.store(out + 1, tl.sum(tl.where(member, sum2[None, :], 0.0), axis=1))
 
 
 @triton.jit
@@ -214,30 +222,34 @@ def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROU
 
 
 @triton.jit
-def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sy_n, sy_p,
+def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, channels, sx_n, sx_p, sy_n, sy_p,
                           GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, CHANNEL_BLOCK: tl.constexpr,
                           ROWS: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr):
     """ROWS pixel rows normalised with their groups' statistics, scaled, shifted, SiLU'd."""
     block, sample = tl.program_id(0), tl.program_id(1)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
-    stats = stats_ptr + (sample * GROUPS + tl.arange(0, GROUPS)[None, :, None]) * 2
-    mean, rstd = tl.load(stats), tl.load(stats + 1)
-    value, pixel, channel, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p,
-                                            GROUPS, GROUP_CHANNELS, CHANNEL_BLOCK, ROWS)
+    channel = tl.arange(0, CHANNEL_BLOCK)
+    in_range = channel < channels
+    stats = stats_ptr + (sample * GROUPS + channel // GROUP_CHANNELS) * 2  # per channel, its group's
+    mean = tl.load(stats, mask=in_range, other=0.0)
+    scale = tl.load(stats + 1, mask=in_range, other=0.0) * tl.load(weight_ptr + channel, mask=in_range,
+                                                                   other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channel, mask=in_range, other=0.0).to(tl.float32)
+    value, pixel, channel2, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p,
+                                             channels, CHANNEL_BLOCK, ROWS)
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
-    weight = tl.load(weight_ptr + channel, mask=mask).to(tl.float32)
-    bias = tl.load(bias_ptr + channel, mask=mask).to(tl.float32)
-    out = (value - mean) * rstd * weight + bias
+    out = (value - mean[None, :]) * scale[None, :] + bias[None, :]
     if SILU:
         out = out * tl.sigmoid(out)
-    tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel, out.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel2, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def tiling(pixels: int, padded_channels: int) -> Tuple[int, int, int]:
     """(ROWS, LOADS, tiles) for the sums: ROWS pixel rows a load (TILE_LOAD_ELEMENTS with the
-    channels padded per group), LOADS loads a tile, as few as keep the tiles within MAX_TILES."""
+    channels padded to a power of two), LOADS loads a tile, as few as keep the tiles within
+    MAX_TILES."""
     rows = max(1, TILE_LOAD_ELEMENTS // padded_channels)
     loads = triton.cdiv(triton.cdiv(pixels, rows), MAX_TILES)
     return rows, loads, triton.cdiv(pixels, rows * loads)
@@ -257,16 +269,16 @@ def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     sx_n, _, _, sx_p = x.stride()
     sy_n, _, _, sy_p = y.stride()
-    channel_block = triton.next_power_of_2(group_channels)
-    rows, loads, tiles = tiling(pixels, groups * channel_block)
+    channel_block = triton.next_power_of_2(channels)
+    rows, loads, tiles = tiling(pixels, channel_block)
     sums = torch.empty((batch, tiles, groups, 2), dtype=torch.float32, device=x.device)
     stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
     shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
-    tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
+    tile_sums_kernel[(tiles, batch)](x, sums, pixels, channels, sx_n, sx_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
                                      LOADS=loads, num_warps=8, **shape)
     tile_stats_kernel[(batch,)](x, sums, stats, tiles, pixels, sx_n, eps, TILE_BLOCK=64, num_warps=4, **shape)
     tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](
-        x, stats, weight, bias, y, pixels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
+        x, stats, weight, bias, y, pixels, channels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
         SILU=silu, num_warps=8, **shape)
     return y
 
@@ -295,15 +307,17 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
-    channels-last. `tiles`: through the three tiled kernels (tiled_group_norm_act), for large
-    groups of few samples (the VAE decoder's); no addend, no patches."""
+    channels-last. `tiles`: groups of more than TILED_FROM elements through the three tiled kernels
+    (tiled_group_norm_act), for large groups of few samples (the VAE decoder's); no addend, no
+    patches."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
         if add is not None or add_bias is not None or patches:
             raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
-        return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
+        if height * width * channels // groups > TILED_FROM:
+            return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
     if patches:

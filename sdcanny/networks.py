@@ -29,13 +29,14 @@ from .config import ClipConfig, UNetConfig, VAEConfig
 CAUSAL_MASK_VALUE = -1e4
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              written_out: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v over (B, heads, N, d). Running, SDPA picks a fused kernel.
-    In an ONNX export the same maths is written out as Mul, MatMul, (Add,) Softmax, MatMul: torch
-    2.0 has no ONNX form of SDPA, and this is the primitive pattern TensorRT matches to its fused
-    attention kernels, which wants the scale applied to Q before the first MatMul (TensorRT's
-    "Fused Attention" documentation; it also keeps fp16 scores small)."""
-    if not torch.onnx.is_in_onnx_export():
+    In an ONNX export, or where `written_out`, the same maths is written out as Mul, MatMul, (Add,)
+    Softmax, MatMul: torch 2.0 has no ONNX form of SDPA, and this is the primitive pattern TensorRT
+    matches to its fused attention kernels, which wants the scale applied to Q before the first
+    MatMul (TensorRT's "Fused Attention" documentation; it also keeps fp16 scores small)."""
+    if not (written_out or torch.onnx.is_in_onnx_export()):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-1, -2))
     if mask is not None:
@@ -874,6 +875,12 @@ class VAEResnetBlock(nn.Module):
         return shortcut + h
 
 
+# SDPA has no fused kernel for the VAE's one 512-wide head but the memory-efficient one: 128 µs at
+# the graded 1536 pixels on the H100, where the products and the softmax written out took 27 µs
+# (docs/benchmarks.md). Up to this many pixels the scores (pixels squared) are written out too.
+VAE_WRITTEN_ATTENTION_PIXELS = 4096
+
+
 class VAEAttnBlock(nn.Module):
     """Single-head self-attention over pixels with 1x1-conv projections."""
 
@@ -889,7 +896,7 @@ class VAEAttnBlock(nn.Module):
         b, c, h, w = x.shape
         n = self.norm.normalize(x)
         q, k, v = (p(n).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))
-        out = attention(q, k, v)[:, 0]
+        out = attention(q, k, v, written_out=h * w <= VAE_WRITTEN_ATTENTION_PIXELS)[:, 0]
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 

@@ -8,8 +8,9 @@ triton is imported). Prints one line per check; exits non-zero on the first that
    kernel's 3x3 patches of its output (padding zeros included) the same, bit for bit, as
    networks.patch_matrix gathers from it.
 2. The tiled kernels (the VAE decoder's) against float64 torch: one sample and two, groups of
-   power-of-two widths and of others (padded), tiles of one load and of several, a part-filled
-   last tile, a mean far from zero, an input not channels-last.
+   power-of-two widths and of others, channels padded to a power of two, tiles of one load and of
+   several, a part-filled last tile, a mean far from zero, an input not channels-last; and the op
+   with `tiles` taking them for groups over TILED_FROM elements, one program per group below.
 3. A ResBlock whose time embedding is one row for two samples, as in the step.
 4. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
    columns of one wider row), with every GroupNorm through the op, and the tiny VAE decoder with
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
-from sdcanny.group_norm_kernel import MAX_TILES, ONE_PASS_LIMIT, group_norm_act, tiling  # noqa: E402
+from sdcanny.group_norm_kernel import (MAX_TILES, ONE_PASS_LIMIT, TILED_FROM, group_norm_act,  # noqa: E402
+                                       tiled_group_norm_act, tiling)
 from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, stack_time_projections  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
@@ -73,8 +75,8 @@ def check_kernel():
 
 
 # (samples, channels, height, width, layout, SiLU) for the tiled kernels, 32 groups: 128 and 256
-# channels are groups 4 and 8 wide, 96 is 3 wide (padded to 4 in the kernels' blocks); (1, 256,
-# 72, 120) has more row blocks than MAX_TILES, so each tile takes several loads
+# channels are groups 4 and 8 wide, 96 is 3 wide (and padded to 128 in the kernels' blocks);
+# (1, 256, 72, 120) has more row blocks than MAX_TILES, so each tile takes several loads
 TILED_CASES = ((1, 128, 20, 30, "channels-last", False), (2, 96, 13, 17, "channels-last", True),
                (1, 256, 72, 120, "channels-last", True), (2, 64, 9, 11, "contiguous", True))
 
@@ -88,11 +90,20 @@ def check_tiled():
         if layout == "channels-last":
             x = x.contiguous(memory_format=torch.channels_last)
         weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
-        got = group_norm_act(x, weight, bias, 32, 1e-6, silu, tiles=True)
+        got = tiled_group_norm_act(x, weight, bias, 32, 1e-6, silu, False)
         err = (got.double() - reference(x, weight, bias, 32, 1e-6, silu, None)).abs().max().item()
         print("tiled", (batch, channels, height, width), layout, "silu" * silu, f"max abs err {err:.1e}")
         assert err < 1e-4, err
         assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
+    for height in (160, 192):  # groups of 81920 and 135168 elements: one program per group, then tiles
+        x = torch.randn(1, 128, height, 176, generator=g).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(128, generator=g), torch.randn(128, generator=g)
+        got = group_norm_act(x, weight, bias, 32, 1e-6, True, tiles=True)
+        tiled = height * 176 * 4 > TILED_FROM
+        assert torch.equal(got, tiled_group_norm_act(x, weight, bias, 32, 1e-6, True, False)) == tiled
+        err = (got.double() - reference(x, weight, bias, 32, 1e-6, True, None)).abs().max().item()
+        print("tiled" if tiled else "untiled", (1, 128, height, 176), "the op with tiles", f"max abs err {err:.1e}")
+        assert err < 1e-4, err
 
 
 def check_resblock_with_one_time_row():
@@ -139,7 +150,7 @@ def check_networks():
         count = fused_norm.use_fused_group_norm(nets.vae, tiles=True)
         got = nets.vae(z)
     err = ((got - want).norm() / want.norm()).item()
-    print("network vae", tuple(got.shape), f"relative L2 {err:.1e}", "GroupNorms through the tiled kernels:", count)
+    print("network vae", tuple(got.shape), f"relative L2 {err:.1e}", "GroupNorms through the op with tiles:", count)
     assert err < 1e-5, err
 
 

@@ -120,7 +120,8 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     """tests/group_norm_interpreted.py under TRITON_INTERPRET=1: the kernel within 1e-4 of float64
     torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
     program per group in one pass and in two, a mean far from zero), its output channels-last; the
-    tiled kernels the same (one sample and two, padded group widths, several loads a tile); a
+    tiled kernels the same (one sample and two, padded channels, several loads a tile), and the op
+    taking them for large groups only; a
     ResBlock with one time row for two samples, and the tiny channels-last ControlNet and UNet,
     with every GroupNorm through it, and the tiny VAE decoder through the tiled kernels, give torch's
     GroupNorm's outputs."""
@@ -129,9 +130,10 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     starts = [line.split(" ")[0] for line in run.stdout.splitlines()]
-    assert starts.count("kernel") == 10 and starts.count("tiled") == 4 and starts.count("network") == 16
+    assert starts.count("kernel") == 10 and starts.count("tiled") == 5 and starts.count("untiled") == 1
+    assert starts.count("network") == 16
     assert "GroupNorms through the op: [27, 61]" in run.stdout
-    assert "GroupNorms through the tiled kernels: 22" in run.stdout
+    assert "GroupNorms through the op with tiles: 22" in run.stdout
 
 
 @pytest.mark.parametrize("rows, columns, column, add_bias, message", [
@@ -202,17 +204,21 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
 
 
 @pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
-@pytest.mark.parametrize("add, add_bias, patches, groups, message", [
-    (True, False, False, 32, "no addend"), (False, False, True, 32, "no patches"),
-    (False, False, False, 24, "power-of-two number of groups, got 24")])
-def test_the_tiled_kernels_refuse_what_they_cannot_do(add, add_bias, patches, groups, message):
-    """The tiled path takes neither addends nor patches, and only power-of-two group counts: an error
-    before any kernel runs (no GPU needed)."""
+@pytest.mark.parametrize("add, patches, message", [(True, False, "no addend"), (False, True, "no patches")])
+def test_the_op_with_tiles_refuses_addends_and_patches(add, patches, message):
+    """The op with `tiles` takes neither addends nor patches, at any size: an error before any kernel
+    runs (no GPU needed)."""
     from sdcanny.group_norm_kernel import group_norm_act
-    x = torch.randn(1, 96, 4, 4)
     with pytest.raises(ValueError, match=message):
-        group_norm_act(x, torch.ones(96), torch.zeros(96), groups, 1e-6, True, torch.ones(1, 96) if add else None,
-                       patches=patches, tiles=True)
+        group_norm_act(torch.randn(1, 96, 4, 4), torch.ones(96), torch.zeros(96), 32, 1e-6, True,
+                       torch.ones(1, 96) if add else None, patches=patches, tiles=True)
+
+
+@pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
+def test_the_tiled_kernels_refuse_group_counts_not_powers_of_two():
+    from sdcanny.group_norm_kernel import tiled_group_norm_act
+    with pytest.raises(ValueError, match="power-of-two number of groups, got 24"):
+        tiled_group_norm_act(torch.randn(1, 96, 4, 4), torch.ones(96), torch.zeros(96), 24, 1e-6, True, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused_norm.unavailable_reason(torch.device("cuda")) is not None,
@@ -220,8 +226,9 @@ def test_the_tiled_kernels_refuse_what_they_cannot_do(add, add_bias, patches, gr
 @pytest.mark.parametrize("channels, height, width, silu", [
     (512, 32, 48, False), (512, 64, 96, True), (256, 128, 192, True), (256, 256, 384, True), (128, 256, 384, True)])
 def test_gpu_tiled_group_norm_matches_float64(channels, height, width, silu):
-    """The tiled kernels on the GPU at the VAE decoder's graded shapes (one sample, fp16 channels-last,
-    eps 1e-6) against float64 torch; overlapped the same output bit for bit."""
+    """The op with `tiles` on the GPU at the VAE decoder's graded shapes (one sample, fp16
+    channels-last, eps 1e-6; the first two one program per group, the others the tiled kernels)
+    against float64 torch; overlapped the same output bit for bit."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(12)
     x = (torch.randn(1, channels, height, width, device="cuda", generator=g) * 2 + 3).half()

@@ -166,6 +166,35 @@ def test_padded_output_convolutions_compute_the_same(tiny_checkpoint):
         assert (nets.vae(x[:1]) - got[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_written_out_is_sdpa(masked):
+    """The written-out attention (the ONNX export's, and the VAE's up to VAE_WRITTEN_ATTENTION_PIXELS)
+    against float64 maths, as SDPA is."""
+    from sdcanny.networks import attention
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=g) for _ in range(3))
+    mask = torch.randn(40, 40, generator=g) if masked else None
+    scores = q.double() @ k.double().transpose(-1, -2) / 4 + (mask.double() if masked else 0)
+    want = scores.softmax(-1) @ v.double()
+    for written_out in (False, True):
+        torch.testing.assert_close(attention(q, k, v, mask, written_out).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_vae_attention_is_written_out_up_to_the_bound(monkeypatch):
+    """VAEAttnBlock asks for the written-out form up to VAE_WRITTEN_ATTENTION_PIXELS pixels, SDPA's
+    beyond."""
+    from sdcanny import networks
+    calls = []
+    real = networks.attention
+    monkeypatch.setattr(networks, "attention", lambda *a, written_out=False: calls.append(written_out) or real(*a))
+    block = networks.VAEAttnBlock(32).eval()
+    bound = networks.VAE_WRITTEN_ATTENTION_PIXELS
+    with torch.no_grad():
+        for height, width in ((8, bound // 8), (8, bound // 8 + 1)):
+            block(torch.randn(1, 32, height, width))
+    assert calls == [True, False]
+
+
 def test_cross_attention_keys_values_made_ahead_compute_the_same(tiny_checkpoint):
     """Keys and values of the text made once (as the text stage does) and taken by index give
     the outputs of projecting the context in every layer, fused projections or not."""
