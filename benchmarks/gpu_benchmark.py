@@ -99,7 +99,8 @@ COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
                        "gathered-patches", "serial-kernels",
-                       "attention-1536", "any-convs", "inductor-vae-norm", "unpadded-outputs")  # run with an engine directory that holds no programs
+                       "attention-1536", "any-convs", "inductor-vae-norm",
+                       "unpadded-outputs")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

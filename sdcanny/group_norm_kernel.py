@@ -41,7 +41,7 @@ TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes
 # VAE decoder's 32x48 and 64x96 levels) are faster through one program per group (H100,
 # docs/benchmarks.md)
 TILED_FROM = 131072
-TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels, padded per group) the tiled kernels load at once
+TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels) the tiled kernels load at once
 MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile
 
 
@@ -166,50 +166,44 @@ def group_shifts(x_base, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr):
 
 
 @triton.jit
-def tile_sums_kernel(x_ptr, sums_ptr, pixels, channels, sx_n, sx_p, GROUPS: tl.constexpr,
-                     GROUP_CHANNELS: tl.constexpr, CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                     LOADS: tl.constexpr, OVERLAP: tl.constexpr):
+def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
+                     ROWS: tl.constexpr, LOADS: tl.constexpr, OVERLAP: tl.constexpr):
     """Per tile (LOADS x ROWS pixels) and group: the sum and the sum of squares about the group's
-    shift, into sums (N, tiles, GROUPS, 2). Each channel's sums first, then the groups' (a masked
-    sum over the channels: group widths need not be powers of two)."""
+    shift, into sums (N, tiles, GROUPS, 2). The loads are unrolled and summed element-wise; the
+    block is reduced to its groups once, at the end."""
     tile, sample, tiles = tl.program_id(0), tl.program_id(1), tl.num_programs(0)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
     x_base = x_ptr + sample.to(tl.int64) * sx_n
-    channel = tl.arange(0, CHANNEL_BLOCK)
-    group_of = channel // GROUP_CHANNELS  # padding channels (masked) fall past the last group
-    shift = tl.load(x_base + group_of * GROUP_CHANNELS, mask=channel < channels, other=0.0).to(tl.float32)
-    sum1 = tl.zeros([CHANNEL_BLOCK], dtype=tl.float32)
-    sum2 = tl.zeros([CHANNEL_BLOCK], dtype=tl.float32)
-    for load in range(LOADS):
-        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, CHANNEL_BLOCK,
-                                      ROWS)
-        centred = tl.where(mask, value - shift[None, :], 0.0)
-        sum1 += tl.sum(centred, axis=0)
-        sum2 += tl.sum(centred * centred, axis=0)
+    channels: tl.constexpr = GROUPS * GROUP_CHANNELS
+    channel = tl.arange(0, channels)
+    shift = tl.load(x_base + (channel // GROUP_CHANNELS) * GROUP_CHANNELS).to(tl.float32)[None, :]
+    sum1 = tl.zeros([ROWS, channels], dtype=tl.float32)
+    sum2 = tl.zeros([ROWS, channels], dtype=tl.float32)
+    for load in tl.static_range(LOADS):
+        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, channels, ROWS)
+        centred = tl.where(mask, value - shift, 0.0)
+        sum1 += centred
+        sum2 += centred * centred
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
-    member = group_of[None, :] == tl.arange(0, GROUPS)[:, None]
     out = sums_ptr + ((sample * tiles + tile) * GROUPS + tl.arange(0, GROUPS)) * 2
-    tl.store(out, tl.sum(tl.where(member, sum1[None, :], 0.0), axis=1))
-    tl.store(out + 1, tl.sum(tl.where(member, sum2[None, :], 0.0), axis=1))
+    tl.store(out, tl.sum(tl.sum(tl.reshape(sum1, [ROWS, GROUPS, GROUP_CHANNELS]), axis=2), axis=0))
+    tl.store(out + 1, tl.sum(tl.sum(tl.reshape(sum2, [ROWS, GROUPS, GROUP_CHANNELS]), axis=2), axis=0))
 
 
 @triton.jit
 def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROUPS: tl.constexpr,
                       GROUP_CHANNELS: tl.constexpr, TILE_BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
-    """A sample's tile sums added up into each group's mean and 1 / std, into stats (N, GROUPS, 2)."""
+    """A sample's tile sums (TILE_BLOCK >= tiles, in one load) added up into each group's mean and
+    1 / std, into stats (N, GROUPS, 2)."""
     sample = tl.program_id(0)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
-    group = tl.arange(0, GROUPS)[None, :]
-    sum1 = tl.zeros([GROUPS], dtype=tl.float32)
-    sum2 = tl.zeros([GROUPS], dtype=tl.float32)
-    for first in range(0, tiles, TILE_BLOCK):
-        tile = first + tl.arange(0, TILE_BLOCK)[:, None]
-        sums = sums_ptr + ((sample * tiles + tile) * GROUPS + group) * 2
-        sum1 += tl.sum(tl.load(sums, mask=tile < tiles, other=0.0), axis=0)
-        sum2 += tl.sum(tl.load(sums + 1, mask=tile < tiles, other=0.0), axis=0)
+    tile = tl.arange(0, TILE_BLOCK)[:, None]
+    sums = sums_ptr + ((sample * tiles + tile) * GROUPS + tl.arange(0, GROUPS)[None, :]) * 2
+    sum1 = tl.sum(tl.load(sums, mask=tile < tiles, other=0.0), axis=0)
+    sum2 = tl.sum(tl.load(sums + 1, mask=tile < tiles, other=0.0), axis=0)
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
     count = pixels * GROUP_CHANNELS
@@ -246,11 +240,10 @@ def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels,
     tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel2, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def tiling(pixels: int, padded_channels: int) -> Tuple[int, int, int]:
-    """(ROWS, LOADS, tiles) for the sums: ROWS pixel rows a load (TILE_LOAD_ELEMENTS with the
-    channels padded to a power of two), LOADS loads a tile, as few as keep the tiles within
-    MAX_TILES."""
-    rows = max(1, TILE_LOAD_ELEMENTS // padded_channels)
+def tiling(pixels: int, channels: int) -> Tuple[int, int, int]:
+    """(ROWS, LOADS, tiles) for the sums: ROWS pixel rows a load (TILE_LOAD_ELEMENTS), LOADS loads a
+    tile, as few as keep the tiles within MAX_TILES."""
+    rows = max(1, TILE_LOAD_ELEMENTS // channels)
     loads = triton.cdiv(triton.cdiv(pixels, rows), MAX_TILES)
     return rows, loads, triton.cdiv(pixels, rows * loads)
 
@@ -258,27 +251,27 @@ def tiling(pixels: int, padded_channels: int) -> Tuple[int, int, int]:
 def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                          silu: bool, overlap: bool) -> torch.Tensor:
     """silu?(group_norm(x)) through the three tiled kernels, into a new channels-last tensor; x is
-    read channels-last (copied so first where it is not). `groups` must be a power of two (the
-    kernels' tl.arange spans one)."""
+    read channels-last (copied so first where it is not). The channels and the groups must be
+    powers of two (the kernels' tl.arange spans one; the VAE decoder's are)."""
     batch, channels, height, width = x.shape
-    if groups & (groups - 1):
-        raise ValueError(f"the tiled kernels take a power-of-two number of groups, got {groups}")
+    if not (power_of_two(channels) and power_of_two(groups)) or channels % groups:
+        raise ValueError(f"the tiled kernels take power-of-two channels and groups, got {channels} and {groups}")
     if x.stride(1) != 1 or not pixels_form_one_axis(x):
         x = x.contiguous(memory_format=torch.channels_last)
     pixels, group_channels = height * width, channels // groups
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     sx_n, _, _, sx_p = x.stride()
     sy_n, _, _, sy_p = y.stride()
-    channel_block = triton.next_power_of_2(channels)
-    rows, loads, tiles = tiling(pixels, channel_block)
+    rows, loads, tiles = tiling(pixels, channels)
     sums = torch.empty((batch, tiles, groups, 2), dtype=torch.float32, device=x.device)
     stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
-    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
-    tile_sums_kernel[(tiles, batch)](x, sums, pixels, channels, sx_n, sx_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
-                                     LOADS=loads, num_warps=8, **shape)
-    tile_stats_kernel[(batch,)](x, sums, stats, tiles, pixels, sx_n, eps, TILE_BLOCK=64, num_warps=4, **shape)
+    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap,
+                 **({"launch_pdl": True} if overlap else {}))
+    tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8, **shape)
+    tile_stats_kernel[(batch,)](x, sums, stats, tiles, pixels, sx_n, eps, TILE_BLOCK=triton.next_power_of_2(tiles),
+                                num_warps=8, **shape)
     tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](
-        x, stats, weight, bias, y, pixels, channels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channel_block, ROWS=rows,
+        x, stats, weight, bias, y, pixels, channels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channels, ROWS=rows,
         SILU=silu, num_warps=8, **shape)
     return y
 
@@ -308,15 +301,15 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
     channels-last. `tiles`: groups of more than TILED_FROM elements through the three tiled kernels
-    (tiled_group_norm_act), for large groups of few samples (the VAE decoder's); no addend, no
-    patches."""
+    (tiled_group_norm_act) where the channels and groups are powers of two, for large groups of few
+    samples (the VAE decoder's); no addend, no patches."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
         if add is not None or add_bias is not None or patches:
             raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
-        if height * width * channels // groups > TILED_FROM:
+        if height * width * channels // groups > TILED_FROM and power_of_two(channels) and power_of_two(groups):
             return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
@@ -339,6 +332,10 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps,
         PATCHES=patches, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
     return y
+
+
+def power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def pixels_form_one_axis(t: torch.Tensor) -> bool:

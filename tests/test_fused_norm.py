@@ -120,7 +120,7 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     """tests/group_norm_interpreted.py under TRITON_INTERPRET=1: the kernel within 1e-4 of float64
     torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
     program per group in one pass and in two, a mean far from zero), its output channels-last; the
-    tiled kernels the same (one sample and two, padded channels, several loads a tile), and the op
+    tiled kernels the same (one sample and two, several loads a tile), and the op
     taking them for large groups only; a
     ResBlock with one time row for two samples, and the tiny channels-last ControlNet and UNet,
     with every GroupNorm through it, and the tiny VAE decoder through the tiled kernels, give torch's
@@ -215,10 +215,12 @@ def test_the_op_with_tiles_refuses_addends_and_patches(add, patches, message):
 
 
 @pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
-def test_the_tiled_kernels_refuse_group_counts_not_powers_of_two():
+@pytest.mark.parametrize("channels, groups", [(96, 24), (96, 32), (128, 24)])
+def test_the_tiled_kernels_refuse_counts_not_powers_of_two(channels, groups):
     from sdcanny.group_norm_kernel import tiled_group_norm_act
-    with pytest.raises(ValueError, match="power-of-two number of groups, got 24"):
-        tiled_group_norm_act(torch.randn(1, 96, 4, 4), torch.ones(96), torch.zeros(96), 24, 1e-6, True, False)
+    with pytest.raises(ValueError, match=f"power-of-two channels and groups, got {channels} and {groups}"):
+        tiled_group_norm_act(torch.randn(1, channels, 4, 4), torch.ones(channels), torch.zeros(channels), groups,
+                             1e-6, True, False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fused_norm.unavailable_reason(torch.device("cuda")) is not None,
