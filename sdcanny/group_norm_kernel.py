@@ -159,13 +159,6 @@ def load_rows(x_base, first_pixel, pixels, sx_p, channels, CHANNEL_BLOCK: tl.con
 
 
 @triton.jit
-def group_shifts(x_base, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr):
-    """Each group's first value (pixel 0, its first channel) in fp32: the tiles' sums are taken about
-    it, so that a mean far from zero does not cancel the variance away."""
-    return tl.load(x_base + tl.arange(0, GROUPS) * GROUP_CHANNELS).to(tl.float32)
-
-
-@triton.jit
 def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
                      ROWS: tl.constexpr, LOADS: tl.constexpr, OVERLAP: tl.constexpr):
     """Per tile (LOADS x ROWS pixels) and group: the sum and the sum of squares about the group's
@@ -177,6 +170,8 @@ def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, 
     x_base = x_ptr + sample.to(tl.int64) * sx_n
     channels: tl.constexpr = GROUPS * GROUP_CHANNELS
     channel = tl.arange(0, channels)
+    # each channel's group's first value (pixel 0, the group's first channel): the sums are taken
+    # about it, so that a mean far from zero does not cancel the variance away
     shift = tl.load(x_base + (channel // GROUP_CHANNELS) * GROUP_CHANNELS).to(tl.float32)[None, :]
     sum1 = tl.zeros([ROWS, channels], dtype=tl.float32)
     sum2 = tl.zeros([ROWS, channels], dtype=tl.float32)
@@ -195,13 +190,14 @@ def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, 
 @triton.jit
 def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROUPS: tl.constexpr,
                       GROUP_CHANNELS: tl.constexpr, TILE_BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
-    """A sample's tile sums (TILE_BLOCK >= tiles, in one load) added up into each group's mean and
-    1 / std, into stats (N, GROUPS, 2)."""
-    sample = tl.program_id(0)
+    """One group's tile sums (TILE_BLOCK >= tiles, in one load) added up into its mean and 1 / std,
+    into stats (N, GROUPS, 2): a program a group, so that no single program reads every sum (one
+    program for all 32 groups took 22 µs, the sums kernel 4-13; docs/benchmarks.md)."""
+    group, sample = tl.program_id(0), tl.program_id(1)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
-    tile = tl.arange(0, TILE_BLOCK)[:, None]
-    sums = sums_ptr + ((sample * tiles + tile) * GROUPS + tl.arange(0, GROUPS)[None, :]) * 2
+    tile = tl.arange(0, TILE_BLOCK)
+    sums = sums_ptr + ((sample * tiles + tile) * GROUPS + group) * 2
     sum1 = tl.sum(tl.load(sums, mask=tile < tiles, other=0.0), axis=0)
     sum2 = tl.sum(tl.load(sums + 1, mask=tile < tiles, other=0.0), axis=0)
     if OVERLAP:
@@ -209,8 +205,9 @@ def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROU
     count = pixels * GROUP_CHANNELS
     mean_shifted = sum1 / count
     variance = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
-    mean = mean_shifted + group_shifts(x_ptr + sample.to(tl.int64) * sx_n, GROUPS, GROUP_CHANNELS)
-    out = stats_ptr + (sample * GROUPS + tl.arange(0, GROUPS)) * 2
+    x_base = x_ptr + sample.to(tl.int64) * sx_n
+    mean = mean_shifted + tl.load(x_base + group * GROUP_CHANNELS).to(tl.float32)  # the group's shift
+    out = stats_ptr + (sample * GROUPS + group) * 2
     tl.store(out, mean)
     tl.store(out + 1, 1.0 / tl.sqrt(variance + eps))
 
@@ -268,8 +265,8 @@ def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap,
                  **({"launch_pdl": True} if overlap else {}))
     tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8, **shape)
-    tile_stats_kernel[(batch,)](x, sums, stats, tiles, pixels, sx_n, eps, TILE_BLOCK=triton.next_power_of_2(tiles),
-                                num_warps=8, **shape)
+    tile_stats_kernel[(groups, batch)](x, sums, stats, tiles, pixels, sx_n, eps,
+                                       TILE_BLOCK=triton.next_power_of_2(tiles), num_warps=4, **shape)
     tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](
         x, stats, weight, bias, y, pixels, channels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channels, ROWS=rows,
         SILU=silu, num_warps=8, **shape)
