@@ -37,12 +37,9 @@ import triton.language as tl
 # 16384 took 13.8 µs where six of 8192 took 24.7 (H100, docs/benchmarks.md)
 ONE_PASS_LIMIT = 16384
 TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes loads
-# With `tiles`, groups of more than this many elements take the tiled kernels; smaller ones (the
-# VAE decoder's 32x48 and 64x96 levels) are faster through one program per group (H100,
-# docs/benchmarks.md)
-TILED_FROM = 131072
 TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels) the tiled kernels load at once
-MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile
+MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile,
+MAX_LOADS = 8  # up to this many (unrolled); beyond, the tiles multiply (and the statistics' loads widen)
 
 
 @triton.jit
@@ -239,9 +236,9 @@ def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels,
 
 def tiling(pixels: int, channels: int) -> Tuple[int, int, int]:
     """(ROWS, LOADS, tiles) for the sums: ROWS pixel rows a load (TILE_LOAD_ELEMENTS), LOADS loads a
-    tile, as few as keep the tiles within MAX_TILES."""
+    tile, as few as keep the tiles within MAX_TILES, at most MAX_LOADS."""
     rows = max(1, TILE_LOAD_ELEMENTS // channels)
-    loads = triton.cdiv(triton.cdiv(pixels, rows), MAX_TILES)
+    loads = min(MAX_LOADS, triton.cdiv(triton.cdiv(pixels, rows), MAX_TILES))
     return rows, loads, triton.cdiv(pixels, rows * loads)
 
 
@@ -297,16 +294,16 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
-    channels-last. `tiles`: groups of more than TILED_FROM elements through the three tiled kernels
-    (tiled_group_norm_act) where the channels and groups are powers of two, for large groups of few
-    samples (the VAE decoder's); no addend, no patches."""
+    channels-last. `tiles`: through the three tiled kernels (tiled_group_norm_act) where the channels
+    and groups are powers of two (else one program per group), for large groups of few samples (the
+    VAE decoder's); no addend, no patches."""
     batch, channels, height, width = x.shape
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
         if add is not None or add_bias is not None or patches:
             raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
-        if height * width * channels // groups > TILED_FROM and power_of_two(channels) and power_of_two(groups):
+        if power_of_two(channels) and power_of_two(groups):
             return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)

@@ -9,8 +9,8 @@ triton is imported). Prints one line per check; exits non-zero on the first that
    networks.patch_matrix gathers from it.
 2. The tiled kernels (the VAE decoder's) against float64 torch: one sample and two, groups of
    several widths, tiles of one load and of several, a part-filled last tile, a mean far from
-   zero, an input not channels-last; and the op with `tiles` taking them for groups over
-   TILED_FROM elements, one program per group below.
+   zero, an input not channels-last; and the op with `tiles` taking them where the channels are a
+   power of two, one program per group where they are not.
 3. A ResBlock whose time embedding is one row for two samples, as in the step.
 4. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
    columns of one wider row), with every GroupNorm through the op, and the tiny VAE decoder with
@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
-from sdcanny.group_norm_kernel import (MAX_TILES, ONE_PASS_LIMIT, TILED_FROM, group_norm_act,  # noqa: E402
-                                       tiled_group_norm_act, tiling)
+from sdcanny.group_norm_kernel import (MAX_TILES, ONE_PASS_LIMIT, group_norm_act, tiled_group_norm_act,  # noqa: E402
+                                       tiling)
 from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, stack_time_projections  # noqa: E402
 from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
@@ -94,14 +94,17 @@ def check_tiled():
         print("tiled", (batch, channels, height, width), layout, "silu" * silu, f"max abs err {err:.1e}")
         assert err < 1e-4, err
         assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
-    for height in (160, 192):  # groups of 81920 and 135168 elements: one program per group, then tiles
-        x = torch.randn(1, 128, height, 176, generator=g).contiguous(memory_format=torch.channels_last)
-        weight, bias = torch.randn(128, generator=g), torch.randn(128, generator=g)
+    for channels in (128, 96):  # the tiled kernels, then (not a power of two) one program per group
+        x = torch.randn(1, channels, 40, 44, generator=g).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
         got = group_norm_act(x, weight, bias, 32, 1e-6, True, tiles=True)
-        tiled = height * 176 * 4 > TILED_FROM
-        assert torch.equal(got, tiled_group_norm_act(x, weight, bias, 32, 1e-6, True, False)) == tiled
+        if channels == 128:
+            assert torch.equal(got, tiled_group_norm_act(x, weight, bias, 32, 1e-6, True, False))
+        else:
+            assert torch.equal(got, group_norm_act(x, weight, bias, 32, 1e-6, True))
         err = (got.double() - reference(x, weight, bias, 32, 1e-6, True, None)).abs().max().item()
-        print("tiled" if tiled else "untiled", (1, 128, height, 176), "the op with tiles", f"max abs err {err:.1e}")
+        print("tiled" if channels == 128 else "untiled", (1, channels, 40, 44), "the op with tiles",
+              f"max abs err {err:.1e}")
         assert err < 1e-4, err
 
 

@@ -121,7 +121,7 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
     program per group in one pass and in two, a mean far from zero), its output channels-last; the
     tiled kernels the same (one sample and two, several loads a tile), and the op
-    taking them for large groups only; a
+    taking them for power-of-two channels only; a
     ResBlock with one time row for two samples, and the tiny channels-last ControlNet and UNet,
     with every GroupNorm through it, and the tiny VAE decoder through the tiled kernels, give torch's
     GroupNorm's outputs."""
@@ -228,9 +228,9 @@ def test_the_tiled_kernels_refuse_counts_not_powers_of_two(channels, groups):
 @pytest.mark.parametrize("channels, height, width, silu", [
     (512, 32, 48, False), (512, 64, 96, True), (256, 128, 192, True), (256, 256, 384, True), (128, 256, 384, True)])
 def test_gpu_tiled_group_norm_matches_float64(channels, height, width, silu):
-    """The op with `tiles` on the GPU at the VAE decoder's graded shapes (one sample, fp16
-    channels-last, eps 1e-6; the first two one program per group, the others the tiled kernels)
-    against float64 torch; overlapped the same output bit for bit."""
+    """The op with `tiles` (the tiled kernels) on the GPU at the VAE decoder's graded shapes (one
+    sample, fp16 channels-last, eps 1e-6) against float64 torch; overlapped the same output bit for
+    bit."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(12)
     x = (torch.randn(1, channels, height, width, device="cuda", generator=g) * 2 + 3).half()
@@ -245,3 +245,16 @@ def test_gpu_tiled_group_norm_matches_float64(channels, height, width, silu):
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
     assert torch.equal(torch.ops.sdcanny.group_norm_act(*args, True, True), got)
+
+
+@pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
+@pytest.mark.parametrize("pixels, channels", [(1536, 512), (98304, 128), (98304, 256), (884736, 128), (7, 4096)])
+def test_the_tiles_cover_every_pixel_in_bounded_loads(pixels, channels):
+    """tiling: the tiles' rows cover the image, and a tile takes no more than MAX_LOADS loads of
+    TILE_LOAD_ELEMENTS; where it takes fewer there are at most MAX_TILES tiles, and no tile is wholly
+    past the image."""
+    from sdcanny.group_norm_kernel import MAX_LOADS, MAX_TILES, TILE_LOAD_ELEMENTS, tiling
+    rows, loads, tiles = tiling(pixels, channels)
+    assert rows * loads * tiles >= pixels > rows * loads * (tiles - 1)
+    assert 1 <= loads <= MAX_LOADS and rows * channels <= max(TILE_LOAD_ELEMENTS, channels)
+    assert loads == MAX_LOADS or tiles <= MAX_TILES
