@@ -38,8 +38,10 @@ import triton.language as tl
 ONE_PASS_LIMIT = 16384
 TWO_PASS_BLOCK = 16384  # elements of a larger group each step of its two passes loads
 TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels) the tiled kernels load at once
-MAX_TILES = 512  # tiles of a sample the sums are taken over; larger images load several blocks a tile,
-MAX_LOADS = 8  # up to this many (unrolled); beyond, the tiles multiply (and the statistics' loads widen)
+# Tiles of a sample the sums are taken over: larger images load several blocks a tile, up to
+# MAX_LOADS (unrolled); beyond that the tiles multiply (and the statistics' loads widen)
+MAX_TILES = 512
+MAX_LOADS = 8
 
 
 @triton.jit
@@ -144,13 +146,12 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
 
 
 @triton.jit
-def load_rows(x_base, first_pixel, pixels, sx_p, channels, CHANNEL_BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """ROWS channels-last pixel rows from first_pixel, every channel (CHANNEL_BLOCK: the channels'
-    next power of two, the rest masked), as a (pixel, channel) block of fp32: each row one
-    contiguous read."""
+def load_rows(x_base, first_pixel, pixels, sx_p, CHANNELS: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS channels-last pixel rows from first_pixel (those past the image masked), every channel,
+    as a (pixel, channel) block of fp32: each row one contiguous read."""
     pixel = first_pixel + tl.arange(0, ROWS)[:, None]
-    channel = tl.arange(0, CHANNEL_BLOCK)[None, :]
-    mask = (pixel < pixels) & (channel < channels)
+    channel = tl.arange(0, CHANNELS)[None, :]
+    mask = (pixel < pixels) & (channel < CHANNELS)
     value = tl.load(x_base + pixel * sx_p + channel, mask=mask, other=0.0)
     return value.to(tl.float32), pixel, channel, mask
 
@@ -173,7 +174,7 @@ def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, 
     sum1 = tl.zeros([ROWS, channels], dtype=tl.float32)
     sum2 = tl.zeros([ROWS, channels], dtype=tl.float32)
     for load in tl.static_range(LOADS):
-        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, channels, ROWS)
+        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, ROWS)
         centred = tl.where(mask, value - shift, 0.0)
         sum1 += centred
         sum2 += centred * centred
@@ -210,28 +211,27 @@ def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROU
 
 
 @triton.jit
-def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, channels, sx_n, sx_p, sy_n, sy_p,
-                          GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, CHANNEL_BLOCK: tl.constexpr,
-                          ROWS: tl.constexpr, SILU: tl.constexpr, OVERLAP: tl.constexpr):
+def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sy_n, sy_p,
+                          GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr,
+                          OVERLAP: tl.constexpr):
     """ROWS pixel rows normalised with their groups' statistics, scaled, shifted, SiLU'd."""
     block, sample = tl.program_id(0), tl.program_id(1)
     if OVERLAP:
         tl.extra.cuda.gdc_wait()
-    channel = tl.arange(0, CHANNEL_BLOCK)
-    in_range = channel < channels
-    stats = stats_ptr + (sample * GROUPS + channel // GROUP_CHANNELS) * 2  # per channel, its group's
-    mean = tl.load(stats, mask=in_range, other=0.0)
-    scale = tl.load(stats + 1, mask=in_range, other=0.0) * tl.load(weight_ptr + channel, mask=in_range,
-                                                                   other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + channel, mask=in_range, other=0.0).to(tl.float32)
-    value, pixel, channel2, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p,
-                                             channels, CHANNEL_BLOCK, ROWS)
+    channels: tl.constexpr = GROUPS * GROUP_CHANNELS
+    channel = tl.arange(0, channels)
+    stats = stats_ptr + (sample * GROUPS + channel // GROUP_CHANNELS) * 2  # each channel's group's
+    mean = tl.load(stats)
+    scale = tl.load(stats + 1) * tl.load(weight_ptr + channel).to(tl.float32)
+    bias = tl.load(bias_ptr + channel).to(tl.float32)
+    value, pixel, channel, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p, channels,
+                                            ROWS)
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
     out = (value - mean[None, :]) * scale[None, :] + bias[None, :]
     if SILU:
         out = out * tl.sigmoid(out)
-    tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel2, out.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + sample.to(tl.int64) * sy_n + pixel * sy_p + channel, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def tiling(pixels: int, channels: int) -> Tuple[int, int, int]:
@@ -264,9 +264,8 @@ def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8, **shape)
     tile_stats_kernel[(groups, batch)](x, sums, stats, tiles, pixels, sx_n, eps,
                                        TILE_BLOCK=triton.next_power_of_2(tiles), num_warps=4, **shape)
-    tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](
-        x, stats, weight, bias, y, pixels, channels, sx_n, sx_p, sy_n, sy_p, CHANNEL_BLOCK=channels, ROWS=rows,
-        SILU=silu, num_warps=8, **shape)
+    tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](x, stats, weight, bias, y, pixels, sx_n, sx_p, sy_n, sy_p,
+                                                              ROWS=rows, SILU=silu, num_warps=8, **shape)
     return y
 
 
