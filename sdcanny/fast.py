@@ -96,6 +96,8 @@ class Buffers:
     time_rows: torch.Tensor | None = None  # (S, columns): Stages.time_rows of `steps`' timesteps
     step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); read only where eta > 0
     images: torch.Tensor | None = None  # uint8 (N, H, W, 3), written by decode
+    finite: torch.Tensor | None = None  # bool scalar, written by decode: whether x is all finite
+    copied: dict = field(default_factory=dict)  # buffer name -> (that buffer, the host values last copied in)
 
 
 @dataclass
@@ -128,6 +130,16 @@ def copy_into(destination, source) -> None:
         raise ValueError(f"{len(source)} tensors for {len(destination)} places")
     for d, s in zip(destination, source):
         copy_into(d, s)
+
+
+def copy_if_changed(b: Buffers, name: str, values: np.ndarray) -> None:
+    """Copies host values into b's buffer `name` unless that very buffer last took equal values."""
+    buffer = getattr(b, name)
+    last = b.copied.get(name)
+    if last is not None and last[0] is buffer and np.array_equal(last[1], values):
+        return
+    buffer.copy_(torch.from_numpy(values))
+    b.copied[name] = (buffer, values)
 
 
 NetworksSource = Union[Networks, Callable[[], Networks]]
@@ -279,6 +291,7 @@ class FastTorchBackend:
         self.step_callback = None  # optional f(i, x) after step i (0 = noisiest); runs the loop uncaptured
         self.last_stage_ms: dict[str, float] = {}
         self.last_latents: torch.Tensor | None = None
+        self.last_finite: bool | None = None  # whether last_latents are all finite (the decode stage's check)
         self.last_form: str | None = None
         self._time_rows: OrderedDict = OrderedDict()  # schedule -> Stages.time_rows of its timesteps
 
@@ -476,7 +489,7 @@ class FastTorchBackend:
                                      b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
-        b.images = fns["decode"](b.x)
+        b.images, b.finite = fns["decode"](b.x)
 
     STAGES = ("encode", "loop", "decode")  # as time_stages reports them: encode is text and hint
 
@@ -559,8 +572,7 @@ class FastTorchBackend:
         return rows
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
-        x, step_noise = draw_noise(request, self.device)
-        b.x.copy_(x)
+        _, step_noise = draw_noise(request, self.device, out=b.x)
         if step_noise is not None:
             b.step_noise.copy_(step_noise)
         else:  # sigma is 0 then, so any finite noise would do; zeros say so, and no step copies them
@@ -568,12 +580,13 @@ class FastTorchBackend:
 
     def _copy_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op
-        on a 16-core host); each buffer then takes one host-to-device copy, with no dtype change."""
+        on a 16-core host); each buffer then takes one host-to-device copy, with no dtype change,
+        and none where it holds the values already (a repeated call's scales, guidance and steps)."""
         b.edges.copy_(torch.from_numpy(np.repeat(request.edges[None, None], request.num_samples, axis=0)))
         rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
-        b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)))
-        b.guidance.fill_(request.guidance_scale)
-        b.steps.copy_(step_table(request.schedule))
+        copy_if_changed(b, "control_scales", np.repeat(rows, request.num_samples, axis=0))
+        copy_if_changed(b, "guidance", np.array(request.guidance_scale, np.float32))
+        copy_if_changed(b, "steps", step_table(request.schedule).numpy())
 
     def _conv_algorithms(self, run: Run):
         """cuDNN times its convolution algorithms for the run's size (once, then cached for the
@@ -630,7 +643,9 @@ class FastTorchBackend:
                 self.startup["first size first call"] = run.first_call_s
         self.last_latents = b.x
         self.last_form = run.form
-        return b.images.cpu().numpy()
+        images = b.images.cpu().numpy()
+        self.last_finite = bool(b.finite)  # the GPU is done: no wait
+        return images
 
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers

@@ -59,8 +59,9 @@ class GenerationRequest:
 
     @property
     def has_step_noise(self) -> bool:
-        """eta > 0. With eta = 0 the reference's per-step noise is multiplied by 0."""
-        return bool((self.schedule.sigmas > 0).any())
+        """eta > 0. With eta = 0 the reference's per-step noise is multiplied by 0. (numpy: torch's CPU
+        kernels would wake their threads.)"""
+        return bool((self.schedule.sigmas.numpy() > 0).any())
 
     def control_scale_rows(self) -> np.ndarray:
         """float32 (2, 13): the conditional branch's scales, then the unconditional one's (zeros in
@@ -69,11 +70,13 @@ class GenerationRequest:
         return np.stack([cond, cond * 0 if self.guess_mode else cond])
 
 
-def draw_noise(request: GenerationRequest, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def draw_noise(request: GenerationRequest, device, out: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's random numbers in its order, drawn up front for back-ends that capture their
-    loop: the initial latents, then (eta > 0 only) one tensor per step from the noisiest step down.
-    Returns (x, step_noise) with step_noise (S, N, 4, h, w) indexed like the schedule."""
-    x = torch.randn(request.latent_shape, device=device)
+    loop: the initial latents (into `out` where given, an fp32 tensor of the latent shape on
+    `device`), then (eta > 0 only) one tensor per step from the noisiest step down. Returns (x,
+    step_noise) with step_noise (S, N, 4, h, w) indexed like the schedule."""
+    x = torch.randn(request.latent_shape, device=device) if out is None else torch.randn(request.latent_shape, out=out)
     if not request.has_step_noise:
         return x, None
     noise = {index: torch.randn(request.latent_shape, device=device) for index, _ in request.schedule.sampling_order()}
@@ -85,7 +88,9 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         """uint8 (N, H, W, 3). Draws its initial noise with torch.randn on its own device right
-        away (the caller has just seeded every generator)."""
+        away (the caller has just seeded every generator). After it, `last_latents` holds the final
+        latents; a back-end may also say in `last_finite` (a bool) whether they are all finite,
+        which then spares the front end its own check."""
 
 
 def seed_everything(seed: int) -> None:
@@ -158,14 +163,19 @@ class Canny2Image:
                                    high_threshold)
             prepared = time.perf_counter()
             images = self.backend.generate(request)
-            check_finite(getattr(self.backend, "last_latents", None), strength, scale)
+            check_finite(self.backend, strength, scale)
         end = time.perf_counter()
         self.last_timings = {"preprocess": prepared - start, "generate": end - prepared, "total": end - start}
         return Images([images[i] for i in range(len(images))], self.last_seed)
 
 
-def check_finite(latents: torch.Tensor | None, strength, scale) -> None:
-    """A sampler that overflowed returns black images after the uint8 clamp: say so instead."""
-    if latents is not None and not bool(torch.isfinite(latents).all()):
+def check_finite(backend, strength, scale) -> None:
+    """A sampler that overflowed returns black images after the uint8 clamp: say so instead. The
+    back-end's `last_finite` where it has one, else its `last_latents` checked here."""
+    finite = getattr(backend, "last_finite", None)
+    if finite is None:
+        latents = getattr(backend, "last_latents", None)
+        finite = latents is None or bool(torch.isfinite(latents).all())
+    if not finite:
         raise FloatingPointError(f"the sampler produced NaN or infinite latents (strength={strength!r}, "
                                  f"scale={scale!r}): lower them, or check the checkpoint's weights")

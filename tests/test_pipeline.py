@@ -212,3 +212,16 @@ def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(t
     assert torch.equal(again.uncond_tokens, tokenizer([N_PROMPT] * 3))
     first.cond_tokens[0, 1] = 0  # a back-end that writes into its request's tokens changes nothing kept
     assert torch.equal(pipe.prompt_tokens(f"a cat, {A_PROMPT}", 1), tokenizer([f"a cat, {A_PROMPT}"]))
+
+
+def test_draw_noise_into_a_given_tensor_draws_the_same_numbers(tiny, photo):
+    """draw_noise with `out` (the fast back-end's latent buffer) fills that tensor with the numbers
+    the seeded generator gives without it, step noise included."""
+    from sdcanny.pipeline import draw_noise
+    request = tiny.pipeline.request(photo, "a bird", "", "", 1, 64, 4, False, 1.0, 9.0, 7, 0.5, 100, 200)
+    torch.manual_seed(7)
+    x, steps = draw_noise(request, "cpu")
+    out = torch.empty(request.latent_shape)
+    torch.manual_seed(7)
+    x2, steps2 = draw_noise(request, "cpu", out=out)
+    assert x2 is out and torch.equal(out, x) and torch.equal(steps2, steps)
