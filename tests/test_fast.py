@@ -11,7 +11,7 @@ import photos
 from sdcanny import compat
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
-from sdcanny.fast import Buffers, FastTorchBackend, copy_if_changed, copy_into, cudnn_settings, step_table
+from sdcanny.fast import FastTorchBackend, copy_into, cudnn_settings, step_table
 from sdcanny.networks import fp32_islands
 from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
@@ -165,26 +165,6 @@ def test_the_decode_stage_says_whether_the_latents_are_finite(tiny_checkpoint):
     with pytest.raises(FloatingPointError, match=r"NaN or infinite latents \(strength=1.0, scale=1e\+38\)"):
         pipe.process(photo(), **{**args, "scale": 1e38})
     assert pipe.backend.last_finite is False and not bool(torch.isfinite(pipe.backend.last_latents).all())
-
-
-def test_inputs_that_hold_their_values_are_not_copied_again():
-    """copy_if_changed: a buffer takes host values once; equal values again copy nothing (the buffer
-    is not written: its changed contents stay); other values, or a new buffer, are copied."""
-    b = Buffers(tokens=None, edges=None, control_scales=torch.zeros(2, 3), guidance=torch.zeros(()), x=None,
-                step_row=None, noise=None)
-    rows = np.arange(6, dtype=np.float32).reshape(2, 3)
-    copy_if_changed(b, "control_scales", rows)
-    assert b.control_scales.tolist() == rows.tolist()
-    b.control_scales.fill_(-1.0)  # a mark: an equal copy must leave it
-    copy_if_changed(b, "control_scales", rows.copy())
-    assert (b.control_scales == -1).all()
-    copy_if_changed(b, "control_scales", rows + 1)
-    assert b.control_scales.tolist() == (rows + 1).tolist()
-    b.control_scales = torch.zeros(2, 3)  # reallocated: copied again though the values are equal
-    copy_if_changed(b, "control_scales", rows + 1)
-    assert b.control_scales.tolist() == (rows + 1).tolist()
-    copy_if_changed(b, "guidance", np.array(9.0, np.float32))
-    assert float(b.guidance) == 9.0
 
 
 def test_cudnn_settings_are_set_for_a_block_and_restored():
