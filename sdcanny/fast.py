@@ -8,7 +8,7 @@ Per image the GPU work is four captured graphs:
     step    one DDIM step, replayed once per step: the ControlNet on a second stream beside the
             UNet's encoder half, then the decoder half, guidance and the DDIM update in fp32
             (sdcanny/stages.py)
-    decode  VAE decoder and the uint8 HWC conversion
+    decode  VAE decoder and the uint8 HWC conversion, and whether the latents are all finite
 
 Every step's time embedding is made once per schedule, ahead of the loop (Stages.time_rows).
 

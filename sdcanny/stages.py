@@ -8,7 +8,7 @@ batch and image size in a range (sdcanny/programs.py).
     control       per step: the ControlNet's 13 residuals, scaled per sample
     unet_encode   per step, beside `control` on a second stream: the UNet's input and middle blocks
     unet_decode   per step: the UNet's output blocks with the residuals added, guidance, DDIM update
-    decode        once per image: VAE decoder and the uint8 HWC conversion
+    decode        once per image: VAE decoder and the uint8 HWC conversion; whether the latents are finite
 
 The per-step stages take the time embedding as a row made ahead for every step of the schedule
 (time_rows): it depends on the timestep alone. Batches are [cond, uncond]: rows [:N] the
