@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import overlap_launch_options
+
 
 @triton.jit
 def attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, queries, keys, sq_b, sq_n, sk_b, sk_t, sv_b, sv_t, so_b, so_n,
@@ -93,5 +95,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                            v.stride(0), v.stride(1), out.stride(0), out.stride(1), 1.4426950408889634 * width ** -0.5,
                            HEADS=heads, D=width, D_PAD=max(16, triton.next_power_of_2(width)), BLOCK_M=block_m,
                            BLOCK_N=block_n, num_warps=warps, num_stages=stages, OVERLAP=overlap,
-                           **({"launch_pdl": True} if overlap else {}))
+                           **overlap_launch_options(overlap))
     return out

@@ -85,6 +85,12 @@ def _kernel_launches_overlap(device_index: int) -> bool:
     return hasattr(triton_cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+def overlap_launch_options(overlap: bool) -> dict:
+    """The keyword arguments that launch one of our Triton kernels with programmatic dependent launch
+    where `overlap` (a kernel_launches_overlap answer), none otherwise."""
+    return {"launch_pdl": True} if overlap else {}
+
+
 def custom_op_layout_tags() -> tuple:
     """Tags for a custom op whose inputs must reach it with the strides they had when traced
     (TorchInductor may otherwise lay its own buffers out afresh): the strictest tag this torch has,

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import overlap_launch_options
+
 # Elements of a group held in registers at once (32 a thread at 16 warps). 32768 spilled: the 640 x
 # 32 x 48 group was 0.6 µs faster in two passes of 16384, and the 960-channel one's two passes of
 # 16384 took 13.8 µs where six of 8192 took 24.7 (H100, docs/benchmarks.md)
@@ -259,8 +261,7 @@ def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     rows, loads, tiles = tiling(pixels, channels)
     sums = torch.empty((batch, tiles, groups, 2), dtype=torch.float32, device=x.device)
     stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
-    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap,
-                 **({"launch_pdl": True} if overlap else {}))
+    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap, **overlap_launch_options(overlap))
     tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8, **shape)
     tile_stats_kernel[(groups, batch)](x, sums, stats, tiles, pixels, sx_n, eps,
                                        TILE_BLOCK=triton.next_power_of_2(tiles), num_warps=4, **shape)
@@ -323,7 +324,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         height * width, width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
         HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps,
-        PATCHES=patches, OVERLAP=overlap, **({"launch_pdl": True} if overlap else {}))
+        PATCHES=patches, OVERLAP=overlap, **overlap_launch_options(overlap))
     return y
 
 
