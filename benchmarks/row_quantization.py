@@ -1,0 +1,49 @@
+"""Weights rounded to 8 bits with one scale per output channel (a row of the (out, in...) weight),
+symmetric: what benchmarks/quantized_products.py times and benchmarks/quantization_fidelity.py
+simulates. Plain torch; none of it is in the product (docs/benchmarks.md says why).
+
+    int8   round(w / s) in -127..127, s = max |row| / 127
+    uint8  the int8 value + 128 (a kernel turns it into fp16 with one OR and one subtraction)
+    fp8    w / s cast to float8_e4m3fn, s = max |row| / 448 (e4m3's largest finite value)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+KINDS = ("int8", "uint8", "fp8")
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored values, fp32 scale per row) for `kind`; w is (rows, ...) of any float dtype."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    top = FP8_MAX if kind == "fp8" else 127.0
+    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / top
+    scaled = flat / scale[:, None]
+    if kind == "fp8":
+        return scaled.to(torch.float8_e4m3fn).reshape(w.shape), scale
+    q = scaled.round().clamp(-127, 127)
+    stored = (q + 128).to(torch.uint8) if kind == "uint8" else q.to(torch.int8)
+    return stored.reshape(w.shape), scale
+
+
+def dequantize_rows(stored: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fp32 weights the stored values stand for."""
+    values = stored.float() - (128.0 if kind == "uint8" else 0.0)
+    return values * scale.reshape(-1, *([1] * (stored.dim() - 1)))
+
+
+def round_rows(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """w as its `kind` rounding gives it back, in w's dtype and shape."""
+    return dequantize_rows(*quantize_rows(w, kind), kind).to(w.dtype)
+
+
+def save_report(lines: list[str], path: Path) -> None:
+    """The study's two scripts' tables: written to `path` (its folder made) and printed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
