@@ -3,8 +3,9 @@ the reference back-end on the synthetic checkpoint against itself with the weigh
 ControlNet and UNet layer of at most MAX_ROWS rows at the graded size rounded per output channel
 (benchmarks/row_quantization.py). At the graded 256x384 those are the layers at the 8x12 and 4x6
 latents (at most 96 pixels a sample, two samples for the guidance), which the step reads as
-2.1 GB of its 2.5 GB of fp16 weights (benchmarks/quantized_products.py). With `fp8-activations` the layers' inputs are rounded to e4m3 too,
-one scale per tensor, as a fp8 x fp8 product (cuBLAS's) takes them.
+2.1 GB of its 2.5 GB of fp16 weights (benchmarks/quantized_products.py). With `fp8-activations`
+those products' other operand is rounded to e4m3 too, one scale per tensor, as a fp8 x fp8
+product (cuBLAS's) takes it.
 
     python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations] [--photos 1]
 

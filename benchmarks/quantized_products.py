@@ -200,7 +200,7 @@ def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
     row["uint8 rounding error"] = relative_error(rounded, exact)
     if kernel:
         outs = [torch.empty(m, n, device=dev, dtype=torch.float16) for _ in ws]
-        row["kernel fp16"], row["fp16 launch"] = best_kernel(x, [(w, None) for w in ws], bias, outs, "fp16")
+        row["kernel fp16"], _ = best_kernel(x, [(w, None) for w in ws], bias, outs, "fp16")
         row["kernel uint8"], launch = best_kernel(x, uint8, bias, outs, "uint8")
         row["uint8 launch"] = launch
         int8 = [quantize_rows(w, "int8") for w in ws]
