@@ -34,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graph_timing import replay_us  # noqa: E402
 from row_quantization import quantize_rows, save_report  # noqa: E402
+from sdcanny.metrics import relative_l2  # noqa: E402
 
 MAX_ROWS = 192  # the 8x12 latent's pixels for two samples; the 16x24 latent's 768 rows are compute-bound
 MODES = {"fp16": 0, "int8": 1, "uint8": 2}  # the kernel's weights
@@ -159,7 +160,8 @@ def rotating_us(calls: list[Callable[[], object]]) -> float:
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got.float() - expected).norm() / expected.norm())
+    """metrics.relative_l2 of two GPU tensors."""
+    return relative_l2(got.float().cpu().numpy(), expected.float().cpu().numpy())
 
 
 def best_kernel(x, weights: list, bias, outs: list, mode: str) -> tuple[float, dict]:
