@@ -51,7 +51,7 @@ control_time, unet_time = backend.stages.split_time_row(b.time_row)
 
 
 def ctl():
-    return fns["control"](x2, control_time, b.control_context, b.hint_features, b.control_scales)
+    return fns["control"](x2, control_time, b.control_context, b.hint_features)
 
 
 def enc():
@@ -67,8 +67,8 @@ torch.cuda.synchronize()
 
 
 def dec():
-    return fns["unet_decode"](hh, skips, unet_time, b.unet_context, controls, b.x.clone(), b.step_row, b.guidance,
-                              b.noise)
+    return fns["unet_decode"](hh, skips, unet_time, b.unet_context, controls, b.control_scales, b.x.clone(),
+                              b.step_row, b.guidance, b.noise)
 
 
 def replay_ms(graph, replays: int, rounds: int) -> float:
@@ -146,9 +146,9 @@ class Rec(TorchDispatchMode):
 st = backend.stages
 rec = Rec()
 with torch.no_grad(), rec:
-    cs = st.control(x2, control_time, b.control_context, b.hint_features, b.control_scales)
+    cs = st.control(x2, control_time, b.control_context, b.hint_features)
     e2 = st.unet_encode(x2, unet_time, b.unet_context)
-    st.unet_decode(*e2, unet_time, b.unet_context, cs, b.x.clone(), b.step_row, b.guidance, b.noise)
+    st.unet_decode(*e2, unet_time, b.unet_context, cs, b.control_scales, b.x.clone(), b.step_row, b.guidance, b.noise)
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 att = ["| q | k | eager op | count | " + " | ".join(x.name for x in SDPA_BACKENDS) + " |"]

@@ -463,7 +463,7 @@ class FastTorchBackend:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = fns["control"](x2, control_time, b.control_context, b.hint_features, b.control_scales)
+            controls = fns["control"](x2, control_time, b.control_context, b.hint_features)
         encoded = fns["unet_encode"](x2, unet_time, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
@@ -474,8 +474,8 @@ class FastTorchBackend:
         x2 = step_inputs(b.x, self.dtype)
         control_time, unet_time = self.stages.split_time_row(b.time_row)
         controls, (h, skips) = self.encoder_halves(fns, b, x2, control_time, unet_time)
-        b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.x, b.step_row, b.guidance,
-                                     b.noise))
+        b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.control_scales, b.x,
+                                     b.step_row, b.guidance, b.noise))
 
     def _decode(self, fns: dict, b: Buffers) -> None:
         b.images, b.finite = fns["decode"](b.x)

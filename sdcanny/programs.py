@@ -104,9 +104,9 @@ GRADED_LATENT = (32, 48)  # 256x384 pixels
 BATCH_AXES = {
     "text": ("2N",),
     "hint": ("N",),
-    "control": ("2N", None, "2N", "2N", "2N"),
+    "control": ("2N", None, "2N", "2N"),
     "unet_encode": ("2N", None, "2N"),
-    "unet_decode": ("2N", "2N", None, "2N", "2N", "N", None, None, "N"),
+    "unet_decode": ("2N", "2N", None, "2N", "2N", "2N", "N", None, None, "N"),
     "decode": ("N",),
 }
 
@@ -128,11 +128,12 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
         x2 = step_inputs(x, dtype)
         time_row = stages.time_rows(step[:1])
         control_time, unet_time = stages.split_time_row(time_row)
-        controls = stages.control(x2, control_time, control_context, features, scales)
+        controls = stages.control(x2, control_time, control_context, features)
         hidden, skips = stages.unet_encode(x2, unet_time, unet_context)
-    return {"text": (tokens,), "hint": (edges,), "control": (x2, control_time, control_context, features, scales),
+    return {"text": (tokens,), "hint": (edges,), "control": (x2, control_time, control_context, features),
             "unet_encode": (x2, unet_time, unet_context),
-            "unet_decode": (hidden, skips, unet_time, unet_context, controls, x, step, guidance, torch.randn_like(x)),
+            "unet_decode": (hidden, skips, unet_time, unet_context, controls, scales, x, step, guidance,
+                            torch.randn_like(x)),
             "decode": (x,)}
 
 

@@ -71,15 +71,17 @@ class HintStage(nn.Module):
 
 
 class ControlStage(nn.Module):
-    """The 13 control residuals of x2 = [x, x], each times its sample's control scale. `emb` is the
-    ControlNet's part of the step's time_rows."""
+    """The 13 control residuals of x2 = [x, x], unscaled: unet_decode scales them where it adds
+    them, in the kernels that add them. (Scaled here, each took a small kernel of its own after its
+    zero convolution: 13 a step at the end of the ControlNet's stream, the longer of the two.)
+    `emb` is the ControlNet's part of the step's time_rows."""
 
     def __init__(self, controlnet: ControlNet):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, x2, emb, context, hint_features, control_scales) -> list[torch.Tensor]:
-        return scale_controls(self.controlnet.residuals(x2, emb, context, hint_features), control_scales)
+    def forward(self, x2, emb, context, hint_features) -> list[torch.Tensor]:
+        return self.controlnet.residuals(x2, emb, context, hint_features)
 
 
 class UNetEncodeStage(nn.Module):
@@ -95,16 +97,17 @@ class UNetEncodeStage(nn.Module):
 
 
 class UNetDecodeStage(nn.Module):
-    """The UNet's second half, guidance e = e_u + s (e_c - e_u) and the DDIM update, in fp32.
-    `step` is one row of the step table; `noise` is the step's noise (zeros when eta = 0, where
-    sigma is 0 too and the update is exactly the noiseless one)."""
+    """The UNet's second half on the control residuals, each times its sample's control scale,
+    then guidance e = e_u + s (e_c - e_u) and the DDIM update, in fp32. `step` is one row of the
+    step table; `noise` is the step's noise (zeros when eta = 0, where sigma is 0 too and the
+    update is exactly the noiseless one)."""
 
     def __init__(self, unet: UNet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, h, skips, emb, context, controls, x, step, guidance, noise):
-        eps = self.unet.decode(h, skips, emb, context, controls).to(x.dtype)
+    def forward(self, h, skips, emb, context, controls, control_scales, x, step, guidance, noise):
+        eps = self.unet.decode(h, skips, emb, context, scale_controls(controls, control_scales)).to(x.dtype)
         # slices, not chunk(2): export cannot prove that chunk's split of a dynamic 2N is N
         e_cond, e_uncond = eps[:x.shape[0]], eps[x.shape[0]:]
         e_t = e_uncond + guidance * (e_cond - e_uncond)

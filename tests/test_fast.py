@@ -62,9 +62,10 @@ def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
         step = step_table(sched)[i]
         x2 = step_inputs(x, torch.float32)
         control_time, unet_time = stages.split_time_row(stages.time_rows(step_table(sched)[:, 0])[i:i + 1])
-        controls = stages.control(x2, control_time, ctx, feats, scales)
+        controls = stages.control(x2, control_time, ctx, feats)
         h, skips = stages.unet_encode(x2, unet_time, ctx)
-        got = stages.unet_decode(h, skips, unet_time, ctx, controls, x, step, torch.tensor(7.5), torch.zeros_like(x))
+        got = stages.unet_decode(h, skips, unet_time, ctx, controls, scales, x, step, torch.tensor(7.5),
+                                 torch.zeros_like(x))
         t = sched.timesteps[i:i + 1]
         e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
         e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
