@@ -46,20 +46,20 @@ for img in imgs * 2:
     ms.append((time.perf_counter() - t) * 1000)
 print(f"graded ms: {sorted(ms)} median {sorted(ms)[len(ms)//2]:.1f}", flush=True)
 
-x_in = step_inputs(b.x, backend.dtype)
+x2 = step_inputs(b.x, backend.dtype)
 control_time, unet_time = backend.stages.split_time_row(b.time_row)
 
 
 def ctl():
-    return fns["control"](x_in, control_time, b.control_context, b.hint_features)
+    return fns["control"](x2, control_time, b.control_context, b.hint_features)
 
 
 def enc():
-    return fns["unet_encode"](x_in, unet_time, b.unet_context)
+    return fns["unet_encode"](x2, unet_time, b.unet_context)
 
 
 def both():  # as the step runs them: the ControlNet on the side stream beside the encoder half
-    return backend.encoder_halves(fns, b, x_in, control_time, unet_time)
+    return backend.encoder_halves(fns, b, x2, control_time, unet_time)
 
 
 controls, (hh, skips) = both()
@@ -146,8 +146,8 @@ class Rec(TorchDispatchMode):
 st = backend.stages
 rec = Rec()
 with torch.no_grad(), rec:
-    cs = st.control(x_in, control_time, b.control_context, b.hint_features)
-    e2 = st.unet_encode(x_in, unet_time, b.unet_context)
+    cs = st.control(x2, control_time, b.control_context, b.hint_features)
+    e2 = st.unet_encode(x2, unet_time, b.unet_context)
     st.unet_decode(*e2, unet_time, b.unet_context, cs, b.control_scales, b.x.clone(), b.step_row, b.guidance, b.noise)
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)

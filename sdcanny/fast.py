@@ -453,9 +453,9 @@ class FastTorchBackend:
             if self.step_callback is not None:
                 self.step_callback(n, b.x.clone())
 
-    def encoder_halves(self, fns: dict, b: Buffers, x: torch.Tensor, control_time: torch.Tensor,
+    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor, control_time: torch.Tensor,
                        unet_time: torch.Tensor) -> tuple:
-        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x at the step whose
+        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x2 at the step whose
         time rows (Stages.split_time_row) are given: the ControlNet forked onto the side stream (on
         a GPU) while the encoder half runs here, the two joined before this returns."""
         fork = self.side_stream is not None
@@ -463,17 +463,17 @@ class FastTorchBackend:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = fns["control"](x, control_time, b.control_context, b.hint_features)
-        encoded = fns["unet_encode"](x, unet_time, b.unet_context)
+            controls = fns["control"](x2, control_time, b.control_context, b.hint_features)
+        encoded = fns["unet_encode"](x2, unet_time, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
         return controls, encoded
 
     def _step(self, fns: dict, b: Buffers) -> None:
         """One sampler step on b.x: the encoder halves, then the decoder half."""
-        x = step_inputs(b.x, self.dtype)
+        x2 = step_inputs(b.x, self.dtype)
         control_time, unet_time = self.stages.split_time_row(b.time_row)
-        controls, (h, skips) = self.encoder_halves(fns, b, x, control_time, unet_time)
+        controls, (h, skips) = self.encoder_halves(fns, b, x2, control_time, unet_time)
         b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.control_scales, b.x,
                                      b.step_row, b.guidance, b.noise))
 

@@ -52,24 +52,6 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return attention(*split).transpose(1, 2).reshape(b, n, c)
 
 
-def guidance_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x as `rows` rows of a [cond, uncond] batch. Classifier-free guidance's two branches see the
-    same latents, timestep and hint, so every layer before the first that reads the text gives
-    both the same rows: a caller may run those layers on the N rows once (the fast back-end does),
-    and such a tensor becomes the 2N rows [x, x] here, where the branches part or where it meets a
-    2N-row one. A tensor of `rows` rows is returned as it is."""
-    if x.shape[0] == rows:
-        return x
-    if 2 * x.shape[0] != rows:
-        raise ValueError(f"{x.shape[0]} rows are neither the {rows} of the batch nor the half both branches share")
-    return x.repeat(2, *(1,) * (x.dim() - 1))
-
-
-def text_rows(context) -> int:
-    """Rows of the text context: a tensor, or the per-layer keys and values made from it."""
-    return (context[0] if isinstance(context, (list, tuple)) else context).shape[0]
-
-
 class GroupNorm(nn.GroupNorm):
     """Computes in its parameters' dtype. In a network of one dtype that is plain GroupNorm; with
     fp32 parameters in an fp16 network (`to_mixed_precision`) it is ldm's GroupNorm32: statistics
@@ -474,11 +456,9 @@ class BasicTransformerBlock(nn.Module):
         self.attn2.fuse_projections(self_attention=False)
 
     def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The block up to its feed-forward: self-attention, then cross-attention, each with its
-        residual. Where x holds only the rows both guidance branches share, they part at the
-        cross-attention (guidance_rows)."""
+        """The block up to its feed-forward: self-attention, then cross-attention, each with its residual."""
         h = self.norm1(x)
-        x = guidance_rows(self.attn1(h, h) + x, text_rows(context))
+        x = self.attn1(h, h) + x
         return self.attn2(self.norm2(x), context) + x
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -508,19 +488,17 @@ class SpatialTransformer(nn.Module):
         self.folded_out_bias = (wp @ out.bias.to(wide) + self.proj_out.bias.to(wide)).to(dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        _, c, h, w = x.shape
+        b, c, h, w = x.shape
         t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
         *blocks, last = self.transformer_blocks
         for block in blocks:
             t = block(t, context)
-        # the blocks give the text's rows, which may be twice x's (guidance_rows)
         if self.folded_out_weight is None:
-            t = last(t, context)
-            return self.proj_out(t.transpose(1, 2).reshape(t.shape[0], c, h, w)) + guidance_rows(x, t.shape[0])
+            return self.proj_out(last(t, context).transpose(1, 2).reshape(b, c, h, w)) + x
         r = last.attend(t, context)
         g = last.ff.net[0](last.norm3(r))
         out = F.linear(torch.cat([g, r], dim=-1), self.folded_out_weight, self.folded_out_bias)
-        return out.transpose(1, 2).reshape(out.shape[0], c, h, w) + guidance_rows(x, out.shape[0])
+        return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
 class Downsample(nn.Module):
@@ -795,9 +773,7 @@ class UNet(nn.Module):
         """The input blocks and the middle block: (h, skips). Independent of the ControlNet, so the
         fast back-end runs it concurrently with the ControlNet. `emb` is what embed_time gives (a
         row per sample, or one row for every sample): it depends on the timestep alone, so the fast
-        back-end makes every step's row once, ahead of the loop. x may hold N rows where the context
-        has 2N: the rows both guidance branches share (guidance_rows); so do the skips of the
-        layers before the first cross-attention."""
+        back-end makes every step's row once, ahead of the loop."""
         skips = []
         h = x
         for block in self.input_blocks:
@@ -810,14 +786,12 @@ class UNet(nn.Module):
         skips = list(skips)
         if controls is not None:
             controls = list(controls)
-            control = controls.pop()
-            h = guidance_rows(h, control.shape[0]) + control
+            h = h + controls.pop()
         for block in self.output_blocks:
-            skip = skips.pop()  # the first ones may hold the rows both guidance branches share
+            skip = skips.pop()
             if controls is not None:
-                control = controls.pop()
-                skip = guidance_rows(skip, control.shape[0]) + control
-            h = block(torch.cat([h, guidance_rows(skip, h.shape[0])], dim=1), emb, context)
+                skip = skip + controls.pop()
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         norm, _, conv = self.out  # GroupNorm, SiLU, Conv: normalize applies the SiLU (the fused op, one kernel)
         return conv(norm.normalize(h, silu=True))
 
@@ -864,15 +838,13 @@ class ControlNet(nn.Module):
 
     def residuals(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                   hint_features: torch.Tensor) -> list[torch.Tensor]:
-        """forward() with the time embedding made already (embed_time; see UNet.encode). x (and
-        hint_features) may hold N rows where the context has 2N: the rows both guidance branches
-        share (guidance_rows); so do the residuals of the layers before the first cross-attention."""
+        """forward() with the time embedding made already (embed_time; see UNet.encode)."""
         outs = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
-            if i == 0:  # hint_features: as many rows as x, or twice (guidance_rows)
-                h = guidance_rows(h, hint_features.shape[0]) + hint_features
+            if i == 0:
+                h = h + hint_features
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
@@ -1008,10 +980,8 @@ class UnionModel(nn.Module):
 
 
 def scale_controls(controls: list[torch.Tensor], control_scales: torch.Tensor) -> list[torch.Tensor]:
-    """Residual i of sample b times control_scales[b, i]; a residual of the rows both guidance
-    branches share (guidance_rows) becomes both branches' rows, whose scales may differ."""
-    rows = control_scales.shape[0]
-    return [guidance_rows(c, rows) * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
+    """Residual i of sample b times control_scales[b, i]."""
+    return [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -98,17 +98,15 @@ class ShapeRange:
 
 GRADED_LATENT = (32, 48)  # 256x384 pixels
 
-# Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples, or the rows both
-# guidance branches share), "branches" (a list of both: the skips and residuals of the layers
-# before the first cross-attention have N rows, the others 2N; networks.guidance_rows) or None
+# Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples) or None
 # (per-call values; the time rows are one row for every sample). Every 4-D input's height and
 # width are multiples of the latent's / 8.
 BATCH_AXES = {
     "text": ("2N",),
     "hint": ("N",),
-    "control": ("N", None, "2N", "N"),
-    "unet_encode": ("N", None, "2N"),
-    "unet_decode": ("2N", "branches", None, "2N", "branches", "2N", "N", None, None, "N"),
+    "control": ("2N", None, "2N", "2N"),
+    "unet_encode": ("2N", None, "2N"),
+    "unet_decode": ("2N", "2N", None, "2N", "2N", "2N", "N", None, None, "N"),
     "decode": ("N",),
 }
 
@@ -127,13 +125,13 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     with torch.no_grad():
         control_context, unet_context = stages.text(tokens)
         features = stages.hint(edges)
-        x_in = step_inputs(x, dtype)
+        x2 = step_inputs(x, dtype)
         time_row = stages.time_rows(step[:1])
         control_time, unet_time = stages.split_time_row(time_row)
-        controls = stages.control(x_in, control_time, control_context, features)
-        hidden, skips = stages.unet_encode(x_in, unet_time, unet_context)
-    return {"text": (tokens,), "hint": (edges,), "control": (x_in, control_time, control_context, features),
-            "unet_encode": (x_in, unet_time, unet_context),
+        controls = stages.control(x2, control_time, control_context, features)
+        hidden, skips = stages.unet_encode(x2, unet_time, unet_context)
+    return {"text": (tokens,), "hint": (edges,), "control": (x2, control_time, control_context, features),
+            "unet_encode": (x2, unet_time, unet_context),
             "unet_decode": (hidden, skips, unet_time, unet_context, controls, scales, x, step, guidance,
                             torch.randn_like(x)),
             "decode": (x,)}

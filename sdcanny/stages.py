@@ -12,10 +12,8 @@ batch and image size in a range (sdcanny/programs.py).
 
 The per-step stages take the time embedding as a row made ahead for every step of the schedule
 (time_rows): it depends on the timestep alone. Batches are [cond, uncond]: rows [:N] the
-conditional branch, [N:] the unconditional one; the step's latents, the hint features and what the
-networks make of them before their first cross-attention are the N rows both branches share
-(networks.guidance_rows). The stage modules hold whole networks; a compiled stage reads only the
-weights its graph uses.
+conditional branch, [N:] the unconditional one. The stage modules hold whole networks; a compiled
+stage reads only the weights its graph uses.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from .ddim import ddim_step
 from .networks import (ClipTextModel, ControlNet, UNet, VAEDecoder, cross_attention_keys_values, embed_time,
-                       guidance_rows, scale_controls, time_embedding_width)
+                       scale_controls, time_embedding_width)
 from .reference import to_uint8_hwc
 
 STAGE_NAMES = ("text", "hint", "control", "unet_encode", "unet_decode", "decode")
@@ -55,10 +53,9 @@ class TextStage(nn.Module):
 
 
 class HintStage(nn.Module):
-    """The canny map, uint8 (N, 1, H, W) -> the hint features (N, model_channels, H/8, W/8), in the
-    network dtype: one row per sample, which both guidance branches share (networks.guidance_rows).
-    The map goes to the GPU as the front end made it (a byte a pixel, where the fp32 control takes
-    12) and becomes the original's three-channel control here."""
+    """The canny map, uint8 (N, 1, H, W) -> the hint features for both branches (2N, model_channels,
+    H/8, W/8), in the network dtype. The map goes to the GPU as the front end made it (a byte a
+    pixel, where the fp32 control takes 12) and becomes the original's three-channel control here."""
 
     def __init__(self, controlnet: ControlNet):
         super().__init__()
@@ -67,12 +64,14 @@ class HintStage(nn.Module):
     def forward(self, edges: torch.Tensor):
         # / 255 in fp32 as the reference does it (exact: Canny's values are 0 and 255), then 3 channels
         hint = (edges.float() / 255.0).expand(-1, 3, -1, -1)
-        return self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
+        features = self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
+        # repeat, not cat([f, f]): the same rows, and Inductor (torch 2.13) fails to lower that cat
+        # when height and width are symbolic
+        return features.repeat(2, 1, 1, 1)
 
 
 class ControlStage(nn.Module):
-    """The 13 control residuals of the step's latents x (step_inputs), unscaled: the first of
-    them still the N rows both guidance branches share. unet_decode scales them where it adds
+    """The 13 control residuals of x2 = [x, x], unscaled: unet_decode scales them where it adds
     them, in the kernels that add them. (Scaled here, each took a small kernel of its own after its
     zero convolution: 13 a step at the end of the ControlNet's stream, the longer of the two.)
     `emb` is the ControlNet's part of the step's time_rows."""
@@ -81,8 +80,8 @@ class ControlStage(nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, x, emb, context, hint_features) -> list[torch.Tensor]:
-        return self.controlnet.residuals(x, emb, context, hint_features)
+    def forward(self, x2, emb, context, hint_features) -> list[torch.Tensor]:
+        return self.controlnet.residuals(x2, emb, context, hint_features)
 
 
 class UNetEncodeStage(nn.Module):
@@ -93,8 +92,8 @@ class UNetEncodeStage(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x, emb, context):
-        return self.unet.encode(x, emb, context)
+    def forward(self, x2, emb, context):
+        return self.unet.encode(x2, emb, context)
 
 
 class UNetDecodeStage(nn.Module):
@@ -108,9 +107,7 @@ class UNetDecodeStage(nn.Module):
         self.unet = unet
 
     def forward(self, h, skips, emb, context, controls, control_scales, x, step, guidance, noise):
-        eps = self.unet.decode(h, skips, emb, context, scale_controls(controls, control_scales))
-        # both branches' rows (a network without cross-attention would leave the shared ones)
-        eps = guidance_rows(eps, 2 * x.shape[0]).to(x.dtype)
+        eps = self.unet.decode(h, skips, emb, context, scale_controls(controls, control_scales)).to(x.dtype)
         # slices, not chunk(2): export cannot prove that chunk's split of a dynamic 2N is N
         e_cond, e_uncond = eps[:x.shape[0]], eps[x.shape[0]:]
         e_t = e_uncond + guidance * (e_cond - e_uncond)
@@ -167,8 +164,6 @@ class Stages:
 
 
 def step_inputs(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The latents in the network dtype, N rows: what `control` and `unet_encode` take. Both
-    guidance branches see them, so the networks run the layers before their first cross-attention
-    once, on these rows, and part them there (networks.guidance_rows). (A copy as [x, x] ran them
-    twice: at 32x48 a 3x3 convolution, a ResBlock and a self-attention of 1536 tokens a network.)"""
-    return x.to(dtype)
+    """[x, x] in the network dtype: what `control` and `unet_encode` take (one small kernel before
+    the stages)."""
+    return torch.cat([x, x]).to(dtype)

@@ -214,8 +214,7 @@ def test_stale_or_missing_programs_are_not_used_and_the_reason_is_given(tiny_che
 
 def test_the_batch_axes_table_matches_the_stages_inputs(tiny_checkpoint):
     """BATCH_AXES (which inputs carry N or 2N rows) decides what is symbolic in the programs: it
-    must agree with the inputs the stages really take, at two sample counts; "branches" lists hold
-    both (the shared rows of the first layers, then the branches')."""
+    must agree with the inputs the stages really take, at two sample counts."""
     builder = FastTorchBackend(lambda: load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32)
     for n in (1, 3):
         examples = programs.example_inputs(builder.stages, TINY, builder.device, builder.dtype, n, (16, 24))
@@ -226,8 +225,6 @@ def test_the_batch_axes_table_matches_the_stages_inputs(tiny_checkpoint):
                 if batch is None:  # per-call values: a step row, the guidance scalar, a time row (one
                     # row for every sample: at n = 1 that is N rows too, so n = 3 tells them apart)
                     assert n == 1 or rows.isdisjoint({n, 2 * n}), (name, rows)
-                elif batch == "branches":
-                    assert rows == {n, 2 * n}, (name, rows)
                 else:
                     assert rows == {n if batch == "N" else 2 * n}, (name, batch, rows)
 
