@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cublaslt import CublasLt  # noqa: E402
-from quantized_products import L2_BYTES, relative_error, rotating_us  # noqa: E402
+from quantized_products import L2_BYTES, low_row_products, relative_error, rotating_us  # noqa: E402
 from row_quantization import save_report  # noqa: E402
 from sdcanny.fast import PATCH_PRODUCT_ROWS  # noqa: E402
 
@@ -35,17 +35,9 @@ WRONG = 1e-2  # relative L2 from F.linear's output past which a candidate is rep
 def step_products(ops: Counter, patch_rows: int = PATCH_PRODUCT_ROWS) -> Counter:
     """(M, K, N, bias) -> count a step, from benchmarks/step_shapes.py's record of a step: every
     matrix product, and the 3x3 convolutions of at most `patch_rows` output pixels (samples
-    included) as patch products (K = 9 x input channels), as the fast back-end runs them."""
-    out: Counter = Counter()
-    for op, count in ops.items():
-        if op[0] == "gemm":
-            out[op[1:]] += count
-        elif op[0] == "conv":
-            _, batch, channels, height, width, filters, stride = op
-            rows = batch * ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
-            if rows <= patch_rows:
-                out[(rows, 9 * channels, filters, True)] += count
-    return out
+    included) as the patch products the fast back-end makes of them."""
+    products = Counter({op[1:]: count for op, count in ops.items() if op[0] == "gemm"})
+    return products + low_row_products(Counter({op: count for op, count in ops.items() if op[0] == "conv"}), patch_rows)
 
 
 def time_shape(lt: CublasLt, m: int, k: int, n: int, has_bias: bool, algorithms: int) -> dict:

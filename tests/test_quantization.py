@@ -81,6 +81,20 @@ def test_short_products_and_convolutions_of_a_step_record():
     assert {launch["split_k"] for launch in qp.launches(1280)} == {1, 2}
 
 
+@pytest.mark.skipif(not TRITON_3, reason="benchmarks/cublaslt_products.py takes quantized_products.py's, which needs Triton 3")
+def test_every_product_of_a_step_record_and_its_short_convolutions_as_patches():
+    """benchmarks/cublaslt_products.py times every matrix product whatever its rows, and the 3x3
+    convolutions the back-end runs as patch products (at most 192 output rows at the graded size):
+    counts of the same shape add up."""
+    import cublaslt_products as cp
+    ops = Counter({("gemm", 3072, 320, 320, True): 24, ("gemm", 48, 11520, 1280, True): 2,
+                   ("conv", 2, 1280, 4, 6, 1280, 1): 19, ("conv", 2, 1280, 8, 12, 1280, 2): 2,
+                   ("conv", 2, 320, 32, 48, 320, 1): 11})
+    # the 4x6 convolution and the stride-2 one from 8x12 (both 48 output rows) join the 48-row product
+    assert cp.step_products(ops) == Counter({(3072, 320, 320, True): 24, (48, 11520, 1280, True): 2 + 19 + 2})
+    assert cp.step_products(ops, patch_rows=0) == Counter({(3072, 320, 320, True): 24, (48, 11520, 1280, True): 2})
+
+
 @pytest.mark.skipif(not TRITON_3, reason="needs Triton 3 and its interpreter")
 def test_the_weight_only_kernel_in_the_interpreter():
     """tests/quantized_products_interpreted.py: fp16, int8 and uint8 weights, both operand orders,
