@@ -5,9 +5,10 @@ batch and image size in a range (sdcanny/programs.py).
     text          per prompt pair: CLIP on [cond, uncond] tokens and, where the networks are indexed
                   for it, their cross-attention keys and values
     hint          once per image: the ControlNet's hint block on the canny map
-    control       per step: the ControlNet's 13 residuals, scaled per sample
+    control       per step: the ControlNet's 13 residuals
     unet_encode   per step, beside `control` on a second stream: the UNet's input and middle blocks
-    unet_decode   per step: the UNet's output blocks with the residuals added, guidance, DDIM update
+    unet_decode   per step: the UNet's output blocks with the residuals scaled per sample and added,
+                  guidance, DDIM update
     decode        once per image: VAE decoder and the uint8 HWC conversion; whether the latents are finite
 
 The per-step stages take the time embedding as a row made ahead for every step of the schedule
