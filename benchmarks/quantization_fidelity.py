@@ -5,9 +5,11 @@ ControlNet and UNet layer of at most MAX_ROWS rows at the graded size rounded pe
 latents (at most 96 pixels a sample, two samples for the guidance), which the step reads as
 2.1 GB of its 2.5 GB of fp16 weights (benchmarks/quantized_products.py). With `fp8-activations`
 those products' other operand is rounded to e4m3 too, one scale per tensor, as a fp8 x fp8
-product (cuBLAS's) takes it.
+product (cuBLAS's) takes it. With `fp8-two-terms` it is rounded to two e4m3 terms instead (the
+value, then its rounding residual; round_to_two_fp8_terms): what one fp8 x fp8 product of the
+rows of both terms stacked gives back once its two halves are summed, the weights read once.
 
-    python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations] [--photos 1]
+    python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations,fp8-two-terms] [--photos 1]
 
 Left out, as the fast back-end computes them once per image or per schedule, not every step: the
 time embedding (its MLP and the ResBlocks' projections) and the cross-attentions' keys and values
@@ -40,7 +42,10 @@ from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
 MAX_ROWS = 192  # benchmarks/quantized_products.py's bound: products this short stream their weights
 GUIDANCE_BATCH = 2  # the fast back-end runs both guidance branches as one batch, the reference one at a time
-KINDS = ("int8", "fp8", "fp8-activations")
+KINDS = ("int8", "fp8", "fp8-activations", "fp8-two-terms")
+# e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
+# 2^4 the residual stays within the value's own range and keeps 3 bits of its own
+LOW_TERM_SHIFT = 4
 ONCE_PER_IMAGE = ("emb_layers", "time_embed", "attn2.to_k", "attn2.to_v")  # see the docstring
 
 
@@ -48,12 +53,12 @@ class WeightProducts(TorchDispatchMode):
     """Sees every convolution and matrix product whose weight is one of `names`' tensors (by
     storage: F.linear hands the product a transposed view), however the network calls it (the
     ResBlocks call F.conv2d with a module's weight), and records its rows: output pixels times
-    samples, or tokens times samples. With `fp8_inputs`, rounds those products' other operand to
-    e4m3 first, one scale per tensor."""
+    samples, or tokens times samples. With `round_inputs` (round_to_fp8, round_to_two_fp8_terms),
+    rounds those products' other operand with it first."""
 
-    def __init__(self, names: dict[int, str], fp8_inputs: bool = False):
+    def __init__(self, names: dict[int, str], round_inputs=None):
         super().__init__()
-        self.names, self.fp8_inputs = names, fp8_inputs
+        self.names, self.round_inputs = names, round_inputs
         self.rows: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -63,8 +68,8 @@ class WeightProducts(TorchDispatchMode):
         if at is None:
             return func(*args, **kwargs)
         data = pair[0] if at == pair[1] else pair[1]  # the other operand
-        if self.fp8_inputs:
-            args = args[:data] + (round_to_fp8(args[data]),) + args[data + 1:]
+        if self.round_inputs is not None:
+            args = args[:data] + (self.round_inputs(args[data]),) + args[data + 1:]
         out = func(*args, **kwargs)
         if func is torch.ops.aten.convolution.default:
             rows = out.numel() // out.shape[1]
@@ -85,8 +90,24 @@ def storage(t) -> int | None:
 
 
 def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x as e4m3 gives it back, one scale per tensor (its largest magnitude at e4m3's largest)."""
     scale = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
     return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def round_to_two_fp8_terms(x: torch.Tensor) -> torch.Tensor:
+    """x as two e4m3 terms under round_to_fp8's scale give it back: hi = e4m3(x / s), and lo the
+    residual x / s - hi times 2^LOW_TERM_SHIFT (exact), in e4m3 too; x ~ s (hi + lo 2^-shift).
+    A product of the stacked rows [hi; lo] with e4m3 weights reads the weights once; its halves,
+    the second divided by 2^shift, sum to the product of this rounding."""
+    scale = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+    scaled = x / scale
+    hi = scaled.to(torch.float8_e4m3fn).to(x.dtype)
+    lo = ((scaled - hi) * 2.0 ** LOW_TERM_SHIFT).to(torch.float8_e4m3fn).to(x.dtype)
+    return (hi + lo * 2.0 ** -LOW_TERM_SHIFT) * scale
+
+
+INPUT_ROUNDINGS = {"fp8-activations": round_to_fp8, "fp8-two-terms": round_to_two_fp8_terms}
 
 
 def step_weights(nets) -> dict[str, torch.Tensor]:
@@ -124,10 +145,12 @@ def generate(pipe: Canny2Image, image: np.ndarray, call: dict = GRADED_CALL) -> 
 def measure(kind: str, pipe: Canny2Image, weights: dict[str, torch.Tensor], photos: dict, reference: dict,
             call: dict = GRADED_CALL) -> dict:
     """`call` (the graded one) per photo with `kind`'s rounding applied to `weights` (and, for
-    fp8-activations, to their products' inputs), against `reference`'s (image, latents) per photo:
+    fp8-activations and fp8-two-terms, to their products' inputs), against `reference`'s (image,
+    latents) per photo:
     (latents' relative L2, PSNR dB) per photo. The weights are put back afterwards."""
     kept = {name: w.detach().clone() for name, w in weights.items()}
-    inputs = WeightProducts(by_storage(weights), fp8_inputs=True) if kind == "fp8-activations" else nullcontext()
+    rounding = INPUT_ROUNDINGS.get(kind)
+    inputs = nullcontext() if rounding is None else WeightProducts(by_storage(weights), rounding)
     try:
         with torch.no_grad():
             for w in weights.values():

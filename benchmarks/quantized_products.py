@@ -6,6 +6,9 @@ them:
 
     cuBLAS fp16     F.linear, as the step runs today
     cuBLAS fp8      torch._scaled_mm, e4m3 x e4m3, one scale per tensor (the input's cast not counted)
+    cuBLAS fp8, two terms   the same with twice the rows: the input as two e4m3 terms stacked, the
+                    value and its rounding residual (quantization_fidelity.round_to_two_fp8_terms),
+                    the weights read once (the terms' making and the halves' sum not counted)
     cuBLAS int8     torch._int_mm, int8 x int8 (the input's rounding and the output's scaling not counted)
     kernel          a Triton kernel of our own (below): fp16 weights, or uint8 ones (int8 + 128, one
                     scale per output channel) turned into fp16 in registers, the best of LAUNCHES
@@ -193,6 +196,9 @@ def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
     x8, w8 = x.to(torch.float8_e4m3fn), [w.to(torch.float8_e4m3fn) for w in ws]
     row["cuBLAS fp8"] = rotating_us([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.float16)
                                      for w in w8])
+    terms = torch.cat([x8, x8])  # [hi; lo]: the values do not change the time
+    row["cuBLAS fp8 two terms"] = rotating_us([lambda w=w: torch._scaled_mm(terms, w.t(), one, one,
+                                                                             out_dtype=torch.float16) for w in w8])
     xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
     wi = [quantize_rows(w, "int8")[0] for w in ws]
     row["cuBLAS int8"] = rotating_us([lambda w=w: torch._int_mm(xi, w.t()) for w in wi])
@@ -224,7 +230,8 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     ops = low_row_products(step_shapes.step_operations(CONFIGS["sd15"], torch.device("cuda"), torch.float16))
-    cols = ["cuBLAS fp16", "cuBLAS fp8", "cuBLAS int8", "kernel fp16", "kernel uint8", "kernel int8"]
+    cols = ["cuBLAS fp16", "cuBLAS fp8", "cuBLAS fp8 two terms", "cuBLAS int8", "kernel fp16", "kernel uint8",
+            "kernel int8"]
     lines = [f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}; weights cold", "",
              "| M x K -> N | a step | MB fp16 | " + " | ".join(f"{c} µs" for c in cols)
              + " | uint8 launch (weights first, BLOCK_N, BLOCK_K, slices, warps) | uint8 rounding error | kernel error |",

@@ -146,7 +146,7 @@ def test_the_products_inputs_are_rounded_to_fp8_for_the_chosen_weights_only():
     g = torch.Generator().manual_seed(0)
     lin, conv, other = torch.randn(6, 8, generator=g), torch.randn(5, 3, 3, 3, generator=g), torch.randn(6, 8, generator=g)
     x, image = torch.randn(10, 8, generator=g), torch.randn(2, 3, 4, 6, generator=g)
-    mode = qf.WeightProducts({qf.storage(lin): "lin", qf.storage(conv): "conv"}, fp8_inputs=True)
+    mode = qf.WeightProducts({qf.storage(lin): "lin", qf.storage(conv): "conv"}, qf.round_to_fp8)
     with mode:
         got_linear = torch.nn.functional.linear(x, lin)
         got_conv = torch.nn.functional.conv2d(image, conv, padding=1)
@@ -156,3 +156,23 @@ def test_the_products_inputs_are_rounded_to_fp8_for_the_chosen_weights_only():
     assert torch.equal(got_other, torch.nn.functional.linear(x, other))  # not a chosen weight: untouched
     assert not torch.equal(qf.round_to_fp8(x), x)
     assert mode.rows == {"lin": 10, "conv": 2 * 4 * 6}
+
+
+@pytest.mark.skipif(not installed("skimage"), reason="benchmarks/quantization_fidelity.py takes scikit-image's photos")
+def test_two_fp8_terms_keep_what_one_loses():
+    """hi = e4m3(x / s) and lo = e4m3(16 (x / s - hi)): with s = 1 (448 the largest), 300 is 288 in
+    one term (e4m3 steps by 32 there) and 288 + 192 / 16 exactly in two; 300.5's residual 12.5
+    becomes 200, a tie between 192 and 208 that goes to the even 192. On random values the two
+    terms stay within 2^-8 of each value's magnitude where one term is off by up to 2^-4."""
+    import quantization_fidelity as qf
+    if not HAS_FP8:
+        pytest.skip("torch.float8_e4m3fn needs torch 2.1+")
+    x = torch.tensor([448.0, 300.0, 300.5, -301.0])
+    assert qf.round_to_fp8(x).tolist() == [448.0, 288.0, 288.0, -288.0]
+    assert qf.round_to_two_fp8_terms(x).tolist() == [448.0, 300.0, 300.0, -301.0]
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(4096, generator=g) * 3
+    values = values[values.abs() > 0.1]  # away from e4m3's subnormals at this scale
+    one, two = (values - qf.round_to_fp8(values)).abs(), (values - qf.round_to_two_fp8_terms(values)).abs()
+    assert (two <= values.abs() * 2.0 ** -8).all()
+    assert one.max() > 8 * two.max() and (one <= values.abs() * 2.0 ** -4).all()
