@@ -6,7 +6,7 @@ latents (at most 96 pixels a sample, two samples for the guidance), which the st
 2.1 GB of its 2.5 GB of fp16 weights (benchmarks/quantized_products.py). With `fp8-activations`
 those products' other operand is rounded to e4m3 too, one scale per tensor, as a fp8 x fp8
 product (cuBLAS's) takes it. With `fp8-two-terms` it is rounded to two e4m3 terms instead (the
-value, then its rounding residual; round_to_two_fp8_terms): what one fp8 x fp8 product of the
+value, then its rounding residual; row_quantization.two_fp8_terms): what one fp8 x fp8 product of the
 rows of both terms stacked gives back once its two halves are summed, the weights read once.
 
     python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations,fp8-two-terms] [--photos 1]
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpu_benchmark import graded_photos  # noqa: E402
-from row_quantization import FP8_MAX, round_rows, save_report  # noqa: E402
+from row_quantization import round_rows, round_to_fp8, round_to_two_fp8_terms, save_report  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import CONFIGS  # noqa: E402
 from sdcanny.metrics import psnr, relative_l2  # noqa: E402
@@ -43,9 +43,6 @@ from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 MAX_ROWS = 192  # benchmarks/quantized_products.py's bound: products this short stream their weights
 GUIDANCE_BATCH = 2  # the fast back-end runs both guidance branches as one batch, the reference one at a time
 KINDS = ("int8", "fp8", "fp8-activations", "fp8-two-terms")
-# e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
-# 2^4 the residual stays within the value's own range and keeps 3 bits of its own
-LOW_TERM_SHIFT = 4
 ONCE_PER_IMAGE = ("emb_layers", "time_embed", "attn2.to_k", "attn2.to_v")  # see the docstring
 
 
@@ -53,8 +50,8 @@ class WeightProducts(TorchDispatchMode):
     """Sees every convolution and matrix product whose weight is one of `names`' tensors (by
     storage: F.linear hands the product a transposed view), however the network calls it (the
     ResBlocks call F.conv2d with a module's weight), and records its rows: output pixels times
-    samples, or tokens times samples. With `round_inputs` (round_to_fp8, round_to_two_fp8_terms),
-    rounds those products' other operand with it first."""
+    samples, or tokens times samples. With `round_inputs` (row_quantization's round_to_fp8 or
+    round_to_two_fp8_terms), rounds those products' other operand with it first."""
 
     def __init__(self, names: dict[int, str], round_inputs=None):
         super().__init__()
@@ -87,24 +84,6 @@ OPERANDS = {torch.ops.aten.convolution.default: (0, 1), torch.ops.aten.mm.defaul
 
 def storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
-
-
-def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
-    """x as e4m3 gives it back, one scale per tensor (its largest magnitude at e4m3's largest)."""
-    scale = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
-
-
-def round_to_two_fp8_terms(x: torch.Tensor) -> torch.Tensor:
-    """x as two e4m3 terms under round_to_fp8's scale give it back: hi = e4m3(x / s), and lo the
-    residual x / s - hi times 2^LOW_TERM_SHIFT (exact), in e4m3 too; x ~ s (hi + lo 2^-shift).
-    A product of the stacked rows [hi; lo] with e4m3 weights reads the weights once; its halves,
-    the second divided by 2^shift, sum to the product of this rounding."""
-    scale = x.abs().amax().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    scaled = x / scale
-    hi = scaled.to(torch.float8_e4m3fn).to(x.dtype)
-    lo = ((scaled - hi) * 2.0 ** LOW_TERM_SHIFT).to(torch.float8_e4m3fn).to(x.dtype)
-    return (hi + lo * 2.0 ** -LOW_TERM_SHIFT) * scale
 
 
 INPUT_ROUNDINGS = {"fp8-activations": round_to_fp8, "fp8-two-terms": round_to_two_fp8_terms}

@@ -6,9 +6,12 @@ them:
 
     cuBLAS fp16     F.linear, as the step runs today
     cuBLAS fp8      torch._scaled_mm, e4m3 x e4m3, one scale per tensor (the input's cast not counted)
-    cuBLAS fp8, two terms   the same with twice the rows: the input as two e4m3 terms stacked, the
-                    value and its rounding residual (quantization_fidelity.round_to_two_fp8_terms),
+    cuBLAS fp8, two terms   the same with twice the rows and an fp32 result: the input as two e4m3
+                    terms stacked, the value and its rounding residual (row_quantization.two_fp8_terms),
                     the weights read once (the terms' making and the halves' sum not counted)
+    two terms, whole        two_term_product compiled by TorchInductor: the terms made, the product,
+                    the halves summed and scaled; with the input's scale from a reduction over it
+                    ("dynamic") or known ahead ("static"), for weights of 6 MB or more
     cuBLAS int8     torch._int_mm, int8 x int8 (the input's rounding and the output's scaling not counted)
     kernel          a Triton kernel of our own (below): fp16 weights, or uint8 ones (int8 + 128, one
                     scale per output channel) turned into fp16 in registers, the best of LAUNCHES
@@ -36,7 +39,7 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graph_timing import replay_us  # noqa: E402
-from row_quantization import quantize_rows, save_report  # noqa: E402
+from row_quantization import LOW_TERM_SHIFT, quantize_rows, save_report, tensor_scale, two_fp8_terms  # noqa: E402
 from sdcanny.metrics import relative_l2  # noqa: E402
 
 MAX_ROWS = 192  # the 8x12 latent's pixels for two samples; the 16x24 latent's 768 rows are compute-bound
@@ -134,6 +137,20 @@ def weight_only_product(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.T
     return out
 
 
+def two_term_product(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) @ (w8 (N, K) e4m3 times w_scale (N,), a scale per row)^T + bias, fp16: one e4m3 x
+    e4m3 product of two_fp8_terms(x) into fp32 (the unscaled sums of e4m3 values overflow fp16),
+    its halves summed (the second times 2^-shift) and scaled per output channel. x_scale: a scale
+    known ahead (a bound on max |x| / 448), or None for tensor_scale(x), a reduction over x first."""
+    scale = tensor_scale(x) if x_scale is None else x_scale
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    y = torch._scaled_mm(two_fp8_terms(x, scale), w8.t(), scale, one, out_dtype=torch.float32)
+    m = x.shape[0]
+    y = (y[:m] + y[m:] * 2.0 ** -LOW_TERM_SHIFT) * w_scale
+    return (y if bias is None else y + bias.float()).to(torch.float16)
+
+
 def launches(k: int) -> list[dict]:
     """The kernel's launches tried per shape: operand order, tile width, K block, slices, warps."""
     splits = (1, 2) if k <= 1280 else (2, 4, 8)
@@ -196,9 +213,9 @@ def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
     x8, w8 = x.to(torch.float8_e4m3fn), [w.to(torch.float8_e4m3fn) for w in ws]
     row["cuBLAS fp8"] = rotating_us([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.float16)
                                      for w in w8])
-    terms = torch.cat([x8, x8])  # [hi; lo]: the values do not change the time
+    terms = two_fp8_terms(x, tensor_scale(x))
     row["cuBLAS fp8 two terms"] = rotating_us([lambda w=w: torch._scaled_mm(terms, w.t(), one, one,
-                                                                             out_dtype=torch.float16) for w in w8])
+                                                                             out_dtype=torch.float32) for w in w8])
     xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)
     wi = [quantize_rows(w, "int8")[0] for w in ws]
     row["cuBLAS int8"] = rotating_us([lambda w=w: torch._int_mm(xi, w.t()) for w in wi])
@@ -207,6 +224,16 @@ def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
     rounded = F.linear(x.float(), (stored.float() - 128) * scale[:, None], None if bias is None else bias.float())
     row["uint8 rounding error"] = relative_error(rounded, exact)
     if kernel:
+        fp8_rows = [quantize_rows(w, "fp8") for w in ws]
+        for mode, x_scale in (("dynamic", None), ("static", 4 * tensor_scale(x))):  # a bound, 4x loose
+            torch._dynamo.reset()  # a compilation per shape, not recompilations of one function
+            whole = torch.compile(two_term_product, dynamic=False)
+            row[f"two terms, whole, {mode}"] = rotating_us([lambda w=w, s=s: whole(x, w, s, bias, x_scale)
+                                                            for w, s in fp8_rows])
+        w8_0, s_0 = fp8_rows[0]
+        # against exact maths on the rounded weights: what the input's two terms and the fp16 output cost
+        on_rounded = F.linear(x.double(), w8_0.double() * s_0.double()[:, None], None if bias is None else bias.double())
+        row["two terms error"] = relative_error(two_term_product(x, w8_0, s_0, bias), on_rounded)
         outs = [torch.empty(m, n, device=dev, dtype=torch.float16) for _ in ws]
         row["kernel fp16"], _ = best_kernel(x, [(w, None) for w in ws], bias, outs, "fp16")
         row["kernel uint8"], launch = best_kernel(x, uint8, bias, outs, "uint8")
@@ -230,12 +257,13 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     ops = low_row_products(step_shapes.step_operations(CONFIGS["sd15"], torch.device("cuda"), torch.float16))
-    cols = ["cuBLAS fp16", "cuBLAS fp8", "cuBLAS fp8 two terms", "cuBLAS int8", "kernel fp16", "kernel uint8",
-            "kernel int8"]
+    cols = ["cuBLAS fp16", "cuBLAS fp8", "cuBLAS fp8 two terms", "two terms, whole, dynamic", "two terms, whole, static",
+            "cuBLAS int8", "kernel fp16", "kernel uint8", "kernel int8"]
     lines = [f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}; weights cold", "",
              "| M x K -> N | a step | MB fp16 | " + " | ".join(f"{c} µs" for c in cols)
-             + " | uint8 launch (weights first, BLOCK_N, BLOCK_K, slices, warps) | uint8 rounding error | kernel error |",
-             "|---|---|---|" + "---|" * (len(cols) + 3)]
+             + " | uint8 launch (weights first, BLOCK_N, BLOCK_K, slices, warps) | uint8 rounding error | kernel error "
+             "| two terms error |",
+             "|---|---|---|" + "---|" * (len(cols) + 4)]
     totals = Counter()
     for (m, k, n, has_bias), count in sorted(ops.items(), key=lambda item: -item[1] * item[0][1] * item[0][2]):
         mb = n * k * 2 / 1e6
@@ -245,11 +273,12 @@ def main() -> None:
         launch = row.get("uint8 launch")
         cells = [f"{row[c]:.1f}" if c in row else "-" for c in cols]
         cells += ["-" if launch is None else str(tuple(launch.values())), f"{row['uint8 rounding error']:.1e}",
-                  f"{row['kernel error']:.1e}" if "kernel error" in row else "-"]
+                  f"{row['kernel error']:.1e}" if "kernel error" in row else "-",
+                  f"{row['two terms error']:.1e}" if "two terms error" in row else "-"]
         lines.append(f"| {m} x {k} -> {n}{' + bias' if has_bias else ''} | {count} | {mb:.1f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     lines.append(f"| a step (each the better of it and cuBLAS fp16) | {sum(ops.values())} | | "
-                 + " | ".join(f"{totals[c]:.0f}" for c in cols) + " | | | |")
+                 + " | ".join(f"{totals[c]:.0f}" for c in cols) + " | | | | |")
     lines.append(f"\n({time.perf_counter() - start:.0f} s)")
     save_report(lines, args.out)
 

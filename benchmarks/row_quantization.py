@@ -5,6 +5,9 @@ simulates. Plain torch; none of it is in the product (docs/benchmarks.md says wh
     int8   round(w / s) in -127..127, s = max |row| / 127
     uint8  the int8 value + 128 (a kernel turns it into fp16 with one OR and one subtraction)
     fp8    w / s cast to float8_e4m3fn, s = max |row| / 448 (e4m3's largest finite value)
+
+and the fp8 x fp8 products' other operand with one scale per tensor: one e4m3 term, or two (the
+value and its rounding residual, two_fp8_terms).
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import torch
 
 KINDS = ("int8", "uint8", "fp8")
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
+# 2^4 the residual stays within the value's own range and keeps 3 bits of its own
+LOW_TERM_SHIFT = 4
 
 
 def quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +46,35 @@ def dequantize_rows(stored: torch.Tensor, scale: torch.Tensor, kind: str) -> tor
 def round_rows(w: torch.Tensor, kind: str) -> torch.Tensor:
     """w as its `kind` rounding gives it back, in w's dtype and shape."""
     return dequantize_rows(*quantize_rows(w, kind), kind).to(w.dtype)
+
+
+def tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """One fp32 scale for a tensor: its largest magnitude at e4m3's largest value."""
+    return x.detach().abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+
+
+def two_fp8_terms(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The rows [hi; lo] as one e4m3 tensor (2M, ...): hi = e4m3(x / scale), lo = e4m3(2^shift
+    (x / scale - hi)), so that x ~ scale (hi + 2^-shift lo), within 2^-8 of each normal value. One
+    fp8 x fp8 product of these rows reads the weights once; its halves, the second times 2^-shift,
+    sum to the product of x so rounded. `scale` may be any at least tensor_scale(x) (a bound known
+    ahead): e4m3 is floating point, so a larger one costs precision only below its normal range."""
+    scaled = x.float() / scale
+    hi = scaled.to(torch.float8_e4m3fn).float()
+    return torch.cat([hi, (scaled - hi) * 2.0 ** LOW_TERM_SHIFT]).to(torch.float8_e4m3fn)
+
+
+def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x as one e4m3 term under tensor_scale gives it back, in x's dtype."""
+    scale = tensor_scale(x)
+    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def round_to_two_fp8_terms(x: torch.Tensor) -> torch.Tensor:
+    """x as two_fp8_terms under tensor_scale give it back, in x's dtype."""
+    scale = tensor_scale(x)
+    hi, lo = two_fp8_terms(x, scale).float().chunk(2)
+    return ((hi + lo * 2.0 ** -LOW_TERM_SHIFT) * scale).to(x.dtype)
 
 
 def save_report(lines: list[str], path: Path) -> None:

@@ -18,7 +18,8 @@ from sdcanny.optional import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from row_quantization import dequantize_rows, quantize_rows, round_rows  # noqa: E402
+from row_quantization import (dequantize_rows, quantize_rows, round_rows, round_to_fp8,  # noqa: E402
+                              round_to_two_fp8_terms, tensor_scale)
 
 HAS_FP8 = hasattr(torch, "float8_e4m3fn")  # torch 2.1+
 # benchmarks/quantized_products.py is written for Triton 3 (tl.range, triton.runtime.errors), which
@@ -79,6 +80,32 @@ def test_short_products_and_convolutions_of_a_step_record():
                                                 (192, 5760, 640, True): 2})
     assert all(launch["split_k"] in (2, 4, 8) for launch in qp.launches(11520))
     assert {launch["split_k"] for launch in qp.launches(1280)} == {1, 2}
+
+
+@pytest.mark.skipif(not (TRITON_3 and HAS_FP8), reason="benchmarks/quantized_products.py needs Triton 3")
+def test_the_two_term_product_is_the_product_of_its_rounded_input():
+    """quantized_products.two_term_product (one e4m3 product of the stacked terms, halves summed,
+    scaled per output channel) against float64 maths on the same rounded weights: with the input
+    rounded as the terms round it, within the fp16 output's rounding; with the exact input, within
+    the terms' 2^-8, the scale from the input or a bound four times as loose."""
+    import quantized_products as qp
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(24, 96, generator=g).half(), torch.randn(40, 96, generator=g)
+    bias = torch.randn(40, generator=g).half()
+    w8, w_scale = quantize_rows(w, "fp8")
+    weights = dequantize_rows(w8, w_scale, "fp8").double()
+    got = qp.two_term_product(x, w8, w_scale, bias)
+    assert got.dtype == torch.float16 and got.shape == (24, 40)
+
+    def error(a, b):
+        return float((a.double() - b).norm() / b.norm())
+    on_terms = torch.nn.functional.linear(round_to_two_fp8_terms(x.float()).double(), weights, bias.double())
+    assert error(got, on_terms) < 1e-3
+    exact = torch.nn.functional.linear(x.double(), weights, bias.double())
+    for x_scale in (None, 4 * tensor_scale(x)):
+        assert error(qp.two_term_product(x, w8, w_scale, bias, x_scale), exact) < 2.0 ** -8
+    one_term = torch.nn.functional.linear(round_to_fp8(x.float()).double(), weights, bias.double())
+    assert error(one_term, exact) > 4 * error(got, exact)
 
 
 @pytest.mark.skipif(not TRITON_3, reason="benchmarks/cublaslt_products.py takes quantized_products.py's, which needs Triton 3")
@@ -146,33 +173,30 @@ def test_the_products_inputs_are_rounded_to_fp8_for_the_chosen_weights_only():
     g = torch.Generator().manual_seed(0)
     lin, conv, other = torch.randn(6, 8, generator=g), torch.randn(5, 3, 3, 3, generator=g), torch.randn(6, 8, generator=g)
     x, image = torch.randn(10, 8, generator=g), torch.randn(2, 3, 4, 6, generator=g)
-    mode = qf.WeightProducts({qf.storage(lin): "lin", qf.storage(conv): "conv"}, qf.round_to_fp8)
+    mode = qf.WeightProducts({qf.storage(lin): "lin", qf.storage(conv): "conv"}, round_to_fp8)
     with mode:
         got_linear = torch.nn.functional.linear(x, lin)
         got_conv = torch.nn.functional.conv2d(image, conv, padding=1)
         got_other = torch.nn.functional.linear(x, other)
-    assert torch.equal(got_linear, torch.nn.functional.linear(qf.round_to_fp8(x), lin))
-    assert torch.equal(got_conv, torch.nn.functional.conv2d(qf.round_to_fp8(image), conv, padding=1))
+    assert torch.equal(got_linear, torch.nn.functional.linear(round_to_fp8(x), lin))
+    assert torch.equal(got_conv, torch.nn.functional.conv2d(round_to_fp8(image), conv, padding=1))
     assert torch.equal(got_other, torch.nn.functional.linear(x, other))  # not a chosen weight: untouched
-    assert not torch.equal(qf.round_to_fp8(x), x)
+    assert not torch.equal(round_to_fp8(x), x)
     assert mode.rows == {"lin": 10, "conv": 2 * 4 * 6}
 
 
-@pytest.mark.skipif(not installed("skimage"), reason="benchmarks/quantization_fidelity.py takes scikit-image's photos")
+@pytest.mark.skipif(not HAS_FP8, reason="torch.float8_e4m3fn needs torch 2.1+")
 def test_two_fp8_terms_keep_what_one_loses():
     """hi = e4m3(x / s) and lo = e4m3(16 (x / s - hi)): with s = 1 (448 the largest), 300 is 288 in
     one term (e4m3 steps by 32 there) and 288 + 192 / 16 exactly in two; 300.5's residual 12.5
     becomes 200, a tie between 192 and 208 that goes to the even 192. On random values the two
     terms stay within 2^-8 of each value's magnitude where one term is off by up to 2^-4."""
-    import quantization_fidelity as qf
-    if not HAS_FP8:
-        pytest.skip("torch.float8_e4m3fn needs torch 2.1+")
     x = torch.tensor([448.0, 300.0, 300.5, -301.0])
-    assert qf.round_to_fp8(x).tolist() == [448.0, 288.0, 288.0, -288.0]
-    assert qf.round_to_two_fp8_terms(x).tolist() == [448.0, 300.0, 300.0, -301.0]
+    assert round_to_fp8(x).tolist() == [448.0, 288.0, 288.0, -288.0]
+    assert round_to_two_fp8_terms(x).tolist() == [448.0, 300.0, 300.0, -301.0]
     g = torch.Generator().manual_seed(1)
     values = torch.randn(4096, generator=g) * 3
     values = values[values.abs() > 0.1]  # away from e4m3's subnormals at this scale
-    one, two = (values - qf.round_to_fp8(values)).abs(), (values - qf.round_to_two_fp8_terms(values)).abs()
+    one, two = (values - round_to_fp8(values)).abs(), (values - round_to_two_fp8_terms(values)).abs()
     assert (two <= values.abs() * 2.0 ** -8).all()
     assert one.max() > 8 * two.max() and (one <= values.abs() * 2.0 ** -4).all()
