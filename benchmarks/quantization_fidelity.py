@@ -7,9 +7,11 @@ latents (at most 96 pixels a sample, two samples for the guidance), which the st
 those products' other operand is rounded to e4m3 too, one scale per tensor, as a fp8 x fp8
 product (cuBLAS's) takes it. With `fp8-two-terms` it is rounded to two e4m3 terms instead (the
 value, then its rounding residual; row_quantization.two_fp8_terms): what one fp8 x fp8 product of the
-rows of both terms stacked gives back once its two halves are summed, the weights read once.
+rows of both terms stacked gives back once its two halves are summed, the weights read once;
+`fp8-two-terms-loose` does so under a scale LOOSENESS times the tensor's own, as a bound known
+ahead of the product (no reduction over its input) would be.
 
-    python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations,fp8-two-terms] [--photos 1]
+    python3 benchmarks/quantization_fidelity.py [--kinds int8,fp8,fp8-activations,fp8-two-terms,...] [--photos 1]
 
 Left out, as the fast back-end computes them once per image or per schedule, not every step: the
 time embedding (its MLP and the ResBlocks' projections) and the cross-attentions' keys and values
@@ -42,7 +44,8 @@ from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
 
 MAX_ROWS = 192  # benchmarks/quantized_products.py's bound: products this short stream their weights
 GUIDANCE_BATCH = 2  # the fast back-end runs both guidance branches as one batch, the reference one at a time
-KINDS = ("int8", "fp8", "fp8-activations", "fp8-two-terms")
+KINDS = ("int8", "fp8", "fp8-activations", "fp8-two-terms", "fp8-two-terms-loose")
+LOOSENESS = 64.0  # fp8-two-terms-loose: a bound far above max |x| (a GroupNorm's: sqrt(group size) x its weights)
 ONCE_PER_IMAGE = ("emb_layers", "time_embed", "attn2.to_k", "attn2.to_v")  # see the docstring
 
 
@@ -86,7 +89,8 @@ def storage(t) -> int | None:
     return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
 
 
-INPUT_ROUNDINGS = {"fp8-activations": round_to_fp8, "fp8-two-terms": round_to_two_fp8_terms}
+INPUT_ROUNDINGS = {"fp8-activations": round_to_fp8, "fp8-two-terms": round_to_two_fp8_terms,
+                   "fp8-two-terms-loose": lambda x: round_to_two_fp8_terms(x, LOOSENESS)}
 
 
 def step_weights(nets) -> dict[str, torch.Tensor]:
@@ -124,7 +128,7 @@ def generate(pipe: Canny2Image, image: np.ndarray, call: dict = GRADED_CALL) -> 
 def measure(kind: str, pipe: Canny2Image, weights: dict[str, torch.Tensor], photos: dict, reference: dict,
             call: dict = GRADED_CALL) -> dict:
     """`call` (the graded one) per photo with `kind`'s rounding applied to `weights` (and, for
-    fp8-activations and fp8-two-terms, to their products' inputs), against `reference`'s (image,
+    the fp8 kinds with rounded inputs, to their products' inputs), against `reference`'s (image,
     latents) per photo:
     (latents' relative L2, PSNR dB) per photo. The weights are put back afterwards."""
     kept = {name: w.detach().clone() for name, w in weights.items()}

@@ -70,9 +70,10 @@ def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
 
 
-def round_to_two_fp8_terms(x: torch.Tensor) -> torch.Tensor:
-    """x as two_fp8_terms under tensor_scale give it back, in x's dtype."""
-    scale = tensor_scale(x)
+def round_to_two_fp8_terms(x: torch.Tensor, looseness: float = 1.0) -> torch.Tensor:
+    """x as two_fp8_terms under tensor_scale (times `looseness`, as a bound known ahead would be)
+    give it back, in x's dtype."""
+    scale = tensor_scale(x) * looseness
     hi, lo = two_fp8_terms(x, scale).float().chunk(2)
     return ((hi + lo * 2.0 ** -LOW_TERM_SHIFT) * scale).to(x.dtype)
 

@@ -200,3 +200,7 @@ def test_two_fp8_terms_keep_what_one_loses():
     one, two = (values - round_to_fp8(values)).abs(), (values - round_to_two_fp8_terms(values)).abs()
     assert (two <= values.abs() * 2.0 ** -8).all()
     assert one.max() > 8 * two.max() and (one <= values.abs() * 2.0 ** -4).all()
+    # under a scale 64 times the tensor's (a loose bound) the values stay normal down to max |x| / 448
+    loose = (values - round_to_two_fp8_terms(values, looseness=64.0)).abs()
+    large = values.abs() > values.abs().max() / 16
+    assert (loose[large] <= values.abs()[large] * 2.0 ** -8).all()
