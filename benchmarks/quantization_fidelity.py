@@ -127,10 +127,9 @@ def generate(pipe: Canny2Image, image: np.ndarray, call: dict = GRADED_CALL) -> 
 
 def measure(kind: str, pipe: Canny2Image, weights: dict[str, torch.Tensor], photos: dict, reference: dict,
             call: dict = GRADED_CALL) -> dict:
-    """`call` (the graded one) per photo with `kind`'s rounding applied to `weights` (and, for
-    the fp8 kinds with rounded inputs, to their products' inputs), against `reference`'s (image,
-    latents) per photo:
-    (latents' relative L2, PSNR dB) per photo. The weights are put back afterwards."""
+    """`call` (the graded one) per photo with `kind`'s rounding applied to `weights` (and, for the
+    kinds in INPUT_ROUNDINGS, to their products' inputs), against `reference`'s (image, latents)
+    per photo: (latents' relative L2, PSNR dB) per photo. The weights are put back afterwards."""
     kept = {name: w.detach().clone() for name, w in weights.items()}
     rounding = INPUT_ROUNDINGS.get(kind)
     inputs = nullcontext() if rounding is None else WeightProducts(by_storage(weights), rounding)
