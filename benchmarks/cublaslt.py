@@ -21,7 +21,7 @@ import torch
 CUBLAS_COMPUTE_32F = 68
 CUDA_R_16F, CUDA_R_32F = 2, 0
 DESC_TRANSA, DESC_TRANSB, DESC_EPILOGUE, DESC_BIAS_POINTER = 3, 4, 7, 8
-EPILOGUE_DEFAULT, EPILOGUE_BIAS = 1, 4
+EPILOGUE_BIAS = 4
 OP_N, OP_T = 0, 1
 PREF_MAX_WORKSPACE_BYTES = 1
 WORKSPACE_BYTES = 32 << 20
@@ -56,10 +56,6 @@ def check(status: int, what: str) -> None:
 @dataclass
 class Plan:
     """One shape's descriptors and candidate algorithms."""
-    m: int
-    k: int
-    n: int
-    bias: bool
     desc: ctypes.c_void_p
     layouts: tuple  # (w, x, y)
     candidates: list  # HeuristicResult, best first by the heuristic
@@ -107,7 +103,7 @@ class CublasLt:
               "heuristic")
         self.lib.cublasLtMatmulPreferenceDestroy(pref)
         candidates = [results[i] for i in range(returned.value) if results[i].state == 0]
-        return Plan(m, k, n, bias is not None, desc, layouts, candidates)
+        return Plan(desc, layouts, candidates)
 
     def run(self, plan: Plan, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, algo: HeuristicResult) -> torch.Tensor:
         """out = x @ w^T (+ the plan's bias) with `algo`, on torch's current stream."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cublaslt import CublasLt  # noqa: E402
-from quantized_products import L2_BYTES, low_row_products, relative_error, rotating_us  # noqa: E402
+from quantized_products import cold_operands, low_row_products, relative_error, rotating_us  # noqa: E402
 from row_quantization import save_report  # noqa: E402
 from sdcanny.fast import PATCH_PRODUCT_ROWS  # noqa: E402
 
@@ -42,15 +42,11 @@ def step_products(ops: Counter, patch_rows: int = PATCH_PRODUCT_ROWS) -> Counter
 
 def time_shape(lt: CublasLt, m: int, k: int, n: int, has_bias: bool, algorithms: int) -> dict:
     """F.linear's µs, the heuristic's first candidate's, and the best candidate's (with its rank)."""
-    dev = torch.device("cuda")
-    copies = max(2, int(L2_BYTES / (n * k * 2)) + 1)
-    x = torch.randn(m, k, device=dev, dtype=torch.float16)
-    ws = [torch.randn(n, k, device=dev, dtype=torch.float16) / k ** 0.5 for _ in range(copies)]
-    bias = torch.randn(n, device=dev, dtype=torch.float16) if has_bias else None
+    x, ws, bias = cold_operands(m, k, n, has_bias)
     expected = F.linear(x, ws[0], bias)
     row = {"torch": rotating_us([lambda w=w: F.linear(x, w, bias) for w in ws]), "wrong": 0}
     plan = lt.plan(m, k, n, bias, algorithms)
-    outs = [torch.empty(m, n, device=dev, dtype=torch.float16) for _ in ws]
+    outs = [torch.empty_like(expected) for _ in ws]
     timings = []
     for rank, algo in enumerate(plan.candidates):
         got = lt.run(plan, x, ws[0], outs[0], algo)

@@ -200,13 +200,20 @@ def best_kernel(x, weights: list, bias, outs: list, mode: str) -> tuple[float, d
     return best
 
 
-def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
-    """One shape's row: µs of each path, and the errors (see main's header)."""
+def cold_operands(m: int, k: int, n: int, has_bias: bool) -> tuple:
+    """(x (M, K), copies of a weight (N, K) enough to fill L2_BYTES, bias (N,) or None), fp16 on the
+    GPU: a product timed over the copies in rotation reads its weights cold, as the step does."""
     dev = torch.device("cuda")
     copies = max(2, int(L2_BYTES / (n * k * 2)) + 1)
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
     ws = [torch.randn(n, k, device=dev, dtype=torch.float16) / k ** 0.5 for _ in range(copies)]
-    bias = torch.randn(n, device=dev, dtype=torch.float16) if has_bias else None
+    return x, ws, torch.randn(n, device=dev, dtype=torch.float16) if has_bias else None
+
+
+def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
+    """One shape's row: µs of each path, and the errors (see main's header)."""
+    dev = torch.device("cuda")
+    x, ws, bias = cold_operands(m, k, n, has_bias)
     exact = F.linear(x.float(), ws[0].float(), None if bias is None else bias.float())
     row = {"cuBLAS fp16": rotating_us([lambda w=w: F.linear(x, w, bias) for w in ws])}
     one = torch.ones((), device=dev)
