@@ -6,7 +6,7 @@ latents (at most 96 pixels a sample, two samples for the guidance), which the st
 2.1 GB of its 2.5 GB of fp16 weights (benchmarks/quantized_products.py). With `fp8-activations`
 those products' other operand is rounded to e4m3 too, one scale per tensor, as a fp8 x fp8
 product (cuBLAS's) takes it. With `fp8-two-terms` it is rounded to two e4m3 terms instead (the
-value, then its rounding residual; row_quantization.two_fp8_terms): what one fp8 x fp8 product of the
+value, then its rounding residual; sdcanny.fp8.two_terms): what one fp8 x fp8 product of the
 rows of both terms stacked gives back once its two halves are summed, the weights read once;
 `fp8-two-terms-loose` does so under a scale LOOSENESS times the tensor's own, as a bound known
 ahead of the product (no reduction over its input) would be.

@@ -7,7 +7,7 @@ them:
     cuBLAS fp16     F.linear, as the step runs today
     cuBLAS fp8      torch._scaled_mm, e4m3 x e4m3, one scale per tensor (the input's cast not counted)
     cuBLAS fp8, two terms   the same with twice the rows and an fp32 result: the input as two e4m3
-                    terms stacked, the value and its rounding residual (row_quantization.two_fp8_terms),
+                    terms stacked, the value and its rounding residual (sdcanny.fp8.two_terms),
                     the weights read once (the terms' making and the halves' sum not counted)
     two terms, whole        two_term_product compiled by TorchInductor: the terms made, the product,
                     the halves summed and scaled; with the input's scale from a reduction over it
@@ -39,7 +39,8 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from graph_timing import replay_us  # noqa: E402
-from row_quantization import LOW_TERM_SHIFT, quantize_rows, save_report, tensor_scale, two_fp8_terms  # noqa: E402
+from row_quantization import quantize_rows, save_report, tensor_scale  # noqa: E402
+from sdcanny import fp8  # noqa: E402
 from sdcanny.metrics import relative_l2  # noqa: E402
 
 MAX_ROWS = 192  # the 8x12 latent's pixels for two samples; the 16x24 latent's 768 rows are compute-bound
@@ -139,16 +140,12 @@ def weight_only_product(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.T
 
 def two_term_product(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (M, K) @ (w8 (N, K) e4m3 times w_scale (N,), a scale per row)^T + bias, fp16: one e4m3 x
-    e4m3 product of two_fp8_terms(x) into fp32 (the unscaled sums of e4m3 values overflow fp16),
-    its halves summed (the second times 2^-shift) and scaled per output channel. x_scale: a scale
-    known ahead (a bound on max |x| / 448), or None for tensor_scale(x), a reduction over x first."""
+    """x (M, K) @ (w8 (N, K) e4m3 times w_scale (N,), a scale per row)^T + bias, fp16: the terms of
+    x (fp8.two_terms) made, then fp8.two_term_product. x_scale: a scale known ahead (a bound on
+    max |x| / 448), or None for tensor_scale(x), a reduction over x first."""
     scale = tensor_scale(x) if x_scale is None else x_scale
-    one = torch.ones((), dtype=torch.float32, device=x.device)
-    y = torch._scaled_mm(two_fp8_terms(x, scale), w8.t(), scale, one, out_dtype=torch.float32)
-    m = x.shape[0]
-    y = (y[:m] + y[m:] * 2.0 ** -LOW_TERM_SHIFT) * w_scale
-    return (y if bias is None else y + bias.float()).to(torch.float16)
+    unit = torch.ones((), dtype=torch.float32, device=x.device)
+    return fp8.two_term_product(fp8.two_terms(x, scale), w8, w_scale * scale, unit, bias, torch.float16)
 
 
 def launches(k: int) -> list[dict]:
@@ -220,7 +217,7 @@ def time_shape(m: int, k: int, n: int, has_bias: bool, kernel: bool) -> dict:
     x8, w8 = x.to(torch.float8_e4m3fn), [w.to(torch.float8_e4m3fn) for w in ws]
     row["cuBLAS fp8"] = rotating_us([lambda w=w: torch._scaled_mm(x8, w.t(), one, one, out_dtype=torch.float16)
                                      for w in w8])
-    terms = two_fp8_terms(x, tensor_scale(x))
+    terms = fp8.two_terms(x, tensor_scale(x))
     row["cuBLAS fp8 two terms"] = rotating_us([lambda w=w: torch._scaled_mm(terms, w.t(), one, one,
                                                                              out_dtype=torch.float32) for w in w8])
     xi = torch.randint(-127, 128, (m, k), device=dev, dtype=torch.int8)

@@ -7,19 +7,20 @@ simulates. Plain torch; none of it is in the product (docs/benchmarks.md says wh
     fp8    w / s cast to float8_e4m3fn, s = max |row| / 448 (e4m3's largest finite value)
 
 and the fp8 x fp8 products' other operand with one scale per tensor: one e4m3 term, or two (the
-value and its rounding residual, two_fp8_terms).
+value and its rounding residual, sdcanny.fp8.two_terms, which the fast back-end's fp8 patch
+products use).
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sdcanny.fp8 import FP8_MAX, LOW_TERM_WEIGHT, two_terms  # noqa: E402
+
 KINDS = ("int8", "uint8", "fp8")
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-# e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
-# 2^4 the residual stays within the value's own range and keeps 3 bits of its own
-LOW_TERM_SHIFT = 4
 
 
 def quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,17 +54,6 @@ def tensor_scale(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().float().clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
 
 
-def two_fp8_terms(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The rows [hi; lo] as one e4m3 tensor (2M, ...): hi = e4m3(x / scale), lo = e4m3(2^shift
-    (x / scale - hi)), so that x ~ scale (hi + 2^-shift lo), within 2^-8 of each normal value. One
-    fp8 x fp8 product of these rows reads the weights once; its halves, the second times 2^-shift,
-    sum to the product of x so rounded. `scale` may be any at least tensor_scale(x) (a bound known
-    ahead): e4m3 is floating point, so a larger one costs precision only below its normal range."""
-    scaled = x.float() / scale
-    hi = scaled.to(torch.float8_e4m3fn).float()
-    return torch.cat([hi, (scaled - hi) * 2.0 ** LOW_TERM_SHIFT]).to(torch.float8_e4m3fn)
-
-
 def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
     """x as one e4m3 term under tensor_scale gives it back, in x's dtype."""
     scale = tensor_scale(x)
@@ -71,11 +61,11 @@ def round_to_fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def round_to_two_fp8_terms(x: torch.Tensor, looseness: float = 1.0) -> torch.Tensor:
-    """x as two_fp8_terms under tensor_scale (times `looseness`, as a bound known ahead would be)
+    """x as fp8.two_terms under tensor_scale (times `looseness`, as a bound known ahead would be)
     give it back, in x's dtype."""
     scale = tensor_scale(x) * looseness
-    hi, lo = two_fp8_terms(x, scale).float().chunk(2)
-    return ((hi + lo * 2.0 ** -LOW_TERM_SHIFT) * scale).to(x.dtype)
+    hi, lo = two_terms(x, scale).float().chunk(2)
+    return ((hi + lo * LOW_TERM_WEIGHT) * scale).to(x.dtype)
 
 
 def save_report(lines: list[str], path: Path) -> None:

@@ -48,12 +48,12 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fused_attention, fused_norm, programs
+from . import compat, fp8, fused_attention, fused_norm, programs
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
                        index_cross_attention, pad_output_channels, stack_time_projections, to_mixed_precision,
-                       use_patch_products)
+                       use_fp8_patch_products, use_patch_products)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -167,7 +167,7 @@ class FastTorchBackend:
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
-                 vae_group_norm: bool = True, pad_output_channels: bool = True):
+                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -221,7 +221,11 @@ class FastTorchBackend:
         (group_norm_kernel.tiled_group_norm_act); off only to measure what it buys.
         `pad_output_channels`: the UNet's and the VAE decoder's last convolutions (4 and 3 channels)
         run with their weights padded to 8 filters (networks.OutputConv), so that cuDNN pads
-        nothing in kernels of its own; off only to measure what it buys."""
+        nothing in kernels of its own; off only to measure what it buys.
+        `fp8_patch_products`: where the fused GroupNorm writes a ResBlock convolution's patches, it
+        writes them as two e4m3 terms and the product is fp8 x fp8 with e4m3 weights (sdcanny/fp8.py)
+        where torch (2.5+), triton and the GPU (fp8 tensor cores) allow; off, those products are
+        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity)."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -252,6 +256,9 @@ class FastTorchBackend:
         self.vae_group_norm = vae_group_norm and self.fused_group_norm
         self.pad_output_channels = pad_output_channels
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
+        self.fp8_patch_products = self._kernel_usable(
+            fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
+            fp8.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -314,7 +321,8 @@ class FastTorchBackend:
                     "fold_transformer_outputs": self.fold_transformer_outputs, "attention_kernel": self.attention_kernel,
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
-                    "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels}
+                    "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
+                    "fp8_patch_products": self.fp8_patch_products}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -394,6 +402,8 @@ class FastTorchBackend:
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
                 fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels)
+                if self.fp8_patch_products:
+                    use_fp8_patch_products(net, self.patch_product_rows)
             if self.vae_group_norm:
                 fused_norm.use_fused_group_norm(nets.vae, overlap=self.overlap_kernels, tiles=True)
         if self.attention_kernel:

@@ -70,38 +70,68 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start
 
 
 @triton.jit
+def e4m3_value(v):
+    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32, which then
+    converts to e4m3 exactly. The rounding is fp32 arithmetic, not the conversion's, which Triton's
+    interpreter gets wrong where a value rounds up into the next binade: v is scaled by the
+    reciprocal of its binade's e4m3 step (2^(exponent - 3), at least the subnormal step 2^-9; a
+    power of two, so exactly), and adding 1.5 x 2^23 rounds what has at most 4 integer bits."""
+    exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    inverse_step = ((127 + 3 - exponent) << 23).to(tl.float32, bitcast=True)
+    step = ((127 - 3 + exponent) << 23).to(tl.float32, bitcast=True)
+    return ((v * inverse_step + 12582912.0) - 12582912.0) * step
+
+
+@triton.jit
+def store_patches(y_base, out, pixel, channel, mask, sy_p, width, height, channels):
+    """out into the 3x3 patches of the padded output (networks.patch_matrix's layout: a row per
+    pixel, tap-major, channels inner, sy_p apart), the zeros of the padding included."""
+    row, column = pixel // width, pixel % width
+    for tap in tl.static_range(9):
+        dy, dx = tap // 3 - 1, tap % 3 - 1
+        # this pixel is tap (dy, dx) of the pixel (dy, dx) before it, where that one is in the image
+        target = (row >= dy) & (row - dy < height) & (column >= dx) & (column - dx < width)
+        tl.store(y_base + (pixel - dy * width - dx) * sy_p + tap * channels + channel, out, mask=mask & target)
+        # and where this pixel's own tap (dy, dx) is off the image, that tap is padding
+        outside = (row + dy < 0) | (row + dy >= height) | (column + dx < 0) | (column + dx >= width)
+        tl.store(y_base + pixel * sy_p + tap * channels + channel, tl.zeros_like(out), mask=mask & outside)
+
+
+@triton.jit
 def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
-                     sy_p, width, height, channels, SILU: tl.constexpr, PATCHES: tl.constexpr):
+                     sy_p, width, height, channels, term_scale, lo_offset, SILU: tl.constexpr,
+                     PATCHES: tl.constexpr, TERMS: tl.constexpr):
     """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output;
-    or, with PATCHES, into the 3x3 patches of the padded output (networks.patch_matrix's layout: a
-    row per pixel, tap-major, channels inner, sy_p apart), the zeros of the padding included."""
+    or, with PATCHES, into the 3x3 patches of the padded output (store_patches); with TERMS too,
+    as two e4m3 terms under term_scale (fp8.two_terms), the low terms' rows lo_offset after the high."""
     weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
     bias = tl.load(bias_ptr + first_channel + channel, mask=mask).to(tl.float32)
     out = (value - mean) * rstd * weight + bias
     if SILU:
         out = out * tl.sigmoid(out)
-    out = out.to(y_base.dtype.element_ty)
-    if PATCHES:
-        row, column = pixel // width, pixel % width
-        for tap in tl.static_range(9):
-            dy, dx = tap // 3 - 1, tap % 3 - 1
-            # this pixel is tap (dy, dx) of the pixel (dy, dx) before it, where that one is in the image
-            target = (row >= dy) & (row - dy < height) & (column >= dx) & (column - dx < width)
-            tl.store(y_base + (pixel - dy * width - dx) * sy_p + tap * channels + channel, out, mask=mask & target)
-            # and where this pixel's own tap (dy, dx) is off the image, that tap is padding
-            outside = (row + dy < 0) | (row + dy >= height) | (column + dx < 0) | (column + dx >= width)
-            tl.store(y_base + pixel * sy_p + tap * channels + channel, tl.zeros_like(out), mask=mask & outside)
+    if TERMS:  # the scale is a bound on |out| / 448: the clamp only keeps a wrong one from making NaNs
+        # div_rn: rounded as torch divides, so that fp8.two_terms of the output gives the same terms
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(out, term_scale), -448.0), 448.0)
+        hi = e4m3_value(scaled)
+        store_patches(y_base, hi.to(tl.float8e4nv), pixel, channel, mask, sy_p, width, height, channels)
+        lo = e4m3_value((scaled - hi) * 16.0)  # fp8.LOW_TERM_SHIFT
+        store_patches(y_base + lo_offset, lo.to(tl.float8e4nv), pixel, channel, mask, sy_p, width, height, channels)
+    elif PATCHES:
+        store_patches(y_base, out.to(y_base.dtype.element_ty), pixel, channel, mask, sy_p, width, height, channels)
     else:
-        tl.store(y_base + pixel * sy_p + channel, out, mask=mask)
+        tl.store(y_base + pixel * sy_p + channel, out.to(y_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, pixels, width, channels,
-                      sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
+def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, term_scale_ptr, pixels, width,
+                      channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, lo_offset, eps,
                       GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
                       HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-                      PATCHES: tl.constexpr, OVERLAP: tl.constexpr):
+                      PATCHES: tl.constexpr, TERMS: tl.constexpr, OVERLAP: tl.constexpr):
     group, sample = tl.program_id(0), tl.program_id(1)
+    term_scale = 1.0
+    if TERMS:
+        term_scale = tl.load(term_scale_ptr).to(tl.float32)
     if OVERLAP:  # launched while the kernel ahead finishes: wait here for its results
         tl.extra.cuda.gdc_wait()
     count = pixels * GROUP_CHANNELS
@@ -119,7 +149,7 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
         centred = tl.where(mask, value - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / count + eps)
         store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
-                         sy_p, width, height, channels, SILU, PATCHES)
+                         sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES, TERMS)
     else:
         shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
         if HAS_ADD:
@@ -144,7 +174,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
                 x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
                 sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
             store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base,
-                             first_channel, sy_p, width, height, channels, SILU, PATCHES)
+                             first_channel, sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES,
+                             TERMS)
 
 
 @triton.jit
@@ -283,14 +314,15 @@ def launch_shape(count: int) -> Tuple[int, int, int]:
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
-                   add_bias: Optional[torch.Tensor] = None, patches: bool = False,
-                   overlap: bool = False, tiles: bool = False) -> torch.Tensor:
+                   add_bias: Optional[torch.Tensor] = None, patches: bool = False, overlap: bool = False,
+                   tiles: bool = False, term_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
     channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
-    (padding 1), networks.patch_matrix's, made here instead of by another kernel
-    from the normalised tensor; `overlap`: launched with programmatic dependent launch (the caller
-    asks compat.kernel_launches_overlap whether the GPU and triton have it). The addend is add's
-    columns add_column..add_column+C, plus add_bias (C,)
+    (padding 1), networks.patch_matrix's, made here instead of by another kernel from the
+    normalised tensor; with a `term_scale` too, as the (2 x N x H x W, 9 x C) rows of the patches'
+    two e4m3 terms under that scale (fp8.two_terms, made from the fp32 values). `overlap`: launched
+    with programmatic dependent launch (the caller asks compat.kernel_launches_overlap whether the
+    GPU and triton have it). The addend is add's columns add_column..add_column+C, plus add_bias (C,)
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
     sum does it (the step's time rows are one for both guidance branches). The kernel walks the
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
@@ -301,14 +333,19 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
-        if add is not None or add_bias is not None or patches:
+        if add is not None or add_bias is not None or patches or term_scale is not None:
             raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
         if power_of_two(channels) and power_of_two(groups):
             return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
+    if term_scale is not None and not patches:
+        raise ValueError("the kernel writes fp8 terms of patches only")
+    rows = batch * height * width
     if patches:
-        y = torch.empty((batch * height * width, 9 * channels), dtype=x.dtype, device=x.device)
+        terms = term_scale is not None
+        y = torch.empty(((2 if terms else 1) * rows, 9 * channels), dtype=torch.float8_e4m3fn if terms else x.dtype,
+                        device=x.device)
         sy_n, sy_p = height * width * 9 * channels, 9 * channels
     else:
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
@@ -321,10 +358,11 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     unread = x  # a pointer for the addends a call has not
     group_norm_kernel[(groups, batch)](
         x, add if add is not None else unread, add_bias if add_bias is not None else unread, weight, bias, y,
-        height * width, width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, eps,
+        term_scale if term_scale is not None else unread, height * width, width, channels, sx_n, sx_p, sx_c,
+        sy_n, sy_p, sa_n, sa_c, rows * 9 * channels, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
         HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps,
-        PATCHES=patches, OVERLAP=overlap, **overlap_launch_options(overlap))
+        PATCHES=patches, TERMS=term_scale is not None, OVERLAP=overlap, **overlap_launch_options(overlap))
     return y
 
 

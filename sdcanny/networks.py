@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import compat
+from . import compat, fp8
 from .config import ClipConfig, UNetConfig, VAEConfig
 
 # A finite stand-in for -inf in the CLIP causal mask: exp() of it underflows to exactly 0 in
@@ -58,8 +58,9 @@ class GroupNorm(nn.GroupNorm):
     in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
     sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
     the addend and the SiLU inside it; `writes_patches` lets the op write a convolution's patches
-    itself (norm_conv3x3), `overlap` launches its kernel with programmatic dependent launch,
-    `tiled` runs the op's tiled kernels (the VAE decoder's norms)."""
+    itself (norm_conv3x3), as fp8 terms where the convolution is an fp8 patch product,
+    `overlap` launches its kernel with programmatic dependent launch, `tiled` runs the op's tiled
+    kernels (the VAE decoder's norms)."""
     fused = False
     writes_patches = False
     overlap = False
@@ -69,18 +70,20 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
     def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, add_column: int = 0,
-                  add_bias: torch.Tensor | None = None, patches: bool = False) -> torch.Tensor:
+                  add_bias: torch.Tensor | None = None, patches: bool = False,
+                  term_scale: torch.Tensor | None = None) -> torch.Tensor:
         """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
         use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
         block, read in place), plus add_bias (C,) where given, in x's dtype. With `patches`, the
-        result's 3x3 patches (patch_matrix) instead: the fused op writes them itself."""
+        result's 3x3 patches (patch_matrix) instead: the fused op writes them itself; with a
+        `term_scale` too, those patches as fp8 terms under that scale (fp8.two_terms)."""
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu, patches, self.overlap,
-                                                    self.tiled)
+                                                    self.tiled, term_scale)
         out = group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
                                    add_bias)
-        return patch_matrix(out) if patches else out
+        return patch_terms(out, patches, term_scale)
 
 
 def group_norm_act_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -229,14 +232,34 @@ def patch_matrix(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     return padded[:, rows, cols, :].reshape(n * out_h * out_w, 9 * c)
 
 
+def patch_terms(x: torch.Tensor, patches: bool, term_scale: torch.Tensor | None) -> torch.Tensor:
+    """x, or its patch_matrix where `patches`, as fp8.two_terms under `term_scale` where one is given
+    (the fused GroupNorm op's result, in torch's ops)."""
+    if not patches:
+        if term_scale is not None:
+            raise ValueError("fp8 terms are written for patches only")
+        return x
+    return patch_matrix(x) if term_scale is None else fp8.two_terms(patch_matrix(x), term_scale)
+
+
+def patch_weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 weight (out, in, 3, 3) as the (out, 9 x in) matrix its patch_matrix multiplies: a view
+    where the weight is channels-last (as the fast back-end keeps it)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def pixel_rows_as_image(out: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """(N x h x w, C) rows as the channels-last (N, C, h, w) tensor they are."""
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 def patch_product(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, out_h: int,
                   out_w: int) -> torch.Tensor:
     """The convolution whose patch_matrix is `patches`: one matrix product with the 3x3 weight as an
-    (out, 9 x in) matrix, a view where the weight is channels-last (as the fast back-end keeps it).
-    The result is channels-last, (N, out, out_h, out_w)."""
-    matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    (out, 9 x in) matrix. The result is channels-last, (N, out, out_h, out_w)."""
+    matrix = patch_weight_matrix(weight)
     out = patches @ matrix.t() if bias is None else torch.addmm(bias, patches, matrix.t())
-    return out.view(n, out_h, out_w, -1).permute(0, 3, 1, 2)
+    return pixel_rows_as_image(out, n, out_h, out_w)
 
 
 def conv3x3_as_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -267,14 +290,39 @@ def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
+class Fp8PatchWeights(nn.Module):
+    """A ResBlock convolution's weights for fp8 patch products (sdcanny/fp8.py), made from the
+    convolution and the GroupNorm before it: `weight` the e4m3 rows of its patch matrix,
+    `term_scale` the scale of the norm's output as fp8 terms (its bound over 448) for groups of
+    up to `max_rows` pixels, `out_scale` that times each weight row's scale, `unit` an fp32 1.
+    Buffers, not saved: a prepared program takes them as inputs, as it does the weights."""
+    def __init__(self, conv: nn.Conv2d, norm: GroupNorm, max_rows: int):
+        super().__init__()
+        self.max_rows = max_rows
+        weight, row_scale = fp8.weight_rows(patch_weight_matrix(conv.weight))
+        bound = fp8.group_norm_bound(norm.weight, norm.bias, max_rows * norm.num_channels // norm.num_groups)
+        term_scale = torch.tensor(bound / fp8.FP8_MAX, dtype=torch.float32, device=weight.device)
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("term_scale", term_scale, persistent=False)
+        self.register_buffer("out_scale", row_scale * term_scale, persistent=False)
+        self.register_buffer("unit", torch.ones((), dtype=torch.float32, device=weight.device), persistent=False)
+
+
 def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
-                 add: torch.Tensor | None = None, add_column: int = 0,
-                 add_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 add: torch.Tensor | None = None, add_column: int = 0, add_bias: torch.Tensor | None = None,
+                 fp8_weights: Fp8PatchWeights | None = None) -> torch.Tensor:
     """conv3x3(silu(norm(x + addend)), conv, bias), a ResBlock's norm and convolution (stride 1).
     Where the convolution is a patch product and the norm is the fused op, the op writes the
-    patches itself: no kernel reads the normalised tensor back to gather them."""
+    patches itself: no kernel reads the normalised tensor back to gather them. With `fp8_weights`
+    (up to their rows), it writes them as fp8 terms, and the product is fp8.two_term_product."""
     n, _, h, w = x.shape
     if norm.fused and norm.writes_patches and takes_patch_product(n * h * w, product_rows):
+        if fp8_weights is not None and n * h * w <= fp8_weights.max_rows:
+            terms = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True,
+                                   term_scale=fp8_weights.term_scale)
+            out = fp8.two_term_product(terms, fp8_weights.weight, fp8_weights.out_scale, fp8_weights.unit, bias,
+                                       x.dtype)
+            return pixel_rows_as_image(out, n, h, w)
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
         return patch_product(patches, conv.weight, bias, n, h, w)
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
@@ -292,6 +340,18 @@ def use_patch_products(net: nn.Module, rows: int) -> None:
     it): the compiler would tie the program to sizes on one side of the bound."""
     for layer in patch_product_layers(net):
         layer.product_rows = rows
+
+
+def use_fp8_patch_products(net: nn.Module, rows: int) -> int:
+    """Every ResBlock of `net` (the ControlNet, the UNet) gets Fp8PatchWeights for its two
+    convolutions, for up to `rows` output rows: where a convolution is a patch product of at most
+    that many rows whose patches the fused GroupNorm writes, it runs as an fp8 x fp8 product
+    (norm_conv3x3). Returns how many convolutions."""
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    for block in blocks:
+        block.in_fp8 = Fp8PatchWeights(block.in_layers[2], block.in_layers[0], rows)
+        block.out_fp8 = Fp8PatchWeights(block.out_layers[3], block.out_layers[0], rows)
+    return 2 * len(blocks)
 
 
 @contextlib.contextmanager
@@ -321,6 +381,8 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
         self.emb_columns: tuple[int, int] | None = None  # see stack_time_projections
         self.product_rows = 0  # see use_patch_products
+        self.in_fp8: Fp8PatchWeights | None = None  # see use_fp8_patch_products
+        self.out_fp8: Fp8PatchWeights | None = None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
@@ -333,11 +395,12 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows)
+            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows, fp8_weights=self.in_fp8)
             add_bias = in_conv.bias
         else:
             h, add_bias = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows), None
-        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias)
+        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
+                         self.out_fp8)
         return self.skip_connection(x) + h
 
 

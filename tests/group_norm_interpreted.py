@@ -6,7 +6,8 @@ triton is imported). Prints one line per check; exits non-zero on the first that
    addend (columns of a wider tensor; one row per sample, or one row for both plus a bias) and the
    SiLU, a group held in registers and one read in two passes, a mean far from zero; and the
    kernel's 3x3 patches of its output (padding zeros included) the same, bit for bit, as
-   networks.patch_matrix gathers from it.
+   networks.patch_matrix gathers from it, and their two e4m3 terms under a scale 4x the largest
+   value's the same values as fp8.two_terms makes of those patches.
 2. The tiled kernels (the VAE decoder's) against float64 torch: one sample and two, groups of
    several widths, tiles of one load and of several, a part-filled last tile, a mean far from
    zero, an input not channels-last; and the op with `tiles` taking them where the channels are a
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdcanny import fused_norm  # noqa: E402
+from sdcanny import fp8, fused_norm  # noqa: E402
 from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
 from sdcanny.group_norm_kernel import (MAX_TILES, ONE_PASS_LIMIT, group_norm_act, tiled_group_norm_act,  # noqa: E402
@@ -72,6 +73,11 @@ def check_kernel():
         assert got.is_contiguous(memory_format=torch.channels_last), got.stride()
         patches = group_norm_act(x, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, add_bias, patches=True)
         assert torch.equal(patches, patch_matrix(got)), "the patches are not the output's"
+        scale = (got.abs().amax() * 4 / fp8.FP8_MAX).reshape(())  # a bound known ahead is looser than exact
+        terms = group_norm_act(x, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, add_bias, patches=True,
+                               term_scale=scale)
+        assert terms.dtype == torch.float8_e4m3fn and terms.shape == (2 * patches.shape[0], patches.shape[1])
+        assert torch.equal(terms.float(), fp8.two_terms(patches, scale).float()), "the terms are not the patches'"
 
 
 # (samples, channels, height, width, layout, SiLU) for the tiled kernels, 32 groups 2 to 16 wide;

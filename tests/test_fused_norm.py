@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdcanny import compat, fused_norm
+from sdcanny import compat, fp8, fused_norm
 from sdcanny.checkpoint import load_networks
 from sdcanny.config import TINY
 from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, use_patch_products
@@ -201,6 +201,37 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
     patches = torch.ops.sdcanny.group_norm_act(*args, True, True)
     assert torch.equal(overlapped, got)
     assert torch.equal(patches, patch_matrix(got))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fp8.unavailable_reason(torch.device("cuda")) is not None,
+                    reason="needs a CUDA GPU with fp8 tensor cores, torch 2.5+ and triton")
+@pytest.mark.parametrize("channels, height, width, add_rows", [(1280, 4, 6, 1), (640, 8, 12, 0), (2560, 4, 6, 2)])
+def test_gpu_fp8_terms_are_those_of_the_kernels_output(channels, height, width, add_rows):
+    """The op's patches as fp8 terms (a ResBlock's fp8 patch products), compiled for the GPU: from an
+    fp32 input the kernel's values are its fp32 output's, so its terms are fp8.two_terms of that
+    output's patches, the same values (its own rounding to e4m3, in fp32 arithmetic, is
+    torch's), under a scale from the norm's bound as the back-end sets it; and within 2^-8 a
+    value of the float64 GroupNorm where that is normal in e4m3."""
+    fused_norm.register_op()
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(2, channels, height, width, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    norm = GroupNorm(32, channels).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.normal_(generator=g)
+    add = torch.randn(add_rows, channels, device="cuda", generator=g) if add_rows else None
+    scale = torch.tensor(fp8.group_norm_bound(norm.weight, norm.bias, 192 * channels // 32) / fp8.FP8_MAX,
+                         device="cuda")
+    args = (x, norm.weight, norm.bias, add, 0, None, 32, norm.eps, True)
+    out = torch.ops.sdcanny.group_norm_act(*args)
+    terms = torch.ops.sdcanny.group_norm_act(*args, True, True, False, scale)
+    assert terms.dtype == torch.float8_e4m3fn and terms.shape == (2 * 2 * height * width, 9 * channels)
+    assert torch.equal(terms.float(), fp8.two_terms(patch_matrix(out), scale).float())
+    hi, lo = terms.double().chunk(2)
+    values = (hi + lo * fp8.LOW_TERM_WEIGHT) * scale.double()
+    want = patch_matrix(expected(x, norm, True, add))
+    normal = want.abs() >= scale.double() * 2.0 ** -6  # e4m3's smallest normal value, scaled
+    assert ((values - want).abs()[normal] <= want.abs()[normal] * (2.0 ** -8 + 1e-5)).all()  # and fp32 GroupNorm
 
 
 @pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")

@@ -1,0 +1,93 @@
+"""fp8 x fp8 patch products: a ResBlock's 3x3 convolution of few rows as one e4m3 x e4m3 matrix
+product (Hopper's fp8 tensor cores), its input written in two e4m3 terms so that it keeps about
+fp16's precision where one term would not.
+
+The weights: each output channel's row of the patch matrix (networks.patch_product's layout)
+divided by its largest magnitude over 448 (e4m3's largest value) and rounded to e4m3.
+The input: the GroupNorm (+ SiLU) before the convolution writes its patches as two e4m3 terms,
+
+    hi = e4m3(x / s),  lo = e4m3(2^4 (x / s - hi)),  x ~ s (hi + 2^-4 lo)
+
+stacked as rows [hi; lo], so that one product reads the weights once for both; the two halves of
+its fp32 result, the second times 2^-4, sum to the product of x so rounded. The scale s is fixed
+ahead, from the norm's own weights (group_norm_bound), so that no kernel has to find the input's
+largest value first: e4m3 is floating point, so a scale larger than needed costs precision only
+below its normal range (benchmarks/quantization_fidelity.py: a scale 64x looser than the
+largest value kept the graded images as close to the fp32 reference as an exact one).
+
+The step's products at the 4x6 and 8x12 latents are bound by reading their weights; fp8 weights
+halve that (benchmarks/quantized_products.py, docs/benchmarks.md). Needs a GPU with fp8 tensor
+cores (compute capability 8.9+), torch 2.5+ (torch._scaled_mm as it is now) and triton with e4m3
+(`unavailable_reason`); elsewhere the products stay fp16.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+FP8_MAX = 448.0  # e4m3's largest finite value, torch.finfo(torch.float8_e4m3fn).max
+# e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
+# 2^4 the residual stays within the value's own range and keeps 3 bits of its own
+LOW_TERM_SHIFT = 4
+LOW_TERM_WEIGHT = 2.0 ** -LOW_TERM_SHIFT
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None where fp8 patch products can run on `device`, else why not in one line."""
+    otherwise = "the patch products stay fp16"
+    if device.type != "cuda":
+        return f"fp8 patch products need a CUDA device, not {device.type}"
+    if not hasattr(torch, "float8_e4m3fn") or torch_version() < (2, 5):
+        return f"fp8 patch products need torch 2.5+ (torch._scaled_mm), this is {torch.__version__}: {otherwise}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (f"fp8 patch products need fp8 tensor cores (compute capability 8.9+), this GPU has "
+                f"{capability[0]}.{capability[1]}: {otherwise}")
+    if importlib.util.find_spec("triton") is None:
+        return f"fp8 patch products need triton (the GroupNorm kernel writes their terms): {otherwise}"
+    return None
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, fp32 scale per row) of a (rows, ...) weight: each row over its largest
+    magnitude / 448, so that w ~ rows * scale[:, None]."""
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+    return (flat / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def two_terms(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """The rows [hi; lo] of x as one e4m3 tensor (2M, ...): hi = e4m3(x / scale), lo = e4m3(2^4
+    (x / scale - hi)), so that x ~ scale (hi + 2^-4 lo), within 2^-8 of each normal value. `scale`
+    may be any at least max |x| / 448 (a bound known ahead)."""
+    scaled = x.float() / scale
+    hi = scaled.to(torch.float8_e4m3fn).float()
+    return torch.cat([hi, (scaled - hi) * 2.0 ** LOW_TERM_SHIFT]).to(torch.float8_e4m3fn)
+
+
+def group_norm_bound(weight: torch.Tensor, bias: torch.Tensor, group_elements: int) -> float:
+    """A bound on |GroupNorm(x)| (and so on |SiLU(GroupNorm(x))|, which is never larger) over groups
+    of at most `group_elements` values: a group normalised to mean 0 and variance 1 has no value
+    beyond sqrt(n - 1) (all but one equal), which the affine map takes to at most
+    |weight| sqrt(n - 1) + |bias| per channel."""
+    reach = math.sqrt(max(group_elements - 1, 1))
+    return float((weight.detach().float().abs() * reach + bias.detach().float().abs()).max())
+
+
+def two_term_product(terms: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, unit: torch.Tensor,
+                     bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(M, N) in `dtype`: the product of the two_terms rows `terms` (2M, K) and the e4m3 weight rows
+    (N, K), into fp32, its halves summed (the second times 2^-4), times out_scale (N,), the terms'
+    scale times each weight row's, plus bias. `unit`: an fp32 1 on the device (the product's own
+    scales; a constant made inside compiled code would cost a kernel a call)."""
+    y = torch._scaled_mm(terms, weight.t(), unit, unit, out_dtype=torch.float32)
+    rows = terms.shape[0] // 2
+    y = (y[:rows] + y[rows:] * LOW_TERM_WEIGHT) * out_scale
+    return (y if bias is None else y + bias.float()).to(dtype)
