@@ -64,7 +64,8 @@ def round_to_two_fp8_terms(x: torch.Tensor, looseness: float = 1.0) -> torch.Ten
     """x as fp8.two_terms under tensor_scale (times `looseness`, as a bound known ahead would be)
     give it back, in x's dtype."""
     scale = tensor_scale(x) * looseness
-    hi, lo = two_terms(x, scale).float().chunk(2)
+    terms = two_terms(x, scale).float()
+    hi, lo = terms[0::2], terms[1::2]
     return ((hi + lo * LOW_TERM_WEIGHT) * scale).to(x.dtype)
 
 

@@ -8,8 +8,10 @@ The input: the GroupNorm (+ SiLU) before the convolution writes its patches as t
 
     hi = e4m3(x / s),  lo = e4m3(2^4 (x / s - hi)),  x ~ s (hi + 2^-4 lo)
 
-stacked as rows [hi; lo], so that one product reads the weights once for both; the two halves of
-its fp32 result, the second times 2^-4, sum to the product of x so rounded. The scale s is fixed
+each row of hi followed by its row of lo, so that one product reads the weights once for both;
+the two halves of each pair of its fp32 rows, the second times 2^-4, sum to the product of x so
+rounded. Where the next layer is another ResBlock convolution's GroupNorm, that norm's kernel
+reads the pair and sums it itself (networks.ResBlock.fp8_products): no kernel of its own for the sum. The scale s is fixed
 ahead, from the norm's own weights (group_norm_bound), so that no kernel has to find the input's
 largest value first: e4m3 is floating point, so a scale larger than needed costs precision only
 below its normal range (benchmarks/quantization_fidelity.py: a scale 64x looser than the
@@ -64,12 +66,13 @@ def weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def two_terms(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """The rows [hi; lo] of x as one e4m3 tensor (2M, ...): hi = e4m3(x / scale), lo = e4m3(2^4
-    (x / scale - hi)), so that x ~ scale (hi + 2^-4 lo), within 2^-8 of each normal value. `scale`
-    may be any at least max |x| / 448 (a bound known ahead)."""
+    """x's rows as one e4m3 tensor of twice as many (2M, ...), each row's hi = e4m3(x / scale)
+    followed by its lo = e4m3(2^4 (x / scale - hi)), so that x ~ scale (hi + 2^-4 lo), within 2^-8
+    of each normal value. `scale` may be any at least max |x| / 448 (a bound known ahead)."""
     scaled = x.float() / scale
     hi = scaled.to(torch.float8_e4m3fn).float()
-    return torch.cat([hi, (scaled - hi) * 2.0 ** LOW_TERM_SHIFT]).to(torch.float8_e4m3fn)
+    pairs = torch.stack([hi, (scaled - hi) * 2.0 ** LOW_TERM_SHIFT], dim=1)
+    return pairs.reshape(2 * x.shape[0], *x.shape[1:]).to(torch.float8_e4m3fn)
 
 
 def group_norm_bound(weight: torch.Tensor, bias: torch.Tensor, group_elements: int) -> float:
@@ -81,13 +84,26 @@ def group_norm_bound(weight: torch.Tensor, bias: torch.Tensor, group_elements: i
     return float((weight.detach().float().abs() * reach + bias.detach().float().abs()).max())
 
 
+def two_term_halves(terms: torch.Tensor, weight: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """(M, 2N) fp32: the product of the two_terms rows `terms` (2M, K) and the e4m3 weight rows (N, K),
+    each input row's pair of output rows side by side: the hi term's N products, then the lo
+    term's. `unit`: an fp32 1 on the device (the product's own scales; a constant made inside
+    compiled code would cost a kernel a call)."""
+    y = torch._scaled_mm(terms, weight.t(), unit, unit, out_dtype=torch.float32)
+    return y.view(terms.shape[0] // 2, 2 * weight.shape[0])
+
+
+def sum_halves(halves: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 (..., N) of two_term_halves' (..., 2N) on the last axis, or of those as an image (N, 2C, H, W)
+    on the second: the hi half plus the lo half times 2^-4, times out_scale (the terms' scale
+    times each weight row's)."""
+    image = halves.dim() == 4
+    hi, lo = halves.chunk(2, dim=1 if image else -1)
+    return (hi + lo * LOW_TERM_WEIGHT) * (out_scale[:, None, None] if image else out_scale)
+
+
 def two_term_product(terms: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, unit: torch.Tensor,
                      bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """(M, N) in `dtype`: the product of the two_terms rows `terms` (2M, K) and the e4m3 weight rows
-    (N, K), into fp32, its halves summed (the second times 2^-4), times out_scale (N,), the terms'
-    scale times each weight row's, plus bias. `unit`: an fp32 1 on the device (the product's own
-    scales; a constant made inside compiled code would cost a kernel a call)."""
-    y = torch._scaled_mm(terms, weight.t(), unit, unit, out_dtype=torch.float32)
-    rows = terms.shape[0] // 2
-    y = (y[:rows] + y[rows:] * LOW_TERM_WEIGHT) * out_scale
+    """(M, N) in `dtype`: two_term_halves summed (sum_halves), plus bias."""
+    y = sum_halves(two_term_halves(terms, weight, unit), out_scale)
     return (y if bias is None else y + bias.float()).to(dtype)

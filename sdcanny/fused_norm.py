@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, fp8
 from .networks import GroupNorm, group_norm_act_torch, patch_terms
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
@@ -31,27 +31,33 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels o
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                    add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
                    silu: bool, patches: bool = False, overlap: bool = False, tiles: bool = False,
-                   term_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   term_scale: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
     add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
     dtype; with `patches`, its 3x3 patches (networks.patch_matrix), and with a `term_scale` (an
     fp32 scalar at least the output's largest magnitude / 448) those as the rows of their two
-    e4m3 terms (fp8.two_terms; the kernel makes them from its fp32 values). The Triton kernel on a GPU
+    e4m3 terms (fp8.two_terms; the kernel makes them from its fp32 values). With an `x_scale` (C,),
+    x is an fp8 product's halves, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), read as fp8.sum_halves
+    sums them; only into fp8 terms. The Triton kernel on a GPU
     (with `overlap`, launched with programmatic dependent launch where compat.kernel_launches_overlap
     allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
     maths (GroupNorm.normalize's) elsewhere."""
-    check_addends(x, add, add_column, add_bias)
+    check_addends(x, add, add_column, add_bias, x_scale is not None)
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
-                      overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale)
+                      overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale)
+    if x_scale is not None:
+        if term_scale is None:
+            raise ValueError("an fp8 product's halves are read only to write fp8 terms")
+        x = fp8.sum_halves(x, x_scale)
     out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
     return patch_terms(out, patches, term_scale) if patches else out.contiguous(memory_format=torch.channels_last)
 
 
 def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
-                  add_bias: Optional[torch.Tensor]) -> None:
-    batch, channels = x.shape[:2]
+                  add_bias: Optional[torch.Tensor], halves: bool = False) -> None:
+    batch, channels = x.shape[0], x.shape[1] // (2 if halves else 1)
     if add is None:
         if add_bias is not None:
             raise ValueError("add_bias is added to the addend's columns: it needs an addend")
@@ -66,11 +72,14 @@ def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
 def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                           add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
                           silu: bool, patches: bool = False, overlap: bool = False,
-                          tiles: bool = False, term_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          tiles: bool = False, term_scale: Optional[torch.Tensor] = None,
+                          x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's output for tracing: x's shape and dtype, channels-last, no data (or the patches'
-    matrix, (N x H x W, 9 x C), or its two e4m3 terms' rows, (2 x N x H x W, 9 x C))."""
+    matrix, (N x H x W, 9 x C), or its two e4m3 terms' rows, (2 x N x H x W, 9 x C), C half x's
+    channels where x holds an fp8 product's halves)."""
     if patches:
         n, c, h, w = x.shape
+        c //= 2 if x_scale is not None else 1
         if term_scale is not None:
             return torch.empty((2 * n * h * w, 9 * c), dtype=torch.float8_e4m3fn, device=x.device)
         return torch.empty((n * h * w, 9 * c), dtype=x.dtype, device=x.device)

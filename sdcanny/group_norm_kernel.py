@@ -47,12 +47,14 @@ MAX_LOADS = 8
 
 
 @triton.jit
-def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start, count, pixels, sx_p, sx_c,
-                     sa_n, sa_c, GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
-                     HAS_ADD_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def load_group_block(x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, start, count, pixels,
+                     channels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr,
+                     HAS_ADD: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, HALVES: tl.constexpr, BLOCK: tl.constexpr):
     """Elements start..start+BLOCK of one group in memory order (channels innermost for a
     channels-last tensor, pixels for a contiguous one), as fp32 with the addend (plus the
-    per-channel add_bias) added in the activation's dtype, as `h + t.to(h.dtype)` in the network."""
+    per-channel add_bias) added in the activation's dtype, as `h + t.to(h.dtype)` in the network.
+    With HALVES, x is an fp8 product's halves (fp8.two_term_halves as an image: the channel's lo half `channels`
+    channels on), each value the hi half plus 2^-4 the lo, times x_scale per channel, in fp32."""
     index = start + tl.arange(0, BLOCK)
     mask = index < count
     if CHANNELS_INNER:
@@ -60,6 +62,10 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, sample, first_channel, start
     else:
         pixel, channel = index % pixels, index // pixels
     value = tl.load(x_base + pixel * sx_p + channel * sx_c, mask=mask, other=0.0)
+    if HALVES:
+        low = tl.load(x_base + pixel * sx_p + (channels + channel) * sx_c, mask=mask, other=0.0)
+        scale = tl.load(x_scale_ptr + first_channel + channel, mask=mask, other=0.0)
+        value = (value + low * 0.0625) * scale  # fp8.LOW_TERM_WEIGHT
     if HAS_ADD:
         addend = tl.load(add_ptr + sample * sa_n + (first_channel + channel) * sa_c, mask=mask, other=0.0)
         addend = addend.to(value.dtype)
@@ -103,7 +109,7 @@ def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_p
                      PATCHES: tl.constexpr, TERMS: tl.constexpr):
     """(value - mean) * rstd, scaled and shifted per channel, SiLU'd, into the channels-last output;
     or, with PATCHES, into the 3x3 patches of the padded output (store_patches); with TERMS too,
-    as two e4m3 terms under term_scale (fp8.two_terms), the low terms' rows lo_offset after the high."""
+    as two e4m3 terms under term_scale (fp8.two_terms), each low term lo_offset after its high one."""
     weight = tl.load(weight_ptr + first_channel + channel, mask=mask).to(tl.float32)
     bias = tl.load(bias_ptr + first_channel + channel, mask=mask).to(tl.float32)
     out = (value - mean) * rstd * weight + bias
@@ -123,11 +129,11 @@ def store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_p
 
 
 @triton.jit
-def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr, term_scale_ptr, pixels, width,
-                      channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, lo_offset, eps,
+def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bias_ptr, y_ptr, term_scale_ptr, pixels,
+                      width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, lo_offset, eps,
                       GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
-                      HAS_ADD_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
-                      PATCHES: tl.constexpr, TERMS: tl.constexpr, OVERLAP: tl.constexpr):
+                      HAS_ADD_BIAS: tl.constexpr, HALVES: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCKS: tl.constexpr, PATCHES: tl.constexpr, TERMS: tl.constexpr, OVERLAP: tl.constexpr):
     group, sample = tl.program_id(0), tl.program_id(1)
     term_scale = 1.0
     if TERMS:
@@ -141,8 +147,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
     height = pixels // width
     if BLOCKS == 1:  # the whole group in registers: read once, statistics about the exact mean
         value, pixel, channel, mask = load_group_block(
-            x_base, add_ptr, add_bias_ptr, sample, first_channel, 0, count, pixels, sx_p, sx_c, sa_n, sa_c,
-            GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+            x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, 0, count, pixels, channels, sx_p,
+            sx_c, sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, HALVES, BLOCK)
         if OVERLAP:  # the input is read: the next kernel may start (it waits for this one's output)
             tl.extra.cuda.gdc_launch_dependents()
         mean = tl.sum(value, axis=0) / count
@@ -152,14 +158,16 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
                          sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES, TERMS)
     else:
         shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
+        if HALVES:
+            shift = (shift + tl.load(x_base + channels * sx_c) * 0.0625) * tl.load(x_scale_ptr + first_channel)
         if HAS_ADD:
             shift += tl.load(add_ptr + sample * sa_n + first_channel * sa_c).to(tl.float32)
         sum1 = tl.zeros([BLOCK], dtype=tl.float32)
         sum2 = tl.zeros([BLOCK], dtype=tl.float32)
         for block in range(BLOCKS):
             value, _, _, mask = load_group_block(
-                x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
-                sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+                x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, block * BLOCK, count, pixels,
+                channels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, HALVES, BLOCK)
             centred = tl.where(mask, value - shift, 0.0)
             sum1 += centred
             sum2 += centred * centred
@@ -171,8 +179,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, weight_ptr, bias_ptr, y_ptr,
         rstd = 1.0 / tl.sqrt(variance + eps)
         for block in range(BLOCKS):
             value, pixel, channel, mask = load_group_block(
-                x_base, add_ptr, add_bias_ptr, sample, first_channel, block * BLOCK, count, pixels, sx_p, sx_c,
-                sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, BLOCK)
+                x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, block * BLOCK, count, pixels,
+                channels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, HALVES, BLOCK)
             store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base,
                              first_channel, sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES,
                              TERMS)
@@ -315,12 +323,15 @@ def launch_shape(count: int) -> Tuple[int, int, int]:
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
                    add_bias: Optional[torch.Tensor] = None, patches: bool = False, overlap: bool = False,
-                   tiles: bool = False, term_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   tiles: bool = False, term_scale: Optional[torch.Tensor] = None,
+                   x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
     channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
     (padding 1), networks.patch_matrix's, made here instead of by another kernel from the
     normalised tensor; with a `term_scale` too, as the (2 x N x H x W, 9 x C) rows of the patches'
-    two e4m3 terms under that scale (fp8.two_terms, made from the fp32 values). `overlap`: launched
+    two e4m3 terms under that scale (fp8.two_terms, made from the fp32 values). With an `x_scale`
+    (C,), x is an fp8 product's halves instead, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), summed as
+    fp8.sum_halves does; only into fp8 terms. `overlap`: launched
     with programmatic dependent launch (the caller asks compat.kernel_launches_overlap whether the
     GPU and triton have it). The addend is add's columns add_column..add_column+C, plus add_bias (C,)
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
@@ -330,23 +341,23 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     and groups are powers of two (else one program per group), for large groups of few samples (the
     VAE decoder's); no addend, no patches."""
     batch, channels, height, width = x.shape
+    channels //= 2 if x_scale is not None else 1
+    check_fp8_modes(patches, tiles, term_scale, x_scale)
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
-        if add is not None or add_bias is not None or patches or term_scale is not None:
+        if add is not None or add_bias is not None or patches:
             raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
         if power_of_two(channels) and power_of_two(groups):
             return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
-    if term_scale is not None and not patches:
-        raise ValueError("the kernel writes fp8 terms of patches only")
-    rows = batch * height * width
-    if patches:
-        terms = term_scale is not None
-        y = torch.empty(((2 if terms else 1) * rows, 9 * channels), dtype=torch.float8_e4m3fn if terms else x.dtype,
-                        device=x.device)
-        sy_n, sy_p = height * width * 9 * channels, 9 * channels
+    terms = term_scale is not None
+    if patches:  # with terms, each pixel's row of high terms followed by its row of low terms
+        y = torch.empty(((2 if terms else 1) * batch * height * width, 9 * channels),
+                        dtype=torch.float8_e4m3fn if terms else x.dtype, device=x.device)
+        sy_p = (2 if terms else 1) * 9 * channels
+        sy_n = height * width * sy_p
     else:
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         sy_n, _, _, sy_p = y.stride()
@@ -355,15 +366,27 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     sx_n, sx_c, _, sx_p = x.stride()
     sa_n, sa_c = add.stride() if add is not None else (0, 0)
     block, blocks, warps = launch_shape(height * width * channels // groups)
-    unread = x  # a pointer for the addends a call has not
+    unread = x  # a pointer for the inputs a call has not
     group_norm_kernel[(groups, batch)](
-        x, add if add is not None else unread, add_bias if add_bias is not None else unread, weight, bias, y,
-        term_scale if term_scale is not None else unread, height * width, width, channels, sx_n, sx_p, sx_c,
-        sy_n, sy_p, sa_n, sa_c, rows * 9 * channels, eps,
+        x, add if add is not None else unread, add_bias if add_bias is not None else unread,
+        x_scale if x_scale is not None else unread, weight, bias, y, term_scale if terms else unread,
+        height * width, width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, 9 * channels, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
-        HAS_ADD_BIAS=add_bias is not None, SILU=silu, BLOCK=block, BLOCKS=blocks, num_warps=warps,
-        PATCHES=patches, TERMS=term_scale is not None, OVERLAP=overlap, **overlap_launch_options(overlap))
+        HAS_ADD_BIAS=add_bias is not None, HALVES=x_scale is not None, SILU=silu, BLOCK=block, BLOCKS=blocks,
+        num_warps=warps, PATCHES=patches, TERMS=terms, OVERLAP=overlap, **overlap_launch_options(overlap))
     return y
+
+
+def check_fp8_modes(patches: bool, tiles: bool, term_scale: Optional[torch.Tensor],
+                    x_scale: Optional[torch.Tensor]) -> None:
+    """The fp8 terms are written for patches only, and an fp8 product's halves are read only where
+    the output is fp8 terms again (the output's dtype is then not x's); the tiled kernels do neither."""
+    if tiles and (term_scale is not None or x_scale is not None):
+        raise ValueError("the tiled GroupNorm kernels neither read halves nor write fp8 terms")
+    if term_scale is not None and not patches:
+        raise ValueError("the kernel writes fp8 terms of patches only")
+    if x_scale is not None and term_scale is None:
+        raise ValueError("the kernel reads an fp8 product's halves only to write fp8 terms")
 
 
 def power_of_two(n: int) -> bool:

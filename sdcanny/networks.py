@@ -71,16 +71,19 @@ class GroupNorm(nn.GroupNorm):
 
     def normalize(self, x: torch.Tensor, silu: bool = False, add: torch.Tensor | None = None, add_column: int = 0,
                   add_bias: torch.Tensor | None = None, patches: bool = False,
-                  term_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  term_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
         use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
         block, read in place), plus add_bias (C,) where given, in x's dtype. With `patches`, the
         result's 3x3 patches (patch_matrix) instead: the fused op writes them itself; with a
-        `term_scale` too, those patches as fp8 terms under that scale (fp8.two_terms)."""
+        `term_scale` too, those patches as fp8 terms under that scale (fp8.two_terms). With an
+        `x_scale`, x is an fp8 product's halves (fp8.two_term_halves as an image), summed as fp8.sum_halves does."""
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu, patches, self.overlap,
-                                                    self.tiled, term_scale)
+                                                    self.tiled, term_scale, x_scale)
+        if x_scale is not None:
+            x = fp8.sum_halves(x, x_scale)
         out = group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
                                    add_bias)
         return patch_terms(out, patches, term_scale)
@@ -249,7 +252,7 @@ def patch_weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_rows_as_image(out: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """(N x h x w, C) rows as the channels-last (N, C, h, w) tensor they are."""
+    """(N x h x w, C) rows as the channels-last (N, C, h, w) tensor they are (a view)."""
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -309,24 +312,31 @@ class Fp8PatchWeights(nn.Module):
 
 
 def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
-                 add: torch.Tensor | None = None, add_column: int = 0, add_bias: torch.Tensor | None = None,
-                 fp8_weights: Fp8PatchWeights | None = None) -> torch.Tensor:
+                 add: torch.Tensor | None = None, add_column: int = 0,
+                 add_bias: torch.Tensor | None = None) -> torch.Tensor:
     """conv3x3(silu(norm(x + addend)), conv, bias), a ResBlock's norm and convolution (stride 1).
     Where the convolution is a patch product and the norm is the fused op, the op writes the
-    patches itself: no kernel reads the normalised tensor back to gather them. With `fp8_weights`
-    (up to their rows), it writes them as fp8 terms, and the product is fp8.two_term_product."""
+    patches itself: no kernel reads the normalised tensor back to gather them."""
     n, _, h, w = x.shape
     if norm.fused and norm.writes_patches and takes_patch_product(n * h * w, product_rows):
-        if fp8_weights is not None and n * h * w <= fp8_weights.max_rows:
-            terms = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True,
-                                   term_scale=fp8_weights.term_scale)
-            out = fp8.two_term_product(terms, fp8_weights.weight, fp8_weights.out_scale, fp8_weights.unit, bias,
-                                       x.dtype)
-            return pixel_rows_as_image(out, n, h, w)
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
         return patch_product(patches, conv.weight, bias, n, h, w)
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
                    product_rows)
+
+
+def norm_fp8_product(norm: GroupNorm, weights: Fp8PatchWeights, x: torch.Tensor, add: torch.Tensor | None = None,
+                     add_column: int = 0, add_bias: torch.Tensor | None = None,
+                     x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The 3x3 convolution (no bias) of silu(norm(x + addend)) as an fp8 patch product (sdcanny/fp8.py):
+    the fused norm writes the patches' two e4m3 terms, one product multiplies them by the e4m3
+    weight rows. Returns the product's halves (fp8.two_term_halves) as an (N, 2C, H, W) image, for
+    the next norm to sum (x_scale = weights.out_scale) or fp8.sum_halves. With `x_scale`, x is
+    such halves."""
+    n, _, h, w = x.shape
+    terms = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True,
+                           term_scale=weights.term_scale, x_scale=x_scale)
+    return pixel_rows_as_image(fp8.two_term_halves(terms, weights.weight, weights.unit), n, h, w)
 
 
 def patch_product_layers(net: nn.Module) -> list[nn.Module]:
@@ -395,13 +405,36 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows, fp8_weights=self.in_fp8)
+            if self.takes_fp8_products(x):
+                return self.skip_connection(x) + self.fp8_products(x, add, column)
+            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows)
             add_bias = in_conv.bias
         else:
             h, add_bias = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows), None
-        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
-                         self.out_fp8)
+        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias)
         return self.skip_connection(x) + h
+
+    def takes_fp8_products(self, x: torch.Tensor) -> bool:
+        """Whether both convolutions run as fp8 patch products at x's size: with fp8 weights
+        (use_fp8_patch_products) for at least its rows, compiled as patch products
+        (takes_patch_product), after fused norms that write patches."""
+        n, _, h, w = x.shape
+        norms = (self.in_layers[0], self.out_layers[0])
+        return (self.in_fp8 is not None and n * h * w <= self.in_fp8.max_rows
+                and all(norm.fused and norm.writes_patches for norm in norms)
+                and takes_patch_product(n * h * w, self.product_rows))
+
+    def fp8_products(self, x: torch.Tensor, add: torch.Tensor, column: int) -> torch.Tensor:
+        """The block's residual branch through two fp8 patch products (norm_fp8_product). The first
+        product's halves go to the second norm as they are, its bias in that norm's addend: the
+        norm's kernel sums them as it reads them. The second's are summed here, where the
+        compiler joins the sum to the skip connection's addition."""
+        in_norm, _, in_conv = self.in_layers
+        out_norm, _, _, out_conv = self.out_layers
+        halves = norm_fp8_product(in_norm, self.in_fp8, x)
+        halves = norm_fp8_product(out_norm, self.out_fp8, halves, add, column, in_conv.bias, self.in_fp8.out_scale)
+        out = fp8.sum_halves(halves, self.out_fp8.out_scale) + out_conv.bias.float()[:, None, None]
+        return out.to(x.dtype)
 
 
 class CrossAttention(nn.Module):

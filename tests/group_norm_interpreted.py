@@ -12,8 +12,11 @@ triton is imported). Prints one line per check; exits non-zero on the first that
    several widths, tiles of one load and of several, a part-filled last tile, a mean far from
    zero, an input not channels-last; and the op with `tiles` taking them where the channels are a
    power of two, one program per group where they are not.
-3. A ResBlock whose time embedding is one row for two samples, as in the step.
-4. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
+3. The kernel reading an fp8 product's halves (hi channels, then lo; fp8.two_term_halves as an
+   image), one pass and two, into fp8 terms: the terms the kernel writes of the halves' sum
+   (fp8.sum_halves), the same values.
+4. A ResBlock whose time embedding is one row for two samples, as in the step.
+5. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
    columns of one wider row), with every GroupNorm through the op, and the tiny VAE decoder with
    every GroupNorm through the tiled kernels: the same outputs as with torch's GroupNorm.
 """
@@ -114,6 +117,25 @@ def check_tiled():
         assert err < 1e-4, err
 
 
+def check_halves():
+    g = torch.Generator().manual_seed(4)
+    for channels, height, width in ((40, 4, 6), (48, 48, 48)):  # 4 groups: one pass; 3 groups: two passes
+        groups = 4 if channels == 40 else 3
+        halves = torch.randn(2, 2 * channels, height, width, generator=g).contiguous(memory_format=torch.channels_last)
+        x_scale = torch.rand(channels, generator=g) + 0.5
+        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+        add, add_bias = torch.randn(1, channels + 2 * ADD_COLUMN, generator=g), torch.randn(channels, generator=g)
+        term_scale = torch.tensor(0.05)
+        got = group_norm_act(halves, weight, bias, groups, 1e-5, True, add, ADD_COLUMN, add_bias, patches=True,
+                             term_scale=term_scale, x_scale=x_scale)
+        summed = fp8.sum_halves(halves, x_scale)
+        want = group_norm_act(summed, weight, bias, groups, 1e-5, True, add, ADD_COLUMN, add_bias, patches=True,
+                              term_scale=term_scale)
+        same = (got.float() == want.float()).float().mean().item()
+        print("halves", (channels, height, width, groups), f"terms the same {same:.6f}")
+        assert same == 1.0, same
+
+
 def check_resblock_with_one_time_row():
     """A ResBlock of two samples whose time embedding is one row, as the step's stacked time rows
     are: the op's addend broadcasts as torch's sum does."""
@@ -170,5 +192,6 @@ if __name__ == "__main__":
     fused_norm.register_op()
     check_kernel()
     check_tiled()
+    check_halves()
     check_resblock_with_one_time_row()
     check_networks()

