@@ -16,6 +16,7 @@ versions or probes signatures.
 | fp16 convolutions on the CPU | absent | present (used to trace fp16 ONNX graphs without a GPU) |
 | `torch.library.custom_op` (our Triton GroupNorm and attention as ops torch.compile can call) | absent | 2.4+ |
 | `torch.compiler.is_compiling` | `torch._dynamo.is_compiling` | 2.3+ |
+| e4m3 x e4m3 into one fp32 tensor (`torch._scaled_mm`; the fp8 patch products) | absent (no fp8 dtype) | 2.5+ (2.1-2.4 return a pair) |
 
 And one thing of triton's: whether our own Triton kernels launch with programmatic dependent launch
 (`kernel_launches_overlap`: triton's `launch_pdl` option and grid-dependency intrinsics, on a GPU of
@@ -135,6 +136,28 @@ def max_onnx_opset() -> int:
     """The highest opset the TorchScript exporter of this torch writes."""
     from torch.onnx import _constants
     return getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+
+
+def fp8_product_unavailable_reason(device: torch.device) -> str | None:
+    """None where torch._scaled_mm multiplies e4m3 matrices into one fp32 tensor on `device` (the
+    form the fp8 patch products call), else why not in one line: tried once per device on two
+    16 x 16 matrices."""
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no fp8 matrix product (torch._scaled_mm, 2.5+)"
+    return _fp8_product_probe(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_product_probe(device: str) -> str | None:
+    a = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    try:
+        out = torch._scaled_mm(a, a.t(), one, one, out_dtype=torch.float32)
+    except (RuntimeError, TypeError) as e:  # no fp8 tensor cores, or an older signature
+        return f"torch {torch.__version__}'s fp8 matrix product does not run on {device}: {str(e).splitlines()[0]}"
+    if not isinstance(out, torch.Tensor) or out[0, 0].item() != 16.0:
+        return f"torch {torch.__version__}'s torch._scaled_mm does not give one product tensor (torch 2.5+ does)"
+    return None
 
 
 def cpu_runs_fp16_convolutions() -> bool:

@@ -19,15 +19,17 @@ largest value kept the graded images as close to the fp32 reference as an exact 
 
 The step's products at the 4x6 and 8x12 latents are bound by reading their weights; fp8 weights
 halve that (benchmarks/quantized_products.py, docs/benchmarks.md). Needs a GPU with fp8 tensor
-cores (compute capability 8.9+), torch 2.5+ (torch._scaled_mm as it is now) and triton with e4m3
-(`unavailable_reason`); elsewhere the products stay fp16.
+cores (compute capability 8.9+), torch 2.5+ (torch._scaled_mm as it is now,
+compat.fp8_product_unavailable_reason), custom ops (2.4+) and triton (`unavailable_reason`);
+elsewhere the products stay fp16.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
+
+from . import compat
 
 FP8_MAX = 448.0  # e4m3's largest finite value, torch.finfo(torch.float8_e4m3fn).max
 # e4m3 keeps 3 mantissa bits, so a normal value's rounding residual is at most 2^-4 of it: scaled by
@@ -39,22 +41,15 @@ LOW_TERM_WEIGHT = 2.0 ** -LOW_TERM_SHIFT
 def unavailable_reason(device: torch.device) -> str | None:
     """None where fp8 patch products can run on `device`, else why not in one line."""
     otherwise = "the patch products stay fp16"
-    if device.type != "cuda":
-        return f"fp8 patch products need a CUDA device, not {device.type}"
-    if not hasattr(torch, "float8_e4m3fn") or torch_version() < (2, 5):
-        return f"fp8 patch products need torch 2.5+ (torch._scaled_mm), this is {torch.__version__}: {otherwise}"
+    reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise)
+    if reason is not None:
+        return reason
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
         return (f"fp8 patch products need fp8 tensor cores (compute capability 8.9+), this GPU has "
                 f"{capability[0]}.{capability[1]}: {otherwise}")
-    if importlib.util.find_spec("triton") is None:
-        return f"fp8 patch products need triton (the GroupNorm kernel writes their terms): {otherwise}"
-    return None
-
-
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
+    reason = compat.fp8_product_unavailable_reason(device)
+    return None if reason is None else f"{reason}: {otherwise}"
 
 
 def weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

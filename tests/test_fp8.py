@@ -15,12 +15,12 @@ from sdcanny import compat, fp8, fused_norm
 from sdcanny.networks import (Fp8PatchWeights, GroupNorm, ResBlock, patch_matrix, patch_weight_matrix,
                               use_fp8_patch_products, use_patch_products)
 
-needs_fp8 = pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn") or fp8.torch_version() < (2, 5),
-                               reason=f"torch {torch.__version__}: the fp8 products need torch 2.5+")
+FP8_ON_CPU = compat.fp8_product_unavailable_reason(torch.device("cpu"))
+needs_fp8 = pytest.mark.skipif(FP8_ON_CPU is not None, reason=str(FP8_ON_CPU))
 
 
 def test_unavailable_off_cuda():
-    assert "need a CUDA device" in fp8.unavailable_reason(torch.device("cpu"))
+    assert "needs a CUDA device" in fp8.unavailable_reason(torch.device("cpu"))
 
 
 @needs_fp8
