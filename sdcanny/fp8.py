@@ -11,9 +11,9 @@ The input: the GroupNorm (+ SiLU) before the convolution writes its patches as t
 each row of hi followed by its row of lo, so that one product reads the weights once for both;
 the two halves of each pair of its fp32 rows, the second times 2^-4, sum to the product of x so
 rounded. Where the next layer is another ResBlock convolution's GroupNorm, that norm's kernel
-reads the pair and sums it itself (networks.ResBlock.fp8_products): no kernel of its own for the sum. The scale s is fixed
-ahead, from the norm's own weights (group_norm_bound), so that no kernel has to find the input's
-largest value first: e4m3 is floating point, so a scale larger than needed costs precision only
+reads the pair and sums it itself (networks.ResBlock.fp8_products): no kernel of its own for the
+sum. The scale s is fixed ahead, from the norm's own weights (group_norm_bound), so that no
+kernel has to find the input's largest value first: e4m3 is floating point, so a scale larger than needed costs precision only
 below its normal range (benchmarks/quantization_fidelity.py: a scale 64x looser than the
 largest value kept the graded images as close to the fp32 reference as an exact one).
 

@@ -58,9 +58,9 @@ class GroupNorm(nn.GroupNorm):
     in fp32, the result cast back to the input's dtype. `fused` (set by the fast back-end,
     sdcanny/fused_norm.py) makes `normalize` one call of the op torch.ops.sdcanny.group_norm_act,
     the addend and the SiLU inside it; `writes_patches` lets the op write a convolution's patches
-    itself (norm_conv3x3), as fp8 terms where the convolution is an fp8 patch product,
-    `overlap` launches its kernel with programmatic dependent launch, `tiled` runs the op's tiled
-    kernels (the VAE decoder's norms)."""
+    itself (norm_conv3x3), as fp8 terms where the convolution is an fp8 patch product
+    (ResBlock.fp8_products), `overlap` launches its kernel with programmatic dependent launch,
+    `tiled` runs the op's tiled kernels (the VAE decoder's norms)."""
     fused = False
     writes_patches = False
     overlap = False
@@ -77,7 +77,8 @@ class GroupNorm(nn.GroupNorm):
         block, read in place), plus add_bias (C,) where given, in x's dtype. With `patches`, the
         result's 3x3 patches (patch_matrix) instead: the fused op writes them itself; with a
         `term_scale` too, those patches as fp8 terms under that scale (fp8.two_terms). With an
-        `x_scale`, x is an fp8 product's halves (fp8.two_term_halves as an image), summed as fp8.sum_halves does."""
+        `x_scale`, x is an fp8 product's halves (fp8.two_term_halves as an image), summed as
+        fp8.sum_halves does."""
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu, patches, self.overlap,
@@ -356,7 +357,7 @@ def use_fp8_patch_products(net: nn.Module, rows: int) -> int:
     """Every ResBlock of `net` (the ControlNet, the UNet) gets Fp8PatchWeights for its two
     convolutions, for up to `rows` output rows: where a convolution is a patch product of at most
     that many rows whose patches the fused GroupNorm writes, it runs as an fp8 x fp8 product
-    (norm_conv3x3). Returns how many convolutions."""
+    (ResBlock.fp8_products). Returns how many convolutions."""
     blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
     for block in blocks:
         block.in_fp8 = Fp8PatchWeights(block.in_layers[2], block.in_layers[0], rows)
@@ -402,11 +403,11 @@ class ResBlock(nn.Module):
             add, column = self.emb_layers(emb.to(self.emb_layers[1].weight.dtype)), 0
         else:  # emb already holds every ResBlock's projection side by side: this block's columns
             add, column = emb, self.emb_columns[0]
+        if self.takes_fp8_products(x):
+            return self.skip_connection(x) + self.fp8_products(x, add, column)
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            if self.takes_fp8_products(x):
-                return self.skip_connection(x) + self.fp8_products(x, add, column)
             h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows)
             add_bias = in_conv.bias
         else:

@@ -51,7 +51,7 @@ LATENT_MULTIPLE = 8  # work images are multiples of 64 px, latents of 8 (the UNe
 MIN_LATENT_SIDE = 16  # at 8 the UNet's bottom is 1 wide, a size the compiler specialises
 # The files whose code the programs compile: a change to any of them makes the programs stale.
 SOURCE_FILES = ("networks.py", "stages.py", "ddim.py", "reference.py", "fused_norm.py", "group_norm_kernel.py",
-                "fused_attention.py", "attention_kernel.py")
+                "fused_attention.py", "attention_kernel.py", "fp8.py")
 # The kinds of size, each compiled once per stage: (samples in the example, which axes are symbolic)
 VARIANTS = {"graded": (1, ()), "one sample": (1, ("size",)), "samples": (2, ("batch", "size"))}
 

@@ -319,3 +319,21 @@ def test_parallel_children_run_at_once_and_a_failure_stops_the_rest(tmp_path):
         start = time.perf_counter()
         programs.run_in_parallel({"slow": slow, "failing": failing}, tmp_path, poll_s=0.05)
     assert time.perf_counter() - start < 30  # the slow one was stopped, not waited for
+
+
+def test_every_module_the_programs_compile_code_of_is_in_their_digest():
+    """A change to code the programs compile must make them stale: every sdcanny module that one
+    of programs.SOURCE_FILES imports is among them, but for those whose code no stage runs
+    traced (what torch offers, the configs, the checkpoint's schedule table, the request type).
+    (sdcanny/fp8.py was missing when it was written.)"""
+    import re
+    not_compiled = {"compat.py", "config.py", "checkpoint.py", "pipeline.py"}
+    package = os.path.dirname(programs.__file__)
+    imported = set()
+    for name in programs.SOURCE_FILES:
+        with open(os.path.join(package, name)) as f:
+            text = f.read()
+        imported |= {f"{m}.py" for m in re.findall(r"^\s*from \.(\w+) import", text, re.M)}
+        for names in re.findall(r"^\s*from \. import ([\w, ]+)", text, re.M):
+            imported |= {f"{m.strip()}.py" for m in names.split(",")}
+    assert imported - set(programs.SOURCE_FILES) == not_compiled
