@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sdcanny.fp8 import FP8_MAX, LOW_TERM_WEIGHT, two_terms  # noqa: E402
+from sdcanny.fp8 import FP8_MAX, LOW_TERM_WEIGHT, two_terms, weight_rows  # noqa: E402
 
 KINDS = ("int8", "uint8", "fp8")
 
@@ -27,13 +27,12 @@ def quantize_rows(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     """(stored values, fp32 scale per row) for `kind`; w is (rows, ...) of any float dtype."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "fp8":  # the fast back-end's fp8 patch products' weights
+        rows, scale = weight_rows(w)
+        return rows.reshape(w.shape), scale
     flat = w.detach().float().reshape(w.shape[0], -1)
-    top = FP8_MAX if kind == "fp8" else 127.0
-    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / top
-    scaled = flat / scale[:, None]
-    if kind == "fp8":
-        return scaled.to(torch.float8_e4m3fn).reshape(w.shape), scale
-    q = scaled.round().clamp(-127, 127)
+    scale = flat.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0
+    q = (flat / scale[:, None]).round().clamp(-127, 127)
     stored = (q + 128).to(torch.uint8) if kind == "uint8" else q.to(torch.int8)
     return stored.reshape(w.shape), scale
 
