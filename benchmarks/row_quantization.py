@@ -1,6 +1,7 @@
 """Weights rounded to 8 bits with one scale per output channel (a row of the (out, in...) weight),
 symmetric: what benchmarks/quantized_products.py times and benchmarks/quantization_fidelity.py
-simulates. Plain torch; none of it is in the product (docs/benchmarks.md says why).
+simulates. Plain torch. The fp8 rounding is sdcanny.fp8's, which the fast back-end's ResBlock
+products use; the 8-bit integer ones are in no product (docs/benchmarks.md says why).
 
     int8   round(w / s) in -127..127, s = max |row| / 127
     uint8  the int8 value + 128 (a kernel turns it into fp16 with one OR and one subtraction)
