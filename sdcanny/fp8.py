@@ -52,6 +52,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None if reason is None else f"{reason}: {otherwise}"
 
 
+def check_modes(patches: bool, tiles: bool, term_scale: torch.Tensor | None, x_scale: torch.Tensor | None) -> None:
+    """What the GroupNorm op (and GroupNorm.normalize) take: fp8 terms are written for patches
+    only, and an fp8 product's halves are read only where the output is fp8 terms again (the
+    output's dtype is then not x's); the tiled kernels do neither."""
+    if tiles and (term_scale is not None or x_scale is not None):
+        raise ValueError("the tiled GroupNorm kernels neither read halves nor write fp8 terms")
+    if term_scale is not None and not patches:
+        raise ValueError("fp8 terms are written for patches only")
+    if x_scale is not None and term_scale is None:
+        raise ValueError("an fp8 product's halves are read only to write fp8 terms")
+
+
 def weight_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 rows, fp32 scale per row) of a (rows, ...) weight: each row over its largest
     magnitude / 448, so that w ~ rows * scale[:, None]."""

@@ -43,16 +43,15 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
     allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
     maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias, x_scale is not None)
+    fp8.check_modes(patches, tiles, term_scale, x_scale)
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
                       overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale)
     if x_scale is not None:
-        if term_scale is None:
-            raise ValueError("an fp8 product's halves are read only to write fp8 terms")
         x = fp8.sum_halves(x, x_scale)
     out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
-    return patch_terms(out, patches, term_scale) if patches else out.contiguous(memory_format=torch.channels_last)
+    return patch_terms(out, term_scale) if patches else out.contiguous(memory_format=torch.channels_last)
 
 
 def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .compat import overlap_launch_options
+from .fp8 import check_modes
 
 # Elements of a group held in registers at once (32 a thread at 16 warps). 32768 spilled: the 640 x
 # 32 x 48 group was 0.6 µs faster in two passes of 16384, and the 960-channel one's two passes of
@@ -44,6 +45,12 @@ TILE_LOAD_ELEMENTS = 4096  # elements (pixels x channels) the tiled kernels load
 # MAX_LOADS (unrolled); beyond that the tiles multiply (and the statistics' loads widen)
 MAX_TILES = 512
 MAX_LOADS = 8
+
+
+@triton.jit
+def sum_halves(hi, lo, scale):
+    """fp8.sum_halves of one value's halves, in fp32."""
+    return (hi.to(tl.float32) + lo.to(tl.float32) * 0.0625) * scale  # fp8.LOW_TERM_WEIGHT
 
 
 @triton.jit
@@ -64,8 +71,7 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_c
     value = tl.load(x_base + pixel * sx_p + channel * sx_c, mask=mask, other=0.0)
     if HALVES:
         low = tl.load(x_base + pixel * sx_p + (channels + channel) * sx_c, mask=mask, other=0.0)
-        scale = tl.load(x_scale_ptr + first_channel + channel, mask=mask, other=0.0)
-        value = (value + low * 0.0625) * scale  # fp8.LOW_TERM_WEIGHT
+        value = sum_halves(value, low, tl.load(x_scale_ptr + first_channel + channel, mask=mask, other=0.0))
     if HAS_ADD:
         addend = tl.load(add_ptr + sample * sa_n + (first_channel + channel) * sa_c, mask=mask, other=0.0)
         addend = addend.to(value.dtype)
@@ -159,7 +165,7 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bia
     else:
         shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
         if HALVES:
-            shift = (shift + tl.load(x_base + channels * sx_c) * 0.0625) * tl.load(x_scale_ptr + first_channel)
+            shift = sum_halves(shift, tl.load(x_base + channels * sx_c), tl.load(x_scale_ptr + first_channel))
         if HAS_ADD:
             shift += tl.load(add_ptr + sample * sa_n + first_channel * sa_c).to(tl.float32)
         sum1 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -342,7 +348,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     VAE decoder's); no addend, no patches."""
     batch, channels, height, width = x.shape
     channels //= 2 if x_scale is not None else 1
-    check_fp8_modes(patches, tiles, term_scale, x_scale)
+    check_modes(patches, tiles, term_scale, x_scale)
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
@@ -375,18 +381,6 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         HAS_ADD_BIAS=add_bias is not None, HALVES=x_scale is not None, SILU=silu, BLOCK=block, BLOCKS=blocks,
         num_warps=warps, PATCHES=patches, TERMS=terms, OVERLAP=overlap, **overlap_launch_options(overlap))
     return y
-
-
-def check_fp8_modes(patches: bool, tiles: bool, term_scale: Optional[torch.Tensor],
-                    x_scale: Optional[torch.Tensor]) -> None:
-    """The fp8 terms are written for patches only, and an fp8 product's halves are read only where
-    the output is fp8 terms again (the output's dtype is then not x's); the tiled kernels do neither."""
-    if tiles and (term_scale is not None or x_scale is not None):
-        raise ValueError("the tiled GroupNorm kernels neither read halves nor write fp8 terms")
-    if term_scale is not None and not patches:
-        raise ValueError("the kernel writes fp8 terms of patches only")
-    if x_scale is not None and term_scale is None:
-        raise ValueError("the kernel reads an fp8 product's halves only to write fp8 terms")
 
 
 def power_of_two(n: int) -> bool:

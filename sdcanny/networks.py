@@ -83,11 +83,12 @@ class GroupNorm(nn.GroupNorm):
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu, patches, self.overlap,
                                                     self.tiled, term_scale, x_scale)
+        fp8.check_modes(patches, False, term_scale, x_scale)
         if x_scale is not None:
             x = fp8.sum_halves(x, x_scale)
         out = group_norm_act_torch(x, self.weight, self.bias, self.num_groups, self.eps, silu, add, add_column,
                                    add_bias)
-        return patch_terms(out, patches, term_scale)
+        return patch_terms(out, term_scale) if patches else out
 
 
 def group_norm_act_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
@@ -236,13 +237,9 @@ def patch_matrix(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     return padded[:, rows, cols, :].reshape(n * out_h * out_w, 9 * c)
 
 
-def patch_terms(x: torch.Tensor, patches: bool, term_scale: torch.Tensor | None) -> torch.Tensor:
-    """x, or its patch_matrix where `patches`, as fp8.two_terms under `term_scale` where one is given
-    (the fused GroupNorm op's result, in torch's ops)."""
-    if not patches:
-        if term_scale is not None:
-            raise ValueError("fp8 terms are written for patches only")
-        return x
+def patch_terms(x: torch.Tensor, term_scale: torch.Tensor | None) -> torch.Tensor:
+    """x's patch_matrix, as fp8.two_terms under `term_scale` where one is given (what the fused
+    GroupNorm op writes, in torch's ops)."""
     return patch_matrix(x) if term_scale is None else fp8.two_terms(patch_matrix(x), term_scale)
 
 
@@ -312,6 +309,12 @@ class Fp8PatchWeights(nn.Module):
         self.register_buffer("unit", torch.ones((), dtype=torch.float32, device=weight.device), persistent=False)
 
 
+def writes_own_patches(norm: GroupNorm, rows: int, product_rows: int) -> bool:
+    """Whether the convolution after `norm`, of `rows` output rows, is a patch product whose patches
+    the norm (the fused op) writes itself."""
+    return norm.fused and norm.writes_patches and takes_patch_product(rows, product_rows)
+
+
 def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
                  add: torch.Tensor | None = None, add_column: int = 0,
                  add_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,7 +322,7 @@ def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.
     Where the convolution is a patch product and the norm is the fused op, the op writes the
     patches itself: no kernel reads the normalised tensor back to gather them."""
     n, _, h, w = x.shape
-    if norm.fused and norm.writes_patches and takes_patch_product(n * h * w, product_rows):
+    if writes_own_patches(norm, n * h * w, product_rows):
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
         return patch_product(patches, conv.weight, bias, n, h, w)
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
@@ -420,10 +423,10 @@ class ResBlock(nn.Module):
         (use_fp8_patch_products) for at least its rows, compiled as patch products
         (takes_patch_product), after fused norms that write patches."""
         n, _, h, w = x.shape
-        norms = (self.in_layers[0], self.out_layers[0])
-        return (self.in_fp8 is not None and n * h * w <= self.in_fp8.max_rows
-                and all(norm.fused and norm.writes_patches for norm in norms)
-                and takes_patch_product(n * h * w, self.product_rows))
+        rows = n * h * w
+        return (self.in_fp8 is not None and rows <= self.in_fp8.max_rows
+                and all(writes_own_patches(norm, rows, self.product_rows)
+                        for norm in (self.in_layers[0], self.out_layers[0])))
 
     def fp8_products(self, x: torch.Tensor, add: torch.Tensor, column: int) -> torch.Tensor:
         """The block's residual branch through two fp8 patch products (norm_fp8_product). The first

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from sdcanny import compat, fp8, fused_norm
-from sdcanny.optional import installed
 from sdcanny.networks import (Fp8PatchWeights, GroupNorm, ResBlock, patch_matrix, patch_weight_matrix,
                               use_fp8_patch_products, use_patch_products)
 
@@ -167,17 +166,15 @@ def test_the_torch_path_writes_the_patches_terms():
 @needs_fp8
 def test_the_op_reads_halves_only_into_fp8_terms():
     """The op's output dtype follows from its terms: halves (fp32) in and a plain image out would
-    have no dtype the network asked for, so the op refuses it, on its torch path as in the kernel's
-    wrapper (which the GPU and the interpreter run)."""
+    have no dtype the network asked for, so the op refuses it (fp8.check_modes, which the kernel's
+    wrapper calls too, for the GPU and the interpreter)."""
     halves, norm = torch.randn(1, 8, 2, 3), GroupNorm(2, 4)
     args = (halves, norm.weight, norm.bias, None, 0, None, 2, 1e-5, True, True)
     with pytest.raises(ValueError, match="only to write fp8 terms"):
         fused_norm.group_norm_act(*args, x_scale=torch.ones(4))
     terms = fused_norm.group_norm_act(*args, term_scale=torch.tensor(0.01), x_scale=torch.ones(4))
     assert terms.shape == (2 * 6, 9 * 4)  # the channels are half the halves'
-    if installed("triton"):
-        from sdcanny.group_norm_kernel import check_fp8_modes
-        with pytest.raises(ValueError, match="only to write fp8 terms"):
-            check_fp8_modes(True, False, None, torch.ones(4))
-        with pytest.raises(ValueError, match="patches only"):
-            check_fp8_modes(False, False, torch.tensor(0.01), None)
+    with pytest.raises(ValueError, match="only to write fp8 terms"):  # the check the kernel's wrapper makes too
+        fp8.check_modes(True, False, None, torch.ones(4))
+    with pytest.raises(ValueError, match="patches only"):
+        fp8.check_modes(False, False, torch.tensor(0.01), None)
