@@ -167,8 +167,7 @@ class FastTorchBackend:
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
-                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
-                 split_group_norms: bool = True):
+                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -226,10 +225,7 @@ class FastTorchBackend:
         `fp8_patch_products`: where the fused GroupNorm writes a ResBlock convolution's patches, it
         writes them as two e4m3 terms and the product is fp8 x fp8 with e4m3 weights (sdcanny/fp8.py)
         where torch (2.5+), triton and the GPU (fp8 tensor cores) allow; off, those products are
-        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity).
-        `split_group_norms`: the fused GroupNorm kernel of the ControlNet and UNet spreads each group
-        over several programs where that was faster (group_norm_kernel.split_launch); off only to
-        measure what it buys."""
+        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity)."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -253,7 +249,6 @@ class FastTorchBackend:
         self.attention_kernel_keys = attention_kernel_keys
         self.norm_patches = norm_patches
         self.overlap_kernels = overlap_kernels
-        self.split_group_norms = split_group_norms
         self.deterministic_convolutions = deterministic_convolutions
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
@@ -327,7 +322,7 @@ class FastTorchBackend:
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
-                    "fp8_patch_products": self.fp8_patch_products, "split_group_norms": self.split_group_norms}
+                    "fp8_patch_products": self.fp8_patch_products}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -406,8 +401,7 @@ class FastTorchBackend:
                 pad_output_channels(net)
         if self.fused_group_norm:
             for net in (nets.controlnet, nets.unet):
-                fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels,
-                                                split=self.split_group_norms)
+                fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels)
                 if self.fp8_patch_products:
                     use_fp8_patch_products(net, self.patch_product_rows)
             if self.vae_group_norm:

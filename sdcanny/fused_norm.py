@@ -31,8 +31,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels o
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
                    add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
                    silu: bool, patches: bool = False, overlap: bool = False, tiles: bool = False,
-                   term_scale: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
-                   split: bool = False) -> torch.Tensor:
+                   term_scale: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
     add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
     dtype; with `patches`, its 3x3 patches (networks.patch_matrix), and with a `term_scale` (an
@@ -41,14 +40,14 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
     x is an fp8 product's halves, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), read as fp8.sum_halves
     sums them; only into fp8 terms. The Triton kernel on a GPU
     (with `overlap`, launched with programmatic dependent launch where compat.kernel_launches_overlap
-    allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups; with
-    `split`, each group over several programs), torch's maths (GroupNorm.normalize's) elsewhere."""
+    allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
+    maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias, x_scale is not None)
     fp8.check_modes(patches, tiles, term_scale, x_scale)
     if x.is_cuda or INTERPRETED:
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
-                      overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale, split)
+                      overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale)
     if x_scale is not None:
         x = fp8.sum_halves(x, x_scale)
     out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
@@ -73,7 +72,7 @@ def _group_norm_act_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
                           add_column: int, add_bias: Optional[torch.Tensor], groups: int, eps: float,
                           silu: bool, patches: bool = False, overlap: bool = False,
                           tiles: bool = False, term_scale: Optional[torch.Tensor] = None,
-                          x_scale: Optional[torch.Tensor] = None, split: bool = False) -> torch.Tensor:
+                          x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's output for tracing: x's shape and dtype, channels-last, no data (or the patches'
     matrix, (N x H x W, 9 x C), or its two e4m3 terms' rows, (2 x N x H x W, 9 x C), C half x's
     channels where x holds an fp8 product's halves)."""
@@ -101,14 +100,12 @@ def register_op() -> None:
     op.register_fake(_group_norm_act_shape)
 
 
-def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = True, tiles: bool = False,
-                         split: bool = True) -> int:
+def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = True, tiles: bool = False) -> int:
     """Every GroupNorm of `net` (the ControlNet, the UNet, the VAE decoder) normalises through the
     op; returns how many. `patches`: where a ResBlock's convolution is a patch product, the op
     writes its patches (networks.norm_conv3x3). `overlap`: the kernel launched with programmatic
     dependent launch where the GPU and triton have it. `tiles`: through the tiled kernels (the VAE
-    decoder's, whose groups are large and whose norms take no addend). `split`: each group over
-    several programs (group_norm_kernel.split_launch; the tiled kernels have their own grid)."""
+    decoder's, whose groups are large and whose norms take no addend)."""
     register_op()
     norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
     for norm in norms:
@@ -116,5 +113,4 @@ def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = T
         norm.writes_patches = patches
         norm.overlap = overlap
         norm.tiled = tiles
-        norm.split = split
     return len(norms)

@@ -2,9 +2,7 @@
 
 TorchInductor writes a channels-last GroupNorm that follows a cuDNN convolution as several kernels
 (partial statistics, their sum, the normalisation); in the graded step they cost 10-30 µs a
-GroupNorm (docs/benchmarks.md). Here one program normalises one group of one sample in one launch
-(or, split, several programs a group: each takes the group's statistics itself and normalises and
-stores its own slice, so that the step's 64 groups fill more of the GPU; split_launch).
+GroupNorm (docs/benchmarks.md). Here one program normalises one group of one sample in one launch.
 A group that fits in registers (ONE_PASS_LIMIT elements: every group of the graded step but those
 of 640 and 960 channels at 32x48 and of 1920 at 16x24) is read once, its statistics taken about the
 exact mean, and written once; a larger group is read twice (fp32 sums about the group's first value, so that a mean far from zero
@@ -141,9 +139,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bia
                       width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, lo_offset, eps,
                       GROUP_CHANNELS: tl.constexpr, CHANNELS_INNER: tl.constexpr, HAS_ADD: tl.constexpr,
                       HAS_ADD_BIAS: tl.constexpr, HALVES: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCKS: tl.constexpr, SPLIT: tl.constexpr, SLICE_BLOCK: tl.constexpr,
-                      SLICE_BLOCKS: tl.constexpr, PATCHES: tl.constexpr, TERMS: tl.constexpr, OVERLAP: tl.constexpr):
-    group, sample, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                      BLOCKS: tl.constexpr, PATCHES: tl.constexpr, TERMS: tl.constexpr, OVERLAP: tl.constexpr):
+    group, sample = tl.program_id(0), tl.program_id(1)
     term_scale = 1.0
     if TERMS:
         term_scale = tl.load(term_scale_ptr).to(tl.float32)
@@ -163,9 +160,8 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bia
         mean = tl.sum(value, axis=0) / count
         centred = tl.where(mask, value - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / count + eps)
-        if SPLIT == 1:
-            store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
-                             sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES, TERMS)
+        store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base, first_channel,
+                         sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES, TERMS)
     else:
         shift = tl.load(x_base).to(tl.float32)  # the group's first value: any would do, a near one cancels less
         if HALVES:
@@ -187,15 +183,11 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bia
         variance = tl.maximum(tl.sum(sum2, axis=0) / count - mean_shifted * mean_shifted, 0.0)
         mean = mean_shifted + shift
         rstd = 1.0 / tl.sqrt(variance + eps)
-    if BLOCKS > 1 or SPLIT > 1:  # the group read again, this program's slice of it normalised and stored
-        slice_start = part * SLICE_BLOCKS * SLICE_BLOCK
-        slice_end = tl.minimum(count, slice_start + SLICE_BLOCKS * SLICE_BLOCK)
-        for block in range(SLICE_BLOCKS):  # (names of their own: the one-pass block's have another shape)
-            part_value, part_pixel, part_channel, part_mask = load_group_block(
-                x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, slice_start + block * SLICE_BLOCK,
-                slice_end, pixels, channels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD,
-                HAS_ADD_BIAS, HALVES, SLICE_BLOCK)
-            store_normalized(part_value, mean, rstd, part_pixel, part_channel, part_mask, weight_ptr, bias_ptr, y_base,
+        for block in range(BLOCKS):
+            value, pixel, channel, mask = load_group_block(
+                x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_channel, block * BLOCK, count, pixels,
+                channels, sx_p, sx_c, sa_n, sa_c, GROUP_CHANNELS, CHANNELS_INNER, HAS_ADD, HAS_ADD_BIAS, HALVES, BLOCK)
+            store_normalized(value, mean, rstd, pixel, channel, mask, weight_ptr, bias_ptr, y_base,
                              first_channel, sy_p, width, height, channels, term_scale, lo_offset, SILU, PATCHES,
                              TERMS)
 
@@ -334,38 +326,18 @@ def launch_shape(count: int) -> Tuple[int, int, int]:
     return TWO_PASS_BLOCK, triton.cdiv(count, TWO_PASS_BLOCK), 16
 
 
-def split_launch(count: int, patches: bool) -> Tuple[int, int]:
-    """(programs a group, warps) for a group of `count` elements split over several programs, each
-    taking the whole group's statistics itself and normalising and storing its own slice: the
-    step's 64 groups (32 a sample) leave half the H100's 132 multiprocessors idle, and storing the
-    patches (18 one-byte stores an element as fp8 terms) is most of a program's work. The best or
-    within 0.5 µs of it at the graded step's shapes, alone on the H100 (docs/benchmarks.md): four
-    programs of 8 warps a group writing patches (1.2-4.0 µs faster at 8x12 and 4x6), eight of 4
-    warps for groups of at most 2048 elements (1280 x 4x6: 3.4 against 4.8 µs), two of 16 warps
-    for groups of 4096 or more (0.8-2.0 µs faster at 16x24 and 32x48); one program between."""
-    if patches:
-        return 4, 8
-    if count <= 2048:
-        return 8, 4
-    if count >= 4096:
-        return 2, 16
-    return 1, launch_shape(count)[2]
-
-
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
                    silu: bool, add: Optional[torch.Tensor] = None, add_column: int = 0,
                    add_bias: Optional[torch.Tensor] = None, patches: bool = False, overlap: bool = False,
                    tiles: bool = False, term_scale: Optional[torch.Tensor] = None,
-                   x_scale: Optional[torch.Tensor] = None, split: bool = False,
-                   launch: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                   x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])) of an (N, C, H, W) tensor, into a new
     channels-last tensor, or with `patches` into the (N x H x W, 9 x C) matrix of its 3x3 patches
     (padding 1), networks.patch_matrix's, made here instead of by another kernel from the
     normalised tensor; with a `term_scale` too, as the (2 x N x H x W, 9 x C) rows of the patches'
     two e4m3 terms under that scale (fp8.two_terms, made from the fp32 values). With an `x_scale`
     (C,), x is an fp8 product's halves instead, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), summed as
-    fp8.sum_halves does; only into fp8 terms. `split`: each group over several programs
-    (split_launch), `launch` (programs a group, warps) any other split. `overlap`: launched
+    fp8.sum_halves does; only into fp8 terms. `overlap`: launched
     with programmatic dependent launch (the caller asks compat.kernel_launches_overlap whether the
     GPU and triton have it). The addend is add's columns add_column..add_column+C, plus add_bias (C,)
     where given, in x's dtype. `add` has N rows or one, broadcast over the samples as the network's
@@ -399,19 +371,15 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
         x = x.contiguous(memory_format=torch.channels_last)
     sx_n, sx_c, _, sx_p = x.stride()
     sa_n, sa_c = add.stride() if add is not None else (0, 0)
-    count = height * width * channels // groups
-    block, blocks, warps = launch_shape(count)
-    programs, warps = launch or (split_launch(count, patches) if split else (1, warps))
-    slice_block = min(block, triton.next_power_of_2(triton.cdiv(count, programs)))
-    slice_blocks = triton.cdiv(triton.cdiv(count, programs), slice_block)
+    block, blocks, warps = launch_shape(height * width * channels // groups)
     unread = x  # a pointer for the inputs a call has not
-    group_norm_kernel[(groups, batch, programs)](
+    group_norm_kernel[(groups, batch)](
         x, add if add is not None else unread, add_bias if add_bias is not None else unread,
         x_scale if x_scale is not None else unread, weight, bias, y, term_scale if terms else unread,
         height * width, width, channels, sx_n, sx_p, sx_c, sy_n, sy_p, sa_n, sa_c, 9 * channels, eps,
         GROUP_CHANNELS=channels // groups, CHANNELS_INNER=sx_c == 1, HAS_ADD=add is not None,
         HAS_ADD_BIAS=add_bias is not None, HALVES=x_scale is not None, SILU=silu, BLOCK=block, BLOCKS=blocks,
-        SPLIT=programs, SLICE_BLOCK=slice_block, SLICE_BLOCKS=slice_blocks, num_warps=warps, PATCHES=patches, TERMS=terms, OVERLAP=overlap, **overlap_launch_options(overlap))
+        num_warps=warps, PATCHES=patches, TERMS=terms, OVERLAP=overlap, **overlap_launch_options(overlap))
     return y
 
 

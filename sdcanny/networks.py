@@ -60,13 +60,11 @@ class GroupNorm(nn.GroupNorm):
     the addend and the SiLU inside it; `writes_patches` lets the op write a convolution's patches
     itself (norm_conv3x3), as fp8 terms where the convolution is an fp8 patch product
     (ResBlock.fp8_products), `overlap` launches its kernel with programmatic dependent launch,
-    `tiled` runs the op's tiled kernels (the VAE decoder's norms), `split` spreads each group over
-    several of the kernel's programs."""
+    `tiled` runs the op's tiled kernels (the VAE decoder's norms)."""
     fused = False
     writes_patches = False
     overlap = False
     tiled = False
-    split = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype)).to(x.dtype)
@@ -84,7 +82,7 @@ class GroupNorm(nn.GroupNorm):
         if self.fused:
             return torch.ops.sdcanny.group_norm_act(x, self.weight, self.bias, add, add_column, add_bias,
                                                     self.num_groups, self.eps, silu, patches, self.overlap,
-                                                    self.tiled, term_scale, x_scale, self.split)
+                                                    self.tiled, term_scale, x_scale)
         fp8.check_modes(patches, False, term_scale, x_scale)
         if x_scale is not None:
             x = fp8.sum_halves(x, x_scale)

@@ -19,9 +19,6 @@ triton is imported). Prints one line per check; exits non-zero on the first that
 5. The tiny ControlNet and UNet, channels-last, time projections stacked (each ResBlock's addend
    columns of one wider row), with every GroupNorm through the op, and the tiny VAE decoder with
    every GroupNorm through the tiled kernels: the same outputs as with torch's GroupNorm.
-6. Each group split over several programs (`split`, and 2, 3 and 8 programs a group), in one pass
-   and two, into a tensor, patches, fp8 terms, and from an fp8 product's halves: the same output,
-   bit for bit, as one program a group.
 """
 import sys
 from pathlib import Path
@@ -139,43 +136,6 @@ def check_halves():
         assert same == 1.0, same
 
 
-# (channels, height, width, groups, layout, addend rows, SiLU) as KERNEL_CASES; the first tried
-# with 2, 3 and 8 programs a group and split_launch's, the others with fewer (the interpreter is
-# slow); the last's groups are over ONE_PASS_LIMIT (two passes), into a tensor and from halves only
-# (patches are stored by the same code as a tensor's values)
-SPLIT_CASES = ((40, 4, 6, 4, "channels-last", 2, True), (60, 3, 5, 4, "contiguous", 0, False),
-               (64, 5, 7, 8, "channels-last", 1, True), (36, 32, 32, 2, "channels-last", 1, True))
-
-
-def check_split():
-    g = torch.Generator().manual_seed(6)
-    assert 18 * 32 * 32 > ONE_PASS_LIMIT
-    for channels, height, width, groups, layout, rows, silu in SPLIT_CASES:
-        two_passes = channels // groups * height * width > ONE_PASS_LIMIT
-        launches = ((3, 4),) if two_passes else (None, (2, 4), (3, 4), (8, 4)) if channels == 40 else (None, (3, 4))
-        x = torch.randn(2, channels, height, width, generator=g) + 3
-        if layout != "contiguous":
-            x = x.contiguous(memory_format=torch.channels_last)
-        weight, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
-        add = torch.randn(rows, channels + 2 * ADD_COLUMN, generator=g) if rows else None
-        halves = torch.randn(2, 2 * channels, height, width, generator=g).contiguous(memory_format=torch.channels_last)
-        modes = {"tensor": (x, {}), "patches": (x, dict(patches=True)),
-                 "terms": (x, dict(patches=True, term_scale=torch.tensor(0.05))),
-                 "halves": (halves, dict(patches=True, term_scale=torch.tensor(0.05),
-                                         x_scale=torch.rand(channels, generator=g) + 0.5))}
-        for mode, (data, options) in modes.items():
-            if two_passes and mode in ("patches", "terms"):
-                continue
-            one = group_norm_act(data, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, **options)
-            for launch in launches:
-                got = group_norm_act(data, weight, bias, groups, 1e-5, silu, add, ADD_COLUMN, split=launch is None,
-                                     launch=launch, **options)
-                same = torch.equal(got.view(torch.uint8), one.view(torch.uint8)) if got.dtype == torch.float8_e4m3fn \
-                    else torch.equal(got, one)
-                print("split", (channels, height, width, groups), mode, launch or "split_launch", "same" if same else "DIFFERENT")
-                assert same, (mode, launch)
-
-
 def check_resblock_with_one_time_row():
     """A ResBlock of two samples whose time embedding is one row, as the step's stacked time rows
     are: the op's addend broadcasts as torch's sum does."""
@@ -233,6 +193,5 @@ if __name__ == "__main__":
     check_kernel()
     check_tiled()
     check_halves()
-    check_split()
     check_resblock_with_one_time_row()
     check_networks()
