@@ -421,12 +421,15 @@ class ResBlock(nn.Module):
     def takes_fp8_products(self, x: torch.Tensor) -> bool:
         """Whether both convolutions run as fp8 patch products at x's size: with fp8 weights
         (use_fp8_patch_products) for at least its rows, compiled as patch products
-        (takes_patch_product), after fused norms that write patches."""
+        (takes_patch_product), after fused norms that write patches. The rows are compared last:
+        in a trace of symbolic sizes (no patch products there) a comparison would become a guard
+        that refuses the sizes the program is for."""
         n, _, h, w = x.shape
         rows = n * h * w
-        return (self.in_fp8 is not None and rows <= self.in_fp8.max_rows
+        return (self.in_fp8 is not None
                 and all(writes_own_patches(norm, rows, self.product_rows)
-                        for norm in (self.in_layers[0], self.out_layers[0])))
+                        for norm in (self.in_layers[0], self.out_layers[0]))
+                and rows <= self.in_fp8.max_rows)
 
     def fp8_products(self, x: torch.Tensor, add: torch.Tensor, column: int) -> torch.Tensor:
         """The block's residual branch through two fp8 patch products (norm_fp8_product). The first

@@ -148,6 +148,27 @@ def test_a_compiled_resblock_takes_its_convolutions_as_fp8_products():
     assert error < 1e-5, error
 
 
+@needs_fp8
+@pytest.mark.skipif(not compat.CUSTOM_OPS, reason=f"torch {torch.__version__} has no custom_op (2.4+)")
+@pytest.mark.skipif(compat.compile_unavailable_reason("cpu") is not None, reason="torch.compile unavailable here")
+def test_a_symbolic_trace_of_a_resblock_with_fp8_weights_serves_every_batch():
+    """Patch products off, as in the programs of symbolic sizes: a ResBlock with fp8 weights compiled
+    with symbolic sizes serves batches of 2, 3 and 8 without recompiling. Its fp8 row bound is
+    never compared there: a comparison of the symbolic rows became a guard, and the samples kind's
+    programs refused the very sizes they were prepared for (the GPU tests of test_programs.py)."""
+    fused_norm.register_op()
+    block = ResBlock(32, 32, 8).eval()
+    fused_norm.use_fused_group_norm(block, patches=True, overlap=False)
+    assert use_fp8_patch_products(block, 48) == 2
+    use_patch_products(block, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, dynamic=True, fullgraph=True, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (2, 3, 8):
+            x, emb = torch.randn(batch, 32, 4, 6), torch.randn(batch, 8)
+            torch.testing.assert_close(compiled(x, emb), block(x, emb))
+
+
 def test_the_torch_path_refuses_terms_of_a_whole_tensor():
     with pytest.raises(ValueError, match="patches only"):
         GroupNorm(2, 4).normalize(torch.randn(1, 4, 2, 2), term_scale=torch.ones(()))
