@@ -38,10 +38,11 @@ LOW_TERM_SHIFT = 4
 LOW_TERM_WEIGHT = 2.0 ** -LOW_TERM_SHIFT
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """None where fp8 patch products can run on `device`, else why not in one line."""
-    otherwise = "the patch products stay fp16"
-    reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise)
+def unavailable_reason(device: torch.device, kernel: str = "the fp8 patch products' GroupNorm kernel",
+                       otherwise: str = "the patch products stay fp16") -> str | None:
+    """None where fp8 products can run on `device`, else why not in one line: `kernel` names what
+    needs triton there, `otherwise` what happens instead."""
+    reason = compat.custom_kernel_unavailable_reason(device, kernel, otherwise)
     if reason is not None:
         return reason
     capability = torch.cuda.get_device_capability(device)
@@ -114,3 +115,33 @@ def two_term_product(terms: torch.Tensor, weight: torch.Tensor, out_scale: torch
     """(M, N) in `dtype`: two_term_halves summed (sum_halves), plus bias."""
     y = sum_halves(two_term_halves(terms, weight, unit), out_scale)
     return (y if bias is None else y + bias.float()).to(dtype)
+
+
+def row_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(terms, scale) of an (M, K) tensor whose rows have no bound known ahead: each row over its own
+    largest magnitude / 448, as two e4m3 terms (two_terms' hi and lo, within 2^-8 of each normal
+    value); terms (2M, K) holds the M hi rows, then the M lo rows (two blocks, so that the compiler
+    can write each where the kernel that makes the row puts it), scale is (M, 1) fp32."""
+    wide = x.float()
+    scale = wide.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+    scaled = wide / scale
+    hi = scaled.to(torch.float8_e4m3fn)
+    lo = ((scaled - hi.float()) * 2.0 ** LOW_TERM_SHIFT).to(torch.float8_e4m3fn)
+    return torch.cat([hi, lo]), scale
+
+
+def linear_two_terms(x: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, inverse: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) with w the e4m3 rows `weight` (N, K) times out_scale / 448^2 (Fp8LinearWeights),
+    x's rows as row_terms: one e4m3 product of the terms, in x's dtype. The product's scales are both
+    `inverse` (an fp32 1/448 on the device): every term and weight then counts at most 1, so each
+    half of the fp16 output stays within K, however the row's values add up."""
+    rows = x.reshape(-1, x.shape[-1])
+    terms, scale = row_terms(rows)
+    halves = torch._scaled_mm(terms, weight.t(), inverse, inverse, out_dtype=torch.float16)
+    m = rows.shape[0]
+    out = (halves[:m].float() + halves[m:].float() * LOW_TERM_WEIGHT) * (scale * out_scale)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
