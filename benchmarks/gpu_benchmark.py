@@ -74,7 +74,7 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # TorchInductor's GroupNorms in the VAE decoder (what vae_group_norm saves), "unpadded-outputs" "jit"
 # with the last convolutions' 4 and 3 filters as they are (what pad_output_channels saves), "fp16-patches"
 # "jit" with the ResBlocks' patch products in fp16 (what fp8_patch_products saves), "fp16-feed-forwards" "jit"
-# with the short feed-forward products in fp16 (what fp8_feed_forwards saves)
+# with the short GEGLU products in fp16 (what fp8_feed_forwards saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},

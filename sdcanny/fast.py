@@ -227,10 +227,10 @@ class FastTorchBackend:
         writes them as two e4m3 terms and the product is fp8 x fp8 with e4m3 weights (sdcanny/fp8.py)
         where torch (2.5+), triton and the GPU (fp8 tensor cores) allow; off, those products are
         fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity).
-        `fp8_feed_forwards`: the transformers' feed-forward products (the GEGLU's and the folded
-        output's) of at most `patch_product_rows` rows (the 4x6 and 8x12 latents') as fp8 x fp8
-        products, each input row as two e4m3 terms under its own scale (fp8.linear_two_terms), where
-        torch, triton and the GPU allow, as for `fp8_patch_products`."""
+        `fp8_feed_forwards`: the transformers' first feed-forward products (the GEGLU's) of at most
+        `patch_product_rows` rows (the 4x6 and 8x12 latents') as fp8 x fp8 products, the LayerNorm's
+        output as two e4m3 terms under its bound (fp8.linear_two_terms), where torch, triton and
+        the GPU allow, as for `fp8_patch_products`."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)

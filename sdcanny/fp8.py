@@ -85,7 +85,7 @@ def two_terms(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 def group_norm_bound(weight: torch.Tensor, bias: torch.Tensor, group_elements: int) -> float:
     """A bound on |GroupNorm(x)| (and so on |SiLU(GroupNorm(x))|, which is never larger) over groups
-    of at most `group_elements` values: a group normalised to mean 0 and variance 1 has no value
+    of at most `group_elements` values (a LayerNorm's: one group of its width): a group normalised to mean 0 and variance 1 has no value
     beyond sqrt(n - 1) (all but one equal), which the affine map takes to at most
     |weight| sqrt(n - 1) + |bias| per channel."""
     reach = math.sqrt(max(group_elements - 1, 1))
@@ -117,31 +117,26 @@ def two_term_product(terms: torch.Tensor, weight: torch.Tensor, out_scale: torch
     return (y if bias is None else y + bias.float()).to(dtype)
 
 
-def row_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(terms, scale) of an (M, K) tensor whose rows have no bound known ahead: each row over its own
-    largest magnitude / 448, as two e4m3 terms (two_terms' hi and lo, within 2^-8 of each normal
-    value); terms (2M, K) holds the M hi rows, then the M lo rows (two blocks, so that the compiler
-    can write each where the kernel that makes the row puts it), scale is (M, 1) fp32."""
-    wide = x.float()
-    scale = wide.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-    scaled = wide / scale
+def block_terms(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """two_terms of an (M, K) tensor under `scale` (a bound on max |x| / 448 known ahead), as two
+    blocks: the M hi rows, then the M lo rows, so that the compiler writes both from the kernel
+    that makes x (two_terms' pairs of rows are what the GroupNorm kernel writes)."""
+    scaled = x.float() / scale
     hi = scaled.to(torch.float8_e4m3fn)
     lo = ((scaled - hi.float()) * 2.0 ** LOW_TERM_SHIFT).to(torch.float8_e4m3fn)
-    return torch.cat([hi, lo]), scale
+    return torch.cat([hi, lo])
 
 
-def linear_two_terms(x: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, inverse: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+def linear_two_terms(x: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, term_scale: torch.Tensor,
+                     inverse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, w, bias) with w the e4m3 rows `weight` (N, K) times out_scale / 448^2 (Fp8LinearWeights),
-    x's rows as row_terms: one e4m3 product of the terms, in x's dtype. The product's scales are both
-    `inverse` (an fp32 1/448 on the device): every term and weight then counts at most 1, so each
-    half of the fp16 output stays within K, however the row's values add up."""
+    x's rows as block_terms under term_scale: one e4m3 product of the terms, in x's dtype. The
+    product's scales are both `inverse` (an fp32 1/448 on the device): every term and weight then
+    counts at most 1, so each half of the fp16 output stays within K, however the row adds up."""
     rows = x.reshape(-1, x.shape[-1])
-    terms, scale = row_terms(rows)
-    halves = torch._scaled_mm(terms, weight.t(), inverse, inverse, out_dtype=torch.float16)
+    halves = torch._scaled_mm(block_terms(rows, term_scale), weight.t(), inverse, inverse, out_dtype=torch.float16)
     m = rows.shape[0]
-    out = (halves[:m].float() + halves[m:].float() * LOW_TERM_WEIGHT) * (scale * out_scale)
+    out = (halves[:m].float() + halves[m:].float() * LOW_TERM_WEIGHT) * (term_scale * out_scale)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-

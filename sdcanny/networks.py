@@ -310,16 +310,21 @@ class Fp8PatchWeights(nn.Module):
 
 
 class Fp8LinearWeights(nn.Module):
-    """A linear layer's weights (N, K) for fp8.linear_two_terms, for inputs of up to `max_rows` rows:
-    `weight` the e4m3 rows, `out_scale` each row's scale times 448^2 (the product's two 1/448
-    scales undone), `inverse` an fp32 1/448. Buffers, not saved, as Fp8PatchWeights'."""
-    def __init__(self, weight: torch.Tensor, max_rows: int):
+    """A linear layer's weights (N, K) for fp8.linear_two_terms, for inputs of up to `max_rows` rows
+    that a LayerNorm (weight and bias `norm`) gives: `weight` the e4m3 rows, `out_scale` each row's
+    scale times 448^2 (the product's two 1/448 scales undone), `term_scale` the norm's bound over
+    448 (fp8.group_norm_bound: no kernel has to find the input's largest value), `inverse` an fp32
+    1/448. Buffers, not saved, as Fp8PatchWeights'."""
+    def __init__(self, weight: torch.Tensor, norm: nn.LayerNorm, max_rows: int):
         super().__init__()
         self.max_rows = max_rows
         rows, row_scale = fp8.weight_rows(weight)
+        bound = fp8.group_norm_bound(norm.weight, norm.bias, norm.normalized_shape[-1])
+        device = weight.device
         self.register_buffer("weight", rows, persistent=False)
         self.register_buffer("out_scale", row_scale * fp8.FP8_MAX ** 2, persistent=False)
-        self.register_buffer("inverse", torch.tensor(1.0 / fp8.FP8_MAX, device=weight.device), persistent=False)
+        self.register_buffer("term_scale", torch.tensor(bound / fp8.FP8_MAX, device=device), persistent=False)
+        self.register_buffer("inverse", torch.tensor(1.0 / fp8.FP8_MAX, device=device), persistent=False)
 
 
 def takes_fp8_linear(weights: Fp8LinearWeights | None, x: torch.Tensor, product_rows: int) -> bool:
@@ -335,7 +340,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8
            product_rows: int) -> torch.Tensor:
     """F.linear(x, weight, bias), through fp8_weights (fp8.linear_two_terms) where takes_fp8_linear says so."""
     if takes_fp8_linear(fp8_weights, x, product_rows):
-        return fp8.linear_two_terms(x, fp8_weights.weight, fp8_weights.out_scale, fp8_weights.inverse, bias)
+        return fp8.linear_two_terms(x, fp8_weights.weight, fp8_weights.out_scale, fp8_weights.term_scale,
+                                    fp8_weights.inverse, bias)
     return F.linear(x, weight, bias)
 
 
@@ -376,7 +382,7 @@ def norm_fp8_product(norm: GroupNorm, weights: Fp8PatchWeights, x: torch.Tensor,
 def patch_product_layers(net: nn.Module) -> list[nn.Module]:
     """The layers whose products of few rows run differently compiled (each has `product_rows`):
     3x3 convolutions as patch products, and the feed-forwards' linear layers with fp8 weights."""
-    return [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample, GEGLU, SpatialTransformer))]
+    return [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample, GEGLU))]
 
 
 def use_patch_products(net: nn.Module, rows: int) -> None:
@@ -401,20 +407,15 @@ def use_fp8_patch_products(net: nn.Module, rows: int) -> int:
 
 
 def use_fp8_feed_forwards(net: nn.Module, rows: int) -> int:
-    """Every feed-forward of `net`'s SpatialTransformers gets Fp8LinearWeights for its first product
-    (the GEGLU's) and, where fold_transformer_outputs has run, for the folded output product, for
-    up to `rows` rows: compiled, those products of at most that many rows (and of at most the
-    layers' product_rows) run as fp8 x fp8 products of two-term inputs (fp8.linear_two_terms).
-    Returns how many products."""
-    products = 0
-    for layer in [m for m in net.modules() if isinstance(m, SpatialTransformer)]:
-        for block in layer.transformer_blocks:
-            block.ff.net[0].fp8 = Fp8LinearWeights(block.ff.net[0].proj.weight, rows)
-            products += 1
-        if layer.folded_out_weight is not None:
-            layer.out_fp8 = Fp8LinearWeights(layer.folded_out_weight, rows)
-            products += 1
-    return products
+    """Every transformer block of `net` gets Fp8LinearWeights for its feed-forward's first product
+    (the GEGLU's, whose input is the block's third LayerNorm), for up to `rows` rows: compiled, those
+    products of at most that many rows (and of at most the GEGLU's product_rows) run as fp8 x fp8
+    products of two-term inputs (fp8.linear_two_terms). Returns how many products."""
+    blocks = [m for m in net.modules() if isinstance(m, BasicTransformerBlock)]
+    for block in blocks:
+        geglu = block.ff.net[0]
+        geglu.fp8 = Fp8LinearWeights(geglu.proj.weight, block.norm3, rows)
+    return len(blocks)
 
 
 @contextlib.contextmanager
@@ -629,8 +630,6 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.register_buffer("folded_out_weight", None, persistent=False)  # see fold_output_projection
         self.register_buffer("folded_out_bias", None, persistent=False)
-        self.out_fp8: Fp8LinearWeights | None = None  # the folded weight's, see use_fp8_feed_forwards
-        self.product_rows = 0  # see use_patch_products
 
     def fold_output_projection(self) -> None:
         """proj_out is linear (a 1x1 convolution), and so is the last block's feed-forward output
@@ -653,8 +652,7 @@ class SpatialTransformer(nn.Module):
             return self.proj_out(last(t, context).transpose(1, 2).reshape(b, c, h, w)) + x
         r = last.attend(t, context)
         g = last.ff.net[0](last.norm3(r))
-        out = linear(torch.cat([g, r], dim=-1), self.folded_out_weight, self.folded_out_bias, self.out_fp8,
-                     self.product_rows)
+        out = F.linear(torch.cat([g, r], dim=-1), self.folded_out_weight, self.folded_out_bias)
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
