@@ -53,7 +53,7 @@ from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
                        index_cross_attention, pad_output_channels, stack_time_projections, to_mixed_precision,
-                       use_fp8_feed_forwards, use_fp8_patch_products, use_patch_products)
+                       use_fp8_patch_products, use_patch_products)
 from .paths import DEFAULT_ENGINE_DIR, default_checkpoint
 from .pipeline import GenerationRequest, draw_noise
 from .stages import STEP_ROW, Stages, step_inputs
@@ -167,8 +167,7 @@ class FastTorchBackend:
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
-                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
-                 fp8_feed_forwards: bool = True):
+                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -226,11 +225,7 @@ class FastTorchBackend:
         `fp8_patch_products`: where the fused GroupNorm writes a ResBlock convolution's patches, it
         writes them as two e4m3 terms and the product is fp8 x fp8 with e4m3 weights (sdcanny/fp8.py)
         where torch (2.5+), triton and the GPU (fp8 tensor cores) allow; off, those products are
-        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity).
-        `fp8_feed_forwards`: the transformers' first feed-forward products (the GEGLU's) of at most
-        `patch_product_rows` rows (the 4x6 and 8x12 latents') as fp8 x fp8 products, the LayerNorm's
-        output as two e4m3 terms under its bound (fp8.linear_two_terms), where torch, triton and
-        the GPU allow, as for `fp8_patch_products`."""
+        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity)."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -264,10 +259,6 @@ class FastTorchBackend:
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
-        self.fp8_feed_forwards = self._kernel_usable(
-            fp8_feed_forwards and patch_product_rows > 0 and compile is not None,
-            functools.partial(fp8.unavailable_reason, kernel="TorchInductor's kernels for the fp8 feed-forwards",
-                              otherwise="the feed-forwards' products stay fp16"))
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -331,7 +322,7 @@ class FastTorchBackend:
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
-                    "fp8_patch_products": self.fp8_patch_products, "fp8_feed_forwards": self.fp8_feed_forwards}
+                    "fp8_patch_products": self.fp8_patch_products}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -413,9 +404,6 @@ class FastTorchBackend:
                 fused_norm.use_fused_group_norm(net, self.norm_patches, self.overlap_kernels)
                 if self.fp8_patch_products:
                     use_fp8_patch_products(net, self.patch_product_rows)
-        if self.fp8_feed_forwards:
-            for net in (nets.controlnet, nets.unet):
-                use_fp8_feed_forwards(net, self.patch_product_rows)
             if self.vae_group_norm:
                 fused_norm.use_fused_group_norm(nets.vae, overlap=self.overlap_kernels, tiles=True)
         if self.attention_kernel:

@@ -38,11 +38,10 @@ LOW_TERM_SHIFT = 4
 LOW_TERM_WEIGHT = 2.0 ** -LOW_TERM_SHIFT
 
 
-def unavailable_reason(device: torch.device, kernel: str = "the fp8 patch products' GroupNorm kernel",
-                       otherwise: str = "the patch products stay fp16") -> str | None:
-    """None where fp8 products can run on `device`, else why not in one line: `kernel` names what
-    needs triton there, `otherwise` what happens instead."""
-    reason = compat.custom_kernel_unavailable_reason(device, kernel, otherwise)
+def unavailable_reason(device: torch.device) -> str | None:
+    """None where fp8 patch products can run on `device`, else why not in one line."""
+    otherwise = "the patch products stay fp16"
+    reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise)
     if reason is not None:
         return reason
     capability = torch.cuda.get_device_capability(device)
@@ -85,7 +84,7 @@ def two_terms(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 def group_norm_bound(weight: torch.Tensor, bias: torch.Tensor, group_elements: int) -> float:
     """A bound on |GroupNorm(x)| (and so on |SiLU(GroupNorm(x))|, which is never larger) over groups
-    of at most `group_elements` values (a LayerNorm's: one group of its width): a group normalised to mean 0 and variance 1 has no value
+    of at most `group_elements` values: a group normalised to mean 0 and variance 1 has no value
     beyond sqrt(n - 1) (all but one equal), which the affine map takes to at most
     |weight| sqrt(n - 1) + |bias| per channel."""
     reach = math.sqrt(max(group_elements - 1, 1))
@@ -115,28 +114,3 @@ def two_term_product(terms: torch.Tensor, weight: torch.Tensor, out_scale: torch
     """(M, N) in `dtype`: two_term_halves summed (sum_halves), plus bias."""
     y = sum_halves(two_term_halves(terms, weight, unit), out_scale)
     return (y if bias is None else y + bias.float()).to(dtype)
-
-
-def block_terms(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """two_terms of an (M, K) tensor under `scale` (a bound on max |x| / 448 known ahead), as two
-    blocks: the M hi rows, then the M lo rows, so that the compiler writes both from the kernel
-    that makes x (two_terms' pairs of rows are what the GroupNorm kernel writes)."""
-    scaled = x.float() / scale
-    hi = scaled.to(torch.float8_e4m3fn)
-    lo = ((scaled - hi.float()) * 2.0 ** LOW_TERM_SHIFT).to(torch.float8_e4m3fn)
-    return torch.cat([hi, lo])
-
-
-def linear_two_terms(x: torch.Tensor, weight: torch.Tensor, out_scale: torch.Tensor, term_scale: torch.Tensor,
-                     inverse: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) with w the e4m3 rows `weight` (N, K) times out_scale / 448^2 (Fp8LinearWeights),
-    x's rows as block_terms under term_scale: one e4m3 product of the terms, in x's dtype. The
-    product's scales are both `inverse` (an fp32 1/448 on the device): every term and weight then
-    counts at most 1, so each half of the fp16 output stays within K, however the row adds up."""
-    rows = x.reshape(-1, x.shape[-1])
-    halves = torch._scaled_mm(block_terms(rows, term_scale), weight.t(), inverse, inverse, out_dtype=torch.float16)
-    m = rows.shape[0]
-    out = (halves[:m].float() + halves[m:].float() * LOW_TERM_WEIGHT) * (term_scale * out_scale)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])

@@ -309,42 +309,6 @@ class Fp8PatchWeights(nn.Module):
         self.register_buffer("unit", torch.ones((), dtype=torch.float32, device=weight.device), persistent=False)
 
 
-class Fp8LinearWeights(nn.Module):
-    """A linear layer's weights (N, K) for fp8.linear_two_terms, for inputs of up to `max_rows` rows
-    that a LayerNorm (weight and bias `norm`) gives: `weight` the e4m3 rows, `out_scale` each row's
-    scale times 448^2 (the product's two 1/448 scales undone), `term_scale` the norm's bound over
-    448 (fp8.group_norm_bound: no kernel has to find the input's largest value), `inverse` an fp32
-    1/448. Buffers, not saved, as Fp8PatchWeights'."""
-    def __init__(self, weight: torch.Tensor, norm: nn.LayerNorm, max_rows: int):
-        super().__init__()
-        self.max_rows = max_rows
-        rows, row_scale = fp8.weight_rows(weight)
-        bound = fp8.group_norm_bound(norm.weight, norm.bias, norm.normalized_shape[-1])
-        device = weight.device
-        self.register_buffer("weight", rows, persistent=False)
-        self.register_buffer("out_scale", row_scale * fp8.FP8_MAX ** 2, persistent=False)
-        self.register_buffer("term_scale", torch.tensor(bound / fp8.FP8_MAX, device=device), persistent=False)
-        self.register_buffer("inverse", torch.tensor(1.0 / fp8.FP8_MAX, device=device), persistent=False)
-
-
-def takes_fp8_linear(weights: Fp8LinearWeights | None, x: torch.Tensor, product_rows: int) -> bool:
-    """Whether a linear layer with fp8 weights (`weights`, or None) runs x through them: compiled, as
-    a patch product of its rows would (takes_patch_product), and within the weights' rows. The rows
-    are compared last, for the reason ResBlock.takes_fp8_products gives."""
-    if weights is None or not takes_patch_product(1, product_rows):
-        return False
-    return x.numel() // x.shape[-1] <= min(product_rows, weights.max_rows)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp8_weights: Fp8LinearWeights | None,
-           product_rows: int) -> torch.Tensor:
-    """F.linear(x, weight, bias), through fp8_weights (fp8.linear_two_terms) where takes_fp8_linear says so."""
-    if takes_fp8_linear(fp8_weights, x, product_rows):
-        return fp8.linear_two_terms(x, fp8_weights.weight, fp8_weights.out_scale, fp8_weights.term_scale,
-                                    fp8_weights.inverse, bias)
-    return F.linear(x, weight, bias)
-
-
 def writes_own_patches(norm: GroupNorm, rows: int, product_rows: int) -> bool:
     """Whether the convolution after `norm`, of `rows` output rows, is a patch product whose patches
     the norm (the fused op) writes itself."""
@@ -380,9 +344,7 @@ def norm_fp8_product(norm: GroupNorm, weights: Fp8PatchWeights, x: torch.Tensor,
 
 
 def patch_product_layers(net: nn.Module) -> list[nn.Module]:
-    """The layers whose products of few rows run differently compiled (each has `product_rows`):
-    3x3 convolutions as patch products, and the feed-forwards' linear layers with fp8 weights."""
-    return [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample, GEGLU))]
+    return [m for m in net.modules() if isinstance(m, (ResBlock, Downsample, Upsample))]
 
 
 def use_patch_products(net: nn.Module, rows: int) -> None:
@@ -404,18 +366,6 @@ def use_fp8_patch_products(net: nn.Module, rows: int) -> int:
         block.in_fp8 = Fp8PatchWeights(block.in_layers[2], block.in_layers[0], rows)
         block.out_fp8 = Fp8PatchWeights(block.out_layers[3], block.out_layers[0], rows)
     return 2 * len(blocks)
-
-
-def use_fp8_feed_forwards(net: nn.Module, rows: int) -> int:
-    """Every transformer block of `net` gets Fp8LinearWeights for its feed-forward's first product
-    (the GEGLU's, whose input is the block's third LayerNorm), for up to `rows` rows: compiled, those
-    products of at most that many rows (and of at most the GEGLU's product_rows) run as fp8 x fp8
-    products of two-term inputs (fp8.linear_two_terms). Returns how many products."""
-    blocks = [m for m in net.modules() if isinstance(m, BasicTransformerBlock)]
-    for block in blocks:
-        geglu = block.ff.net[0]
-        geglu.fp8 = Fp8LinearWeights(geglu.proj.weight, block.norm3, rows)
-    return len(blocks)
 
 
 @contextlib.contextmanager
@@ -579,11 +529,9 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
-        self.fp8: Fp8LinearWeights | None = None  # see use_fp8_feed_forwards
-        self.product_rows = 0  # see use_patch_products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = linear(x, self.proj.weight, self.proj.bias, self.fp8, self.product_rows).chunk(2, dim=-1)
+        x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
 
