@@ -43,11 +43,11 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
     allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
     maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias, x_scale is not None)
-    fp8.check_modes(patches, tiles, term_scale, x_scale)
-    if x.is_cuda or INTERPRETED:
+    if x.is_cuda or INTERPRETED:  # the kernel's wrapper checks the modes itself, for its other callers too
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
                       overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale)
+    fp8.check_modes(patches, tiles, term_scale, x_scale)
     if x_scale is not None:
         x = fp8.sum_halves(x, x_scale)
     out = group_norm_act_torch(x, weight, bias, groups, eps, silu, add, add_column, add_bias)
