@@ -73,7 +73,8 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # deterministic or not (what deterministic_convolutions saves), "inductor-vae-norm" "jit" with
 # TorchInductor's GroupNorms in the VAE decoder (what vae_group_norm saves), "unpadded-outputs" "jit"
 # with the last convolutions' 4 and 3 filters as they are (what pad_output_channels saves), "fp16-patches"
-# "jit" with the ResBlocks' patch products in fp16 (what fp8_patch_products saves)
+# "jit" with the ResBlocks' patch products in fp16 (what fp8_patch_products saves), "inductor-geglu" "jit"
+# with the folded feed-forward input from cuBLAS's product and TorchInductor's GEGLU (what fused_geglu saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -96,13 +97,14 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "any-convs": {"compile": "default", "deterministic_convolutions": False},
             "inductor-vae-norm": {"compile": "default", "vae_group_norm": False},
             "unpadded-outputs": {"compile": "default", "pad_output_channels": False},
-            "fp16-patches": {"compile": "default", "fp8_patch_products": False}}
+            "fp16-patches": {"compile": "default", "fp8_patch_products": False},
+            "inductor-geglu": {"compile": "default", "fused_geglu": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
                        "gathered-patches", "serial-kernels",
                        "attention-1536", "any-convs", "inductor-vae-norm",
-                       "unpadded-outputs", "fp16-patches")  # run with an engine directory that holds no programs
+                       "unpadded-outputs", "fp16-patches", "inductor-geglu")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

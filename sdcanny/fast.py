@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import compat, fp8, fused_attention, fused_norm, programs
+from . import fused_geglu as geglu_op  # not the name of the option that turns it on
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
 from .networks import (BasicTransformerBlock, fold_cross_attention, fold_transformer_outputs, fold_upsampling,
@@ -167,7 +168,8 @@ class FastTorchBackend:
                  fold_transformer_outputs: bool = True, attention_kernel: bool = True,
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
-                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True):
+                 vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
+                 fused_geglu: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -225,7 +227,11 @@ class FastTorchBackend:
         `fp8_patch_products`: where the fused GroupNorm writes a ResBlock convolution's patches, it
         writes them as two e4m3 terms and the product is fp8 x fp8 with e4m3 weights (sdcanny/fp8.py)
         where torch (2.5+), triton and the GPU (fp8 tensor cores) allow; off, those products are
-        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity)."""
+        fp16 (docs/benchmarks.md has what it buys and what it costs in fidelity).
+        `fused_geglu`: where a transformer's output projection is folded, the folded product's input
+        (the feed-forward's GEGLU and the residual beside it) comes from one Triton kernel
+        (sdcanny/fused_geglu.py) where torch (2.4+), triton and the GPU (Hopper or later) allow;
+        off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -259,6 +265,7 @@ class FastTorchBackend:
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
+        self.fused_geglu = self._kernel_usable(fused_geglu and fold_transformer_outputs, geglu_op.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -322,7 +329,7 @@ class FastTorchBackend:
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
-                    "fp8_patch_products": self.fp8_patch_products}
+                    "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -392,6 +399,8 @@ class FastTorchBackend:
                 fold_cross_attention(net, nets.clip.max_length)
             if self.fold_transformer_outputs:
                 fold_transformer_outputs(net)
+            if self.fused_geglu:
+                geglu_op.use_fused_geglu(net, self.overlap_kernels)
             use_patch_products(net, self.patch_product_rows)
         if self.fold_upsampling:
             for net in (nets.unet, nets.vae):

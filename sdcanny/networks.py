@@ -578,6 +578,11 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.register_buffer("folded_out_weight", None, persistent=False)  # see fold_output_projection
         self.register_buffer("folded_out_bias", None, persistent=False)
+        # set by the fast back-end (sdcanny/fused_geglu.py): the folded product's input made by the op
+        # torch.ops.sdcanny.geglu from the GEGLU's weights with value and gate rows interleaved
+        self.register_buffer("geglu_weight", None, persistent=False)
+        self.register_buffer("geglu_bias", None, persistent=False)
+        self.geglu_overlap = False
 
     def fold_output_projection(self) -> None:
         """proj_out is linear (a 1x1 convolution), and so is the last block's feed-forward output
@@ -590,6 +595,13 @@ class SpatialTransformer(nn.Module):
         self.folded_out_weight = torch.cat([wp @ out.weight.to(wide), wp], dim=1).to(dtype)
         self.folded_out_bias = (wp @ out.bias.to(wide) + self.proj_out.bias.to(wide)).to(dtype)
 
+    def use_geglu_op(self, weight: torch.Tensor, bias: torch.Tensor, overlap: bool) -> None:
+        """From now on the folded product's input [GEGLU(norm3(r)), r] is one call of the op
+        torch.ops.sdcanny.geglu, with the last block's GEGLU weights interleaved as it takes them."""
+        if self.folded_out_weight is None:
+            raise ValueError("the GEGLU op makes the folded output product's input: fold_output_projection first")
+        self.geglu_weight, self.geglu_bias, self.geglu_overlap = weight, bias, overlap
+
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
@@ -599,8 +611,11 @@ class SpatialTransformer(nn.Module):
         if self.folded_out_weight is None:
             return self.proj_out(last(t, context).transpose(1, 2).reshape(b, c, h, w)) + x
         r = last.attend(t, context)
-        g = last.ff.net[0](last.norm3(r))
-        out = F.linear(torch.cat([g, r], dim=-1), self.folded_out_weight, self.folded_out_bias)
+        if self.geglu_weight is not None:
+            gr = torch.ops.sdcanny.geglu(last.norm3(r), self.geglu_weight, self.geglu_bias, r, self.geglu_overlap)
+        else:
+            gr = torch.cat([last.ff.net[0](last.norm3(r)), r], dim=-1)
+        out = F.linear(gr, self.folded_out_weight, self.folded_out_bias)
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
 
