@@ -23,8 +23,8 @@ RESIDUAL_COLUMNS = 128  # columns of r a copying program moves per load
 
 
 @triton.jit
-def geglu_kernel(x_desc, w_desc, b_ptr, r_ptr, out_ptr, M, I, C, stride_r, stride_out,
-                 K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def geglu_kernel(x_desc, w_desc, b_ptr, r_ptr, out_ptr, M, I, stride_r, stride_out,
+                 K: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, RESIDUAL_COLUMNS: tl.constexpr, OVERLAP: tl.constexpr):
     """out[:, :I] = value * gelu(gate) and out[:, I:I + C] = r, where the product x w^T + b holds
     (value j, gate j) in columns (2j, 2j + 1). Programs past the product's tiles copy r, a row tile
@@ -101,8 +101,8 @@ def geglu_with_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
     tiles_m = triton.cdiv(m, block_m)
     grid = (tiles_m * triton.cdiv(2 * inner, block_n) + tiles_m,)
-    geglu_kernel[grid](x_desc, w_desc, bias, residual, out, m, inner, c, residual.stride(0), out.stride(0),
-                       K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+    geglu_kernel[grid](x_desc, w_desc, bias, residual, out, m, inner, residual.stride(0), out.stride(0),
+                       K=k, C=c, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                        RESIDUAL_COLUMNS=RESIDUAL_COLUMNS, OVERLAP=overlap, num_stages=stages, num_warps=warps,
                        **overlap_launch_options(overlap))
     return out
