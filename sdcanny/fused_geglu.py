@@ -52,10 +52,11 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: t
     compat.kernel_launches_overlap allows), torch's maths elsewhere."""
     k, c = x.shape[-1], residual.shape[-1]
     if weight.shape[0] % 2 or weight.shape[1] != k or tuple(bias.shape) != (weight.shape[0],) \
-            or residual.shape[:-1] != x.shape[:-1]:
+            or residual.shape[:-1] != x.shape[:-1] or len({t.dtype for t in (x, weight, bias, residual)}) != 1:
         raise ValueError(f"the GEGLU op needs x (..., K), a (2I, K) weight, a (2I,) bias and a residual of x's "
-                         f"rows; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, "
-                         f"residual {tuple(residual.shape)}")
+                         f"rows, all of one dtype; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, bias {tuple(bias.shape)} {bias.dtype}, residual {tuple(residual.shape)} "
+                         f"{residual.dtype}")
     if not (x.is_cuda or INTERPRETED):
         return geglu_torch(x, weight, bias, residual).contiguous()
     from .geglu_kernel import geglu_with_residual

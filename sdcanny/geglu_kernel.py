@@ -93,6 +93,7 @@ def geglu_with_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     m, k = x.shape
     inner, c = weight.shape[0] // 2, residual.shape[1]
     x = x if described_as_is(x) else x.clone(memory_format=torch.contiguous_format)
+    weight = weight if described_as_is(weight) else weight.clone(memory_format=torch.contiguous_format)
     residual = residual if residual.stride(1) == 1 else residual.contiguous()
     out = torch.empty(m, inner + c, device=x.device, dtype=x.dtype)
     block_m, block_n, block_k, stages, warps = config or launch_config(m)

@@ -5,7 +5,8 @@ one line per check; exits non-zero on the first that fails.
 1. The kernel against GEGLU written out in float64 on the checkpoint's (uninterleaved) weights:
    rows and columns not whole tiles, several column tiles and K blocks, residual widths not a
    whole number of copy loads, a strided input (copied to what the descriptor reads), every
-   launch configuration that launch_config picks, fp32 and fp16.
+   launch configuration that launch_config picks, fp32 and fp16; with the strided input, a
+   column-major weight (copied likewise).
 2. The tiny ControlNet and UNet with every folded transformer's feed-forward input through the
    op: the same outputs as with the networks' GEGLU and concatenation.
 """
@@ -48,7 +49,9 @@ def check_kernel():
     for rows, k, inner, c, dtype, launch, strided in KERNEL_CASES:
         x, weight, bias, residual = inputs(rows, k, inner, c, dtype, strided, g)
         assert x.is_contiguous() != strided
-        got = geglu_with_residual(x, *fused_geglu.interleave_rows(weight, bias), residual, config=launch)
+        w, b = fused_geglu.interleave_rows(weight, bias)
+        w = w.t().contiguous().t() if strided else w  # column-major: copied to what the descriptor reads
+        got = geglu_with_residual(x, w, b, residual, config=launch)
         want = written_out(x, weight, bias, residual)
         err = ((got.double() - want).norm() / want.norm()).item()
         print("kernel", rows, k, inner, c, dtype, launch, strided, f"relative L2 {err:.1e}")

@@ -49,6 +49,12 @@ def test_the_op_refuses_what_does_not_fit(shapes):
         fused_geglu.geglu(x, weight, bias, residual)
 
 
+def test_the_op_refuses_mixed_dtypes():
+    x, weight, bias, residual = torch.zeros(5, 8), torch.zeros(10, 8), torch.zeros(10), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match="all of one dtype; got x .* torch.float16"):
+        fused_geglu.geglu(x.half(), weight, bias, residual)
+
+
 def test_unavailable_off_cuda():
     assert "needs a CUDA device" in fused_geglu.unavailable_reason(torch.device("cpu"))
 
