@@ -64,6 +64,13 @@ def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwis
     return None
 
 
+def capability_short_of(device: torch.device, needed: tuple[int, int]) -> str | None:
+    """None where the GPU `device` has compute capability `needed` or later; else its own, as "8.6"
+    (for the notes that say why one of our kernels is not used there)."""
+    capability = torch.cuda.get_device_capability(device)
+    return None if tuple(capability) >= tuple(needed) else ".".join(map(str, capability))
+
+
 def kernel_launches_overlap(device: torch.device) -> bool:
     """Whether our Triton kernels (GroupNorm, attention) on `device` launch with programmatic
     dependent launch, as TorchInductor's do with `triton.enable_pdl`: each starts while the kernel

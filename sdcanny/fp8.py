@@ -44,10 +44,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise)
     if reason is not None:
         return reason
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        return (f"fp8 patch products need fp8 tensor cores (compute capability 8.9+), this GPU has "
-                f"{capability[0]}.{capability[1]}: {otherwise}")
+    short = compat.capability_short_of(device, (8, 9))
+    if short is not None:
+        return f"fp8 patch products need fp8 tensor cores (compute capability 8.9+), this GPU has {short}: {otherwise}"
     reason = compat.fp8_product_unavailable_reason(device)
     return None if reason is None else f"{reason}: {otherwise}"
 

@@ -49,11 +49,10 @@ def unavailable_reason(device: torch.device) -> str | None:
     reason = compat.custom_kernel_unavailable_reason(device, "the attention kernel", "attention stays SDPA")
     if reason is not None:
         return reason
-    capability = torch.cuda.get_device_capability(device)
-    if capability < MEASURED_ON:
+    short = compat.capability_short_of(device, MEASURED_ON)
+    if short is not None:
         return (f"the attention kernel was measured against SDPA on compute capability "
-                f"{'.'.join(map(str, MEASURED_ON))}+ GPUs only, not this {'.'.join(map(str, capability))} one: "
-                "attention stays SDPA")
+                f"{'.'.join(map(str, MEASURED_ON))}+ GPUs only, not this {short} one: attention stays SDPA")
     return None
 
 

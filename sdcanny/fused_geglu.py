@@ -77,11 +77,11 @@ def unavailable_reason(device: torch.device) -> str | None:
                                                      "GEGLUs stay cuBLAS's products and TorchInductor's")
     if reason is not None:
         return reason
-    capability = torch.cuda.get_device_capability(device)
-    if capability < MEASURED_ON:
+    short = compat.capability_short_of(device, MEASURED_ON)
+    if short is not None:
         return (f"the GEGLU kernel reads through tensor-memory descriptors (compute capability "
-                f"{'.'.join(map(str, MEASURED_ON))}+), not on this {'.'.join(map(str, capability))} GPU: "
-                "GEGLUs stay cuBLAS's products and TorchInductor's")
+                f"{'.'.join(map(str, MEASURED_ON))}+), not on this {short} GPU: GEGLUs stay cuBLAS's products "
+                "and TorchInductor's")
     return None
 
 

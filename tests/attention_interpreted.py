@@ -17,9 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fused_attention  # noqa: E402
-from sdcanny.checkpoint import load_state_networks  # noqa: E402
-from sdcanny.config import TINY  # noqa: E402
-from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
+from tiny_networks_through import check_through_op  # noqa: E402
 
 # (batch, queries, keys or None for self-attention, heads, width, dtype, launch or None for the default)
 KERNEL_CASES = ((2, 40, None, 2, 40, torch.float32, None), (2, 33, 77, 3, 40, torch.float32, None),
@@ -70,20 +68,7 @@ def check_op_routing():
 
 
 def check_networks():
-    nets = load_state_networks(synthetic_state_dict(TINY, seed=0), TINY)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 16, 24, generator=g)
-    t, ctx = torch.tensor([601, 601]), torch.randn(2, 77, TINY.clip.width, generator=g)
-    feats = torch.randn(2, TINY.unet.model_channels, 16, 24, generator=g)
-    with torch.no_grad():
-        want = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
-        counts = [fused_attention.use_fused_attention(net) for net in (nets.controlnet, nets.unet)]
-        got = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
-    for name, a, b in (*(("controlnet", p, q) for p, q in zip(got[0], want[0])), ("unet", got[1], want[1])):
-        err = ((a - b).norm() / b.norm()).item()
-        print("network", name, tuple(a.shape), f"relative L2 {err:.1e}")
-        assert err < 1e-5, err
-    print("networks", "attention layers through the op:", counts)
+    check_through_op("attention layers through the op:", fused_attention.use_fused_attention)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdcanny import fp8, fused_norm  # noqa: E402
-from sdcanny.checkpoint import load_state_networks  # noqa: E402
 from sdcanny.config import TINY  # noqa: E402
 from sdcanny.group_norm_kernel import (MAX_TILES, ONE_PASS_LIMIT, group_norm_act, tiled_group_norm_act,  # noqa: E402
                                        tiling)
 from sdcanny.networks import GroupNorm, ResBlock, patch_matrix, stack_time_projections  # noqa: E402
-from sdcanny.synthetic import synthetic_state_dict  # noqa: E402
+from tiny_networks_through import check_through_op  # noqa: E402
 
 # (channels, height, width, groups, layout, addend rows, SiLU): an addend is columns 5..5+C of a
 # wider tensor; addend rows 1 is one row for both samples (broadcast, as the step's time rows
@@ -154,25 +153,16 @@ def check_resblock_with_one_time_row():
     assert err < 1e-5, err
 
 
+def as_the_fast_back_end_has_them(net):
+    """Channels-last, each ResBlock's time projection a block of columns of one product."""
+    net.to(memory_format=torch.channels_last)
+    stack_time_projections(net)
+
+
 def check_networks():
-    nets = load_state_networks(synthetic_state_dict(TINY, seed=0), TINY)
-    g = torch.Generator().manual_seed(1)
+    nets, g = check_through_op("GroupNorms through the op:", fused_norm.use_fused_group_norm,
+                               prepare=as_the_fast_back_end_has_them, seed=1, channels_last=True)
     cl = torch.channels_last
-    x = torch.randn(2, 4, 16, 24, generator=g).contiguous(memory_format=cl)
-    t, ctx = torch.tensor([601, 601]), torch.randn(2, 77, TINY.clip.width, generator=g)
-    feats = torch.randn(2, TINY.unet.model_channels, 16, 24, generator=g).contiguous(memory_format=cl)
-    with torch.no_grad():
-        for net in (nets.controlnet, nets.unet):  # as the fast back-end has them: each ResBlock's time
-            net.to(memory_format=cl)             # projection a block of columns of one product
-            stack_time_projections(net)
-        want = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
-        counts = [fused_norm.use_fused_group_norm(net) for net in (nets.controlnet, nets.unet)]
-        got = nets.controlnet(x, t, ctx, feats), nets.unet(x, t, ctx)
-    for name, a, b in (*(("controlnet", p, q) for p, q in zip(got[0], want[0])), ("unet", got[1], want[1])):
-        err = ((a - b).norm() / b.norm()).item()
-        print("network", name, tuple(a.shape), f"relative L2 {err:.1e}")
-        assert err < 1e-5, err
-    print("networks", "GroupNorms through the op:", counts)
     z = torch.randn(1, TINY.vae.embed_dim, 6, 10, generator=g).contiguous(memory_format=cl)
     with torch.no_grad():
         nets.vae.to(memory_format=cl)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sdcanny import compat, fp8, fused_norm
+from sdcanny.optional import installed
 from sdcanny.networks import (Fp8PatchWeights, GroupNorm, ResBlock, patch_matrix, patch_weight_matrix,
                               use_fp8_patch_products, use_patch_products)
 
@@ -21,6 +22,14 @@ needs_fp8 = pytest.mark.skipif(FP8_ON_CPU is not None, reason=str(FP8_ON_CPU))
 
 def test_unavailable_off_cuda():
     assert "needs a CUDA device" in fp8.unavailable_reason(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not compat.CUSTOM_OPS or not installed("triton"), reason="needs torch 2.4+ and triton")
+def test_unavailable_without_fp8_tensor_cores(monkeypatch):
+    """An A10 (8.6) keeps fp16 patch products and says why, naming its compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    reason = fp8.unavailable_reason(torch.device("cuda"))
+    assert "need fp8 tensor cores (compute capability 8.9+), this GPU has 8.6: the patch products stay fp16" in reason
 
 
 @needs_fp8
