@@ -18,11 +18,10 @@ import os
 import torch
 from torch import nn
 
-from . import compat
+from . import compat, tma
 from .networks import CrossAttention, folded_attention_weights
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
-NEEDS = (9, 0)  # compute capability: tensor-memory descriptors
 MAX_TOKENS = 128  # a head's tokens, padded to a power of two, fill one tile of the kernel
 
 
@@ -49,15 +48,8 @@ def _scores_softmax_shape(x: torch.Tensor, score_rows: torch.Tensor, heads: int,
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None if the op can run on `device` and is used there, else why not in one line."""
-    otherwise = "folded cross-attentions keep cuBLAS's product and TorchInductor's softmax"
-    reason = compat.custom_kernel_unavailable_reason(device, "the scores kernel", otherwise)
-    if reason is not None:
-        return reason
-    short = compat.capability_short_of(device, NEEDS)
-    if short is not None:
-        return (f"the scores kernel reads through tensor-memory descriptors (compute capability "
-                f"{'.'.join(map(str, NEEDS))}+), not on this {short} GPU: {otherwise}")
-    return None
+    return tma.unavailable_reason(device, "the scores kernel",
+                                  "folded cross-attentions keep cuBLAS's product and TorchInductor's softmax")
 
 
 @functools.lru_cache(maxsize=None)
