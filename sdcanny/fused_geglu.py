@@ -30,10 +30,9 @@ def interleave_rows(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Ten
     """GEGLU's Linear (2I, K) weight and (2I,) bias, [value rows; gate rows], reordered so that value
     row j and gate row j are rows 2j and 2j + 1: the op's layout (one product tile then holds the
     value and gate columns that its epilogue multiplies)."""
-    inner = weight.shape[0] // 2
-    w = torch.stack([weight[:inner], weight[inner:]], dim=1).reshape(weight.shape).contiguous()
-    b = torch.stack([bias[:inner], bias[inner:]], dim=1).reshape(bias.shape).contiguous()
-    return w, b
+    def paired(t: torch.Tensor) -> torch.Tensor:  # [a; b] -> a0, b0, a1, b1, ... along the first axis
+        return torch.stack(t.chunk(2), dim=1).reshape(t.shape).contiguous()
+    return paired(weight), paired(bias)
 
 
 def geglu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
