@@ -46,9 +46,10 @@ def scores_softmax_kernel(x_desc, rows_desc, out_ptr, N, stride_ob, stride_on,
 
 
 def launch_config(rows: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, stages, warps) for `rows` rows a sample. Not yet swept on a GPU
-    (scratch/scores_softmax.py is the sweep)."""
-    return 64, 64, 3, 4
+    """(BLOCK_M, BLOCK_K, stages, warps) for `rows` rows a sample: the fastest of six alone on the
+    H100 at the graded step's shapes (docs/benchmarks.md, twentieth session): 64-row tiles for the
+    384 rows at 32x48, 16-row tiles (more programs) for the 96 and 24 rows below it."""
+    return (64, 128, 3, 4) if rows >= 256 else (16, 128, 3, 4)
 
 
 def scores_softmax(x: torch.Tensor, score_rows: torch.Tensor, heads: int, overlap: bool = False,

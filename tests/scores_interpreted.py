@@ -5,7 +5,8 @@ one line per check; exits non-zero on the first that fails.
 1. The kernel against each head's softmax of x score_rows^T written out in float64: rows not a
    whole number of row tiles (and fewer rows than one tile), the text's 77 tokens (padded to 128
    in the tile, the next head's rows masked out) and fewer, channels in several K blocks and not a
-   whole number of them, a strided input (copied to what the descriptor reads), fp32 and fp16.
+   whole number of them, a strided input (copied to what the descriptor reads), fp32 and fp16, both
+   of launch_config's configurations (fewer and more than 256 rows) and one given.
 2. A folded cross-attention layer with its weights through the op: the same output as attend_folded
    with cuBLAS's product and torch's softmax.
 """
@@ -20,7 +21,7 @@ from sdcanny.networks import CrossAttention  # noqa: E402
 
 # (batch, rows, heads, tokens, channels, dtype, launch or None for launch_config's, input strided)
 KERNEL_CASES = ((2, 40, 2, 7, 32, torch.float32, None, False), (2, 130, 3, 77, 96, torch.float32, None, True),
-                (1, 24, 8, 77, 128, torch.float16, None, False),
+                (1, 24, 8, 77, 128, torch.float16, None, False), (1, 300, 2, 77, 160, torch.float16, None, False),
                 (2, 70, 4, 16, 48, torch.float16, (32, 16, 2, 4), False))
 
 
