@@ -48,7 +48,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fp8, fused_attention, fused_norm, programs
+from . import compat, fp8, fused_attention, fused_norm, fused_scores, programs
 from . import fused_geglu as geglu_op  # not the name of the option that turns it on
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
@@ -169,7 +169,7 @@ class FastTorchBackend:
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
-                 fused_geglu: bool = True):
+                 fused_geglu: bool = True, scores_kernel: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -231,7 +231,10 @@ class FastTorchBackend:
         `fused_geglu`: where a transformer's output projection is folded, the folded product's input
         (the feed-forward's GEGLU and the residual beside it) comes from one Triton kernel
         (sdcanny/fused_geglu.py) where torch (2.4+), triton and the GPU (Hopper or later) allow;
-        off only to measure what it buys."""
+        off only to measure what it buys.
+        `scores_kernel`: the folded cross-attentions' weights (the scores product and each head's
+        softmax) from one Triton kernel each (sdcanny/fused_scores.py) where torch (2.4+), triton and
+        the GPU (Hopper or later) allow; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -266,6 +269,8 @@ class FastTorchBackend:
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
         self.fused_geglu = self._kernel_usable(fused_geglu and fold_transformer_outputs, geglu_op.unavailable_reason)
+        self.scores_kernel = self._kernel_usable(scores_kernel and self.fold_cross_attention,
+                                                 fused_scores.unavailable_reason)
         unavailable = compat.compile_unavailable_reason(self.device.type) if compile is not None else None
         if unavailable is not None:
             self.notes.append(f"torch back-end runs eager with CUDA graphs, not compiled: {unavailable}")
@@ -329,7 +334,8 @@ class FastTorchBackend:
                     "attention_kernel_keys": self.attention_kernel_keys, "patch_product_rows": self.patch_product_rows,
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
-                    "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu}
+                    "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
+                    "scores_kernel": self.scores_kernel}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -397,6 +403,8 @@ class FastTorchBackend:
                 index_cross_attention(net)
             if self.fold_cross_attention:
                 fold_cross_attention(net, nets.clip.max_length)
+            if self.scores_kernel:
+                fused_scores.use_fused_scores(net, self.overlap_kernels)
             if self.fold_transformer_outputs:
                 fold_transformer_outputs(net)
             if self.fused_geglu:

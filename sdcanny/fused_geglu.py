@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import compat
+from . import compat, tma
 from .networks import SpatialTransformer
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
-MEASURED_ON = (9, 0)  # compute capability: tensor-memory descriptors, and where it was timed (H100)
 
 
 def interleave_rows(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,16 +71,7 @@ def _geglu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resi
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None if the op can run on `device` and is used there, else why not in one line."""
-    reason = compat.custom_kernel_unavailable_reason(device, "the GEGLU kernel",
-                                                     "GEGLUs stay cuBLAS's products and TorchInductor's")
-    if reason is not None:
-        return reason
-    short = compat.capability_short_of(device, MEASURED_ON)
-    if short is not None:
-        return (f"the GEGLU kernel reads through tensor-memory descriptors (compute capability "
-                f"{'.'.join(map(str, MEASURED_ON))}+), not on this {short} GPU: GEGLUs stay cuBLAS's products "
-                "and TorchInductor's")
-    return None
+    return tma.unavailable_reason(device, "the GEGLU kernel", "GEGLUs stay cuBLAS's products and TorchInductor's")
 
 
 @functools.lru_cache(maxsize=None)

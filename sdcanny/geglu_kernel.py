@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .compat import overlap_launch_options
+from .tma import describable
 
 RESIDUAL_COLUMNS = 128  # columns of r a copying program moves per load
 
@@ -66,12 +67,6 @@ def geglu_kernel(x_desc, w_desc, b_ptr, r_ptr, out_ptr, M, I, stride_r, stride_o
              mask=(rows[:, None] < M) & (out_cols[None, :] < I))
 
 
-def described_as_is(t: torch.Tensor) -> bool:
-    """Whether a tensor-memory descriptor can read the 2-D `t` in place: contiguous rows, 16-byte
-    aligned start and row stride."""
-    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-
-
 def launch_config(rows: int) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) for a product of `rows` rows: the best of 12
     configurations at each of the graded step's shapes on the H100 (docs/benchmarks.md)."""
@@ -92,8 +87,7 @@ def geglu_with_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     overrides launch_config (for sweeps)."""
     m, k = x.shape
     inner, c = weight.shape[0] // 2, residual.shape[1]
-    x = x if described_as_is(x) else x.clone(memory_format=torch.contiguous_format)
-    weight = weight if described_as_is(weight) else weight.clone(memory_format=torch.contiguous_format)
+    x, weight = describable(x), describable(weight)
     residual = residual if residual.stride(1) == 1 else residual.contiguous()
     out = torch.empty(m, inner + c, device=x.device, dtype=x.dtype)
     block_m, block_n, block_k, stages, warps = config or launch_config(m)

@@ -462,6 +462,10 @@ class CrossAttention(nn.Module):
         self.fused_attention = False
         self.kernel_keys = 0
         self.kernel_overlap = False
+        # set by the fast back-end (sdcanny/fused_scores.py): a folded layer's weights are one call of
+        # the op torch.ops.sdcanny.scores_softmax (launched overlapped where scores_overlap)
+        self.fused_scores = False
+        self.scores_overlap = False
 
     def fuse_projections(self, self_attention: bool) -> None:
         """Stack the projection weights so that self-attention computes q, k, v of x in one matrix
@@ -505,9 +509,11 @@ class CrossAttention(nn.Module):
     def attend_folded(self, x: torch.Tensor, score_rows: torch.Tensor, value_rows: torch.Tensor) -> torch.Tensor:
         """The cross-attention from fold_keys_values' rows: two batched products and a softmax per
         head, the same maths as forward's projections and attention."""
-        b, n, _ = x.shape
-        weights = torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, self.heads, -1).softmax(dim=-1)
-        return torch.matmul(weights.reshape(b, n, -1), value_rows) + self.to_out[0].bias
+        if self.fused_scores:
+            weights = torch.ops.sdcanny.scores_softmax(x, score_rows, self.heads, self.scores_overlap)
+        else:
+            weights = folded_attention_weights(x, score_rows, self.heads)
+        return torch.matmul(weights, value_rows) + self.to_out[0].bias
 
     def project(self, x: torch.Tensor, context):
         if isinstance(context, (list, tuple)):  # keys and values made ahead (cross_attention_keys_values)
@@ -523,6 +529,13 @@ class CrossAttention(nn.Module):
             return self.to_out(torch.ops.sdcanny.attention(*self.project(x, context), self.heads, self.kernel_keys,
                                                            self.kernel_overlap))
         return self.to_out(multi_head_attention(*self.project(x, context), self.heads))
+
+
+def folded_attention_weights(x: torch.Tensor, score_rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """A folded cross-attention's weights (CrossAttention.attend_folded): x (B, N, C) and its score
+    rows (B, heads T, C) -> (B, N, heads T), each head's T columns the softmax of x score_rows^T."""
+    b, n, _ = x.shape
+    return torch.matmul(x, score_rows.transpose(1, 2)).reshape(b, n, heads, -1).softmax(dim=-1).reshape(b, n, -1)
 
 
 class GEGLU(nn.Module):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import compat, fused_attention, fused_geglu, fused_norm
+from . import compat, fused_attention, fused_geglu, fused_norm, fused_scores
 from .config import ModelConfig
 from .networks import without_patch_products
 from .optional import progress, write
@@ -51,7 +51,8 @@ LATENT_MULTIPLE = 8  # work images are multiples of 64 px, latents of 8 (the UNe
 MIN_LATENT_SIDE = 16  # at 8 the UNet's bottom is 1 wide, a size the compiler specialises
 # The files whose code the programs compile: a change to any of them makes the programs stale.
 SOURCE_FILES = ("networks.py", "stages.py", "ddim.py", "reference.py", "fused_norm.py", "group_norm_kernel.py",
-                "fused_attention.py", "attention_kernel.py", "fp8.py", "fused_geglu.py", "geglu_kernel.py")
+                "fused_attention.py", "attention_kernel.py", "fp8.py", "fused_geglu.py", "geglu_kernel.py",
+                "fused_scores.py", "scores_kernel.py", "tma.py")
 # The kinds of size, each compiled once per stage: (samples in the example, which axes are symbolic)
 VARIANTS = {"graded": (1, ()), "one sample": (1, ("size",)), "samples": (2, ("batch", "size"))}
 
@@ -355,10 +356,11 @@ def load(program_dir: Path, variants: tuple[str, ...]) -> dict[str, dict]:
     """variant -> stage name -> the compiled function, taking the stage module then its inputs.
     Their own guard check is off: PreparedStage checks the guards before each call (to name the
     one that fails), and a second check per call would repeat the work."""
-    if compat.CUSTOM_OPS:  # programs made with the fused GroupNorm, attention and GEGLU call their ops by name
+    if compat.CUSTOM_OPS:  # programs made with our kernels' ops call them by name
         fused_norm.register_op()
         fused_attention.register_op()
         fused_geglu.register_op()
+        fused_scores.register_op()
     programs = {}
     for variant in variants:
         programs[variant] = {}
