@@ -52,15 +52,21 @@ def _is_compiling_function():
 is_compiling = _is_compiling_function()
 
 
-def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwise: str) -> str | None:
-    """None where one of our Triton kernels, called as a custom op, can run on `device`; else why not,
-    in one line naming the `kernel` and saying what runs `otherwise`."""
+def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwise: str,
+                                     needs: tuple[int, int] | None = None, because: str = "") -> str | None:
+    """None where one of our Triton kernels, called as a custom op, can run on `device` (and is used
+    there: on compute capability `needs` or later, where given, `because` saying why); else why
+    not, in one line naming the `kernel` and saying what runs `otherwise`."""
     if device.type != "cuda":
         return f"{kernel} needs a CUDA device, not {device.type}"
     if not CUSTOM_OPS:
         return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): {otherwise}"
     if importlib.util.find_spec("triton") is None:
         return f"triton is not installed, so {otherwise}"
+    short = capability_short_of(device, needs) if needs is not None else None
+    if short is not None:
+        return (f"{kernel} {because} (compute capability {'.'.join(map(str, needs))}+), not on this {short} GPU: "
+                f"{otherwise}")
     return None
 
 

@@ -41,12 +41,10 @@ LOW_TERM_WEIGHT = 2.0 ** -LOW_TERM_SHIFT
 def unavailable_reason(device: torch.device) -> str | None:
     """None where fp8 patch products can run on `device`, else why not in one line."""
     otherwise = "the patch products stay fp16"
-    reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise)
+    reason = compat.custom_kernel_unavailable_reason(device, "the fp8 patch products' GroupNorm kernel", otherwise,
+                                                     (8, 9), "writes for fp8 tensor cores")
     if reason is not None:
         return reason
-    short = compat.capability_short_of(device, (8, 9))
-    if short is not None:
-        return f"fp8 patch products need fp8 tensor cores (compute capability 8.9+), this GPU has {short}: {otherwise}"
     reason = compat.fp8_product_unavailable_reason(device)
     return None if reason is None else f"{reason}: {otherwise}"
 

@@ -46,14 +46,8 @@ def _attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None if the op can run on `device` and is used there, else why not in one line."""
-    reason = compat.custom_kernel_unavailable_reason(device, "the attention kernel", "attention stays SDPA")
-    if reason is not None:
-        return reason
-    short = compat.capability_short_of(device, MEASURED_ON)
-    if short is not None:
-        return (f"the attention kernel was measured against SDPA on compute capability "
-                f"{'.'.join(map(str, MEASURED_ON))}+ GPUs only, not this {short} one: attention stays SDPA")
-    return None
+    return compat.custom_kernel_unavailable_reason(device, "the attention kernel", "attention stays SDPA", MEASURED_ON,
+                                                   "was measured against SDPA on Hopper GPUs only")
 
 
 @functools.lru_cache(maxsize=None)

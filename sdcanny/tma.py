@@ -13,14 +13,8 @@ NEEDS = (9, 0)  # compute capability with tensor-memory descriptors (Hopper)
 def unavailable_reason(device: torch.device, kernel: str, otherwise: str) -> str | None:
     """None where a descriptor kernel, called as a custom op, can run on `device`; else why not, in
     one line naming the `kernel` and saying what runs `otherwise`."""
-    reason = compat.custom_kernel_unavailable_reason(device, kernel, otherwise)
-    if reason is not None:
-        return reason
-    short = compat.capability_short_of(device, NEEDS)
-    if short is not None:
-        return (f"{kernel} reads through tensor-memory descriptors (compute capability "
-                f"{'.'.join(map(str, NEEDS))}+), not on this {short} GPU: {otherwise}")
-    return None
+    return compat.custom_kernel_unavailable_reason(device, kernel, otherwise, NEEDS,
+                                                   "reads through tensor-memory descriptors")
 
 
 def described_as_is(t: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ def test_unavailable_without_fp8_tensor_cores(monkeypatch):
     """An A10 (8.6) keeps fp16 patch products and says why, naming its compute capability."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     reason = fp8.unavailable_reason(torch.device("cuda"))
-    assert "need fp8 tensor cores (compute capability 8.9+), this GPU has 8.6: the patch products stay fp16" in reason
+    assert "writes for fp8 tensor cores (compute capability 8.9+), not on this 8.6 GPU: the patch products stay fp16" in reason
 
 
 @needs_fp8

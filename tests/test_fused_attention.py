@@ -42,7 +42,7 @@ def test_used_only_on_gpus_where_it_was_measured(monkeypatch, capability, used):
     reason = fused_attention.unavailable_reason(torch.device("cuda"))
     assert (reason is None) == used
     if not used:
-        assert "measured against SDPA on compute capability 9.0+ GPUs only, not this 8.6 one" in reason
+        assert "was measured against SDPA on Hopper GPUs only (compute capability 9.0+), not on this 8.6 GPU" in reason
 
 
 @pytest.mark.skipif(not installed("triton"), reason="needs triton")
