@@ -26,9 +26,9 @@ MAX_TOKENS = 128  # a head's tokens, padded to a power of two, fill one tile of 
 
 
 def scores_softmax(x: torch.Tensor, score_rows: torch.Tensor, heads: int, overlap: bool = False) -> torch.Tensor:
-    """networks.folded_attention_weights: the kernel on a GPU (with
-    `overlap`, launched with programmatic dependent launch where compat.kernel_launches_overlap
-    allows), torch's maths elsewhere."""
+    """networks.folded_attention_weights: x (B, N, C), score rows (B, heads T, C) -> (B, N, heads T),
+    contiguous. The kernel on a GPU (with `overlap`, launched with programmatic dependent launch
+    where compat.kernel_launches_overlap allows), torch's maths elsewhere."""
     if x.dim() != 3 or score_rows.dim() != 3 or score_rows.shape[0] != x.shape[0] or score_rows.shape[2] != x.shape[2] \
             or score_rows.shape[1] % heads or not 0 < score_rows.shape[1] // heads <= MAX_TOKENS \
             or x.dtype != score_rows.dtype:
