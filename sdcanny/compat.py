@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -68,6 +69,12 @@ def custom_kernel_unavailable_reason(device: torch.device, kernel: str, otherwis
         return (f"{kernel} {because} (compute capability {'.'.join(map(str, needs))}+), not on this {short} GPU: "
                 f"{otherwise}")
     return None
+
+
+def our_kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether our Triton kernels (the ops' kernel paths) take `t`: on a GPU, or on the CPU under
+    Triton's interpreter (TRITON_INTERPRET=1, numpy), which is how the tests check them without one."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def capability_short_of(device: torch.device, needed: tuple[int, int]) -> str | None:

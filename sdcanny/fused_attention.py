@@ -13,7 +13,6 @@ kernel runs on CPU tensors too: that is how the tests check it without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
@@ -21,7 +20,6 @@ from torch import nn
 from . import compat
 from .networks import CrossAttention, multi_head_attention
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 KERNEL_KEYS = 512  # the kernel up to this many keys; the graded step's longest short one has 384
 MEASURED_ON = (9, 0)  # compute capability: the kernel was timed against SDPA on Hopper (H100, H200) only
 
@@ -32,7 +30,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     k and v (B, T, H*d) -> (B, N, H*d), contiguous; through the kernel up to `kernel_keys` keys
     (with `overlap`, launched with programmatic dependent launch where
     compat.kernel_launches_overlap allows)."""
-    if (q.is_cuda or INTERPRETED) and k.shape[1] <= kernel_keys:
+    if compat.our_kernels_run_on(q) and k.shape[1] <= kernel_keys:
         from .attention_kernel import attention as kernel
         return kernel(q, k, v, heads, overlap=overlap and compat.kernel_launches_overlap(q.device))
     return multi_head_attention(q, k, v, heads)

@@ -14,7 +14,6 @@ the Linear and the element-wise GEGLU (`unavailable_reason`). Under Triton's int
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,6 @@ from torch import nn
 from . import compat, tma
 from .networks import SpatialTransformer
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 
 
 def interleave_rows(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +53,7 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: t
                          f"rows, all of one dtype; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, bias {tuple(bias.shape)} {bias.dtype}, residual {tuple(residual.shape)} "
                          f"{residual.dtype}")
-    if not (x.is_cuda or INTERPRETED):
+    if not compat.our_kernels_run_on(x):
         return geglu_torch(x, weight, bias, residual).contiguous()
     from .geglu_kernel import geglu_with_residual
     out = geglu_with_residual(x.reshape(-1, k), weight, bias, residual.reshape(-1, c),

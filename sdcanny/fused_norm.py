@@ -16,7 +16,6 @@ check it, in whole networks, without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -25,7 +24,6 @@ from torch import nn
 from . import compat, fp8
 from .networks import GroupNorm, group_norm_act_torch, patch_terms
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 
 
 def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, add: Optional[torch.Tensor],
@@ -43,7 +41,7 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
     allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
     maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias, x_scale is not None)
-    if x.is_cuda or INTERPRETED:  # the kernel's wrapper checks the modes itself, for its other callers too
+    if compat.our_kernels_run_on(x):  # the kernel's wrapper checks the modes itself, for its other callers too
         from .group_norm_kernel import group_norm_act as kernel
         return kernel(x, weight, bias, groups, eps, silu, add, add_column, add_bias, patches,
                       overlap and compat.kernel_launches_overlap(x.device), tiles, term_scale, x_scale)

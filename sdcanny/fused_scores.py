@@ -13,7 +13,6 @@ tensors too: that is how the tests check it without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
@@ -21,7 +20,6 @@ from torch import nn
 from . import compat, tma
 from .networks import CrossAttention, folded_attention_weights
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton runs kernels on the CPU, in numpy
 MAX_TOKENS = 128  # a head's tokens, padded to a power of two, fill one tile of the kernel
 
 
@@ -35,7 +33,7 @@ def scores_softmax(x: torch.Tensor, score_rows: torch.Tensor, heads: int, overla
         raise ValueError(f"the scores op needs x (B, N, C) and score rows (B, heads x T, C) of one dtype with T at most "
                          f"{MAX_TOKENS}; got x {tuple(x.shape)} {x.dtype}, score rows {tuple(score_rows.shape)} "
                          f"{score_rows.dtype}, {heads} heads")
-    if not (x.is_cuda or INTERPRETED):
+    if not compat.our_kernels_run_on(x):
         return folded_attention_weights(x, score_rows, heads)
     from .scores_kernel import scores_softmax as kernel
     return kernel(x, score_rows, heads, overlap=overlap and compat.kernel_launches_overlap(x.device))
