@@ -134,7 +134,7 @@ def test_the_weight_only_kernel_in_the_interpreter():
 
 
 @pytest.mark.skipif(not installed("skimage"), reason="benchmarks/quantization_fidelity.py takes scikit-image's photos")
-def test_the_fidelity_simulation_rounds_the_short_layers_only():
+def test_the_fidelity_simulation_rounds_the_chosen_layers_only():
     import quantization_fidelity as qf
     from gpu_benchmark import graded_photos
     from sdcanny.checkpoint import load_state_networks
@@ -156,6 +156,10 @@ def test_the_fidelity_simulation_rounds_the_short_layers_only():
     short = qf.low_row_weights(pipe, rows, max_rows=200)
     assert short and set(short) == {k for k, n in rows.items() if 2 * n <= 200}
     assert any(k.startswith("controlnet.") for k in short) and any(k.startswith("unet.middle_block.") for k in short)
+    # the layers of the whole latent instead (--min-rows): the input and output convolutions among them
+    full = qf.low_row_weights(pipe, rows, max_rows=2 * h * w, min_rows=2 * h * w)
+    assert set(full) == {k for k, n in rows.items() if n == h * w} and not set(full) & set(short)
+    assert {"unet.input_blocks.0.0.weight", "unet.out.2.weight"} <= set(full)
     # rounding to int8 changes those weights only, and measure() puts them back
     before = {k: v.clone() for k, v in nets.unet.state_dict().items()}
     call = dict(GRADED_CALL, ddim_steps=2)
