@@ -114,7 +114,7 @@ def weight_rows(pipe: Canny2Image, image: np.ndarray) -> dict[str, int]:
     return mode.rows
 
 
-def low_row_weights(pipe: Canny2Image, rows: dict[str, int], max_rows: int = MAX_ROWS,
+def weights_by_rows(pipe: Canny2Image, rows: dict[str, int], max_rows: int = MAX_ROWS,
                     min_rows: int = 0) -> dict[str, torch.Tensor]:
     """The weights of weight_rows' answer whose products have min_rows to max_rows rows in the
     fast back-end's batch (GUIDANCE_BATCH times the reference's)."""
@@ -168,7 +168,7 @@ def main() -> None:
     cfg = CONFIGS[args.config]
     pipe = Canny2Image(ReferenceBackend(load_state_networks(synthetic_state_dict(cfg, seed=0), cfg), args.device), cfg)
     photos = graded_photos(args.photos)
-    weights = low_row_weights(pipe, weight_rows(pipe, next(iter(photos.values()))), args.max_rows, args.min_rows)
+    weights = weights_by_rows(pipe, weight_rows(pipe, next(iter(photos.values()))), args.max_rows, args.min_rows)
     size = sum(w.numel() for w in weights.values())
     lines = [f"{args.config} synthetic checkpoint (seed 0), fp32 reference on {args.device}; the weights of "
              f"{len(weights)} layers of {args.min_rows} to {args.max_rows} rows rounded, {size * 2 / 1e9:.2f} GB as fp16", "",

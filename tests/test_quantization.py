@@ -153,11 +153,11 @@ def test_the_fidelity_simulation_rounds_the_chosen_layers_only():
     h, w = 32, 48  # the graded latent: the input convolution sees all of it, one sample a call
     assert rows["unet.input_blocks.0.0.weight"] == h * w and rows["controlnet.input_blocks.0.0.weight"] == h * w
     assert rows["unet.out.2.weight"] == h * w
-    short = qf.low_row_weights(pipe, rows, max_rows=200)
+    short = qf.weights_by_rows(pipe, rows, max_rows=200)
     assert short and set(short) == {k for k, n in rows.items() if 2 * n <= 200}
     assert any(k.startswith("controlnet.") for k in short) and any(k.startswith("unet.middle_block.") for k in short)
     # the layers of the whole latent instead (--min-rows): the input and output convolutions among them
-    full = qf.low_row_weights(pipe, rows, max_rows=2 * h * w, min_rows=2 * h * w)
+    full = qf.weights_by_rows(pipe, rows, max_rows=2 * h * w, min_rows=2 * h * w)
     assert set(full) == {k for k, n in rows.items() if n == h * w} and not set(full) & set(short)
     assert {"unet.input_blocks.0.0.weight", "unet.out.2.weight"} <= set(full)
     # rounding to int8 changes those weights only, and measure() puts them back
