@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_checks.sh prepare ARGS  the torch back-end's ahead-of-time programs into engines/
 #                                            (python3 -m sdcanny.fast --prepare ARGS), timed
 #   bash benchmarks/gpu_checks.sh bench ARGS the reference-vs-torch benchmark (benchmarks/gpu_benchmark.py ARGS)
+#   bash benchmarks/gpu_checks.sh ab ARGS    variants' step graphs against each other in one process
+#                                            (benchmarks/step_ab.py ARGS)
 #   bash benchmarks/gpu_checks.sh shapes ARGS first-call and steady latency per size in a fresh process
 #                                            (benchmarks/shape_benchmark.py ARGS)
 #   bash benchmarks/gpu_checks.sh startup ARGS initialize() in fresh processes, by stage
@@ -73,6 +75,10 @@ export)
             | tee "$OUT/export_$target.log" | grep -E "^\[export\]"
         echo "export for TensorRT $target: $((SECONDS - start)) s"
     done
+    ;;
+ab)
+    shift
+    python3 benchmarks/step_ab.py --checkpoint $CKPT --out "$OUT/step_ab.md" "$@" 2>&1 | tee "$OUT/step_ab.log" | grep -v -i warn | tail -20
     ;;
 bench)
     shift
