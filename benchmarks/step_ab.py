@@ -9,7 +9,9 @@ Whole calls in one process differ by up to 0.6 ms between two runs of the same v
 latents are put back before its sample, so every replay computes the same step. The difference
 against the first variant is the median of the rounds' paired differences.
 
-    python3 benchmarks/step_ab.py --variants jit,attention-1536 [--rounds 40 --replays 20]
+    python3 benchmarks/step_ab.py --variants jit,attention-1536,jit [--rounds 40 --replays 20]
+
+(a variant named again is built again, in the same process: its row is the method's own spread).
 """
 from __future__ import annotations
 
@@ -45,6 +47,17 @@ def captured_step(variant: str, checkpoint: Path, image) -> tuple:
     return h, run.graphs["step"], run.buffers.x, run.buffers.x.clone()
 
 
+def build_labels(variants: list[str]) -> list[str]:
+    """A label per build: a variant named again is built again, and its difference from its first
+    build is the method's own spread."""
+    counts: dict = {}
+    labels = []
+    for v in variants:
+        counts[v] = counts.get(v, 0) + 1
+        labels.append(v if counts[v] == 1 else f"{v} (build {counts[v]})")
+    return labels
+
+
 def sample_us(graph, x, x0, replays: int) -> float:
     x.copy_(x0)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,28 +81,28 @@ def main() -> None:
     variants = args.variants.split(",")
     if len(variants) < 2 or not set(variants) <= set(VARIANTS):
         ap.error(f"--variants takes two or more of {', '.join(VARIANTS)}, got {args.variants}")
+    labels = build_labels(variants)
     image = next(iter(graded_photos(1).values()))
     steps = {}
-    for v in variants:
+    for label, v in zip(labels, variants):
         start = time.perf_counter()
-        steps[v] = captured_step(v, args.checkpoint, image)
-        print(f"{v}: built and captured in {time.perf_counter() - start:.0f} s", flush=True)
-    samples = {v: [] for v in variants}
+        steps[label] = captured_step(v, args.checkpoint, image)
+        print(f"{label}: built and captured in {time.perf_counter() - start:.0f} s", flush=True)
+    samples = {label: [] for label in labels}
     for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            _, graph, x, x0 = steps[v]
-            samples[v].append(sample_us(graph, x, x0, args.replays))
-    base = variants[0]
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            _, graph, x, x0 = steps[label]
+            samples[label].append(sample_us(graph, x, x0, args.replays))
+    base = labels[0]
     lines = [f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}; "
              f"commit {args.commit}", f"command: `{' '.join(sys.argv)}`",
              f"{args.rounds} rounds of {args.replays} step replays a variant, the order rotated each round", "",
              f"| variant | step µs, median | p10 | p90 | against {base}: median paired difference µs | per graded call (x20) ms |",
              "|---|---|---|---|---|---|"]
-    for v in variants:
-        s = sorted(samples[v])
-        diff = statistics.median(a - b for a, b in zip(samples[v], samples[base]))
-        lines.append(f"| {v} | {statistics.median(s):.1f} | {s[len(s) // 10]:.1f} | {s[len(s) * 9 // 10]:.1f} | "
+    for label in labels:
+        s = sorted(samples[label])
+        diff = statistics.median(a - b for a, b in zip(samples[label], samples[base]))
+        lines.append(f"| {label} | {statistics.median(s):.1f} | {s[len(s) // 10]:.1f} | {s[len(s) * 9 // 10]:.1f} | "
                      f"{diff:+.1f} | {diff * 20 / 1000:+.2f} |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
