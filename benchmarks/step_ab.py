@@ -1,17 +1,20 @@
-"""Variants of the fast back-end's graded step against each other in one process, to the microsecond:
-each variant (gpu_benchmark.py's VARIANTS) built and run on a graded photo until its step is a
-CUDA graph, then the variants' step graphs replayed in turn, round after round (the order rotated
-each round), so that drift of the machine's clock or temperature falls on all of them alike.
+"""Variants of the fast back-end's graded step against each other in one process: each variant
+(gpu_benchmark.py's VARIANTS) built and run on a graded photo until its step is a CUDA graph, then
+the variants' step graphs replayed in turn, round after round (the order rotated each round), so
+that drift of the machine's clock or temperature falls on all of them alike.
 
 Whole calls in one process differ by up to 0.6 ms between two runs of the same variant
-(docs/benchmarks.md), about 30 µs a step: a change worth less than that needs this. Each sample is
-`--replays` back-to-back replays of one variant's step graph, timed by CUDA events; each variant's
-latents are put back before its sample, so every replay computes the same step. The difference
-against the first variant is the median of the rounds' paired differences.
+(docs/benchmarks.md), about 30 µs a step. Here each build's step comes out within a few
+microseconds (the 10th to 90th percentile of its samples about 10 µs apart); what remains is
+between builds. Each sample is `--replays` back-to-back replays of one variant's step graph, timed
+by CUDA events; each variant's latents are put back before its sample, so every replay computes the
+same step. The difference against the first build is the median of the rounds' paired differences.
 
-    python3 benchmarks/step_ab.py --variants jit,attention-1536,jit [--rounds 40 --replays 20]
+    python3 benchmarks/step_ab.py --variants jit,attention-1536,attention-1536,jit [--rounds 40 --replays 20]
 
 (a variant named again is built again, in the same process: its row is the method's own spread).
+Name them in a balanced order (A,B,B,A): in the H100 runs of docs/benchmarks.md, a process's later
+builds of the same variant ran 0-34 µs a step slower than its first.
 """
 from __future__ import annotations
 
