@@ -17,13 +17,15 @@ def replay_us(fn, per_graph: int, reps: int = 7, replays: int = 20) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1000 / replays / per_graph)
-    return statistics.median(samples)
+    return statistics.median(graph_us(graph, replays) / per_graph for _ in range(reps))
+
+
+def graph_us(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """µs a replay of a captured graph: `replays` back to back between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / replays

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from canny2image_TRT import hackathon  # noqa: E402
 from gpu_benchmark import COMPILED_IN_PROCESS, NO_PROGRAMS_DIR, VARIANTS, graded_photos  # noqa: E402
+from graph_timing import graph_us  # noqa: E402
 from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint  # noqa: E402
 from sdcanny.pipeline import GRADED_ARGS  # noqa: E402
 
@@ -61,17 +62,6 @@ def build_labels(variants: list[str]) -> list[str]:
     return labels
 
 
-def sample_us(graph, x, x0, replays: int) -> float:
-    x.copy_(x0)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / replays
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=default_checkpoint())
@@ -95,7 +85,8 @@ def main() -> None:
     for r in range(args.rounds):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             _, graph, x, x0 = steps[label]
-            samples[label].append(sample_us(graph, x, x0, args.replays))
+            x.copy_(x0)  # every sample computes the same step
+            samples[label].append(graph_us(graph, args.replays))
     base = labels[0]
     lines = [f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}; "
              f"commit {args.commit}", f"command: `{' '.join(sys.argv)}`",
