@@ -62,6 +62,29 @@ def build_labels(variants: list[str]) -> list[str]:
     return labels
 
 
+def time_rounds(steps: dict, labels: list[str], rounds: int, replays: int) -> dict:
+    """label -> µs a step, one sample a round: the builds in turn, the order rotated each round."""
+    samples: dict = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            _, graph, x, x0 = steps[label]
+            x.copy_(x0)  # every sample computes the same step
+            samples[label].append(graph_us(graph, replays))
+    return samples
+
+
+def table(samples: dict, base: str) -> list[str]:
+    """Markdown rows: each build's median and spread, and its median paired difference from `base`."""
+    lines = [f"| variant | step µs, median | p10 | p90 | against {base}: median paired difference µs "
+             "| per graded call (x20) ms |", "|---|---|---|---|---|---|"]
+    for label, own in samples.items():
+        s = sorted(own)
+        diff = statistics.median(a - b for a, b in zip(own, samples[base]))
+        lines.append(f"| {label} | {statistics.median(s):.1f} | {s[len(s) // 10]:.1f} | {s[len(s) * 9 // 10]:.1f} | "
+                     f"{diff:+.1f} | {diff * 20 / 1000:+.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=default_checkpoint())
@@ -81,23 +104,11 @@ def main() -> None:
         start = time.perf_counter()
         steps[label] = captured_step(v, args.checkpoint, image)
         print(f"{label}: built and captured in {time.perf_counter() - start:.0f} s", flush=True)
-    samples = {label: [] for label in labels}
-    for r in range(args.rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            _, graph, x, x0 = steps[label]
-            x.copy_(x0)  # every sample computes the same step
-            samples[label].append(graph_us(graph, args.replays))
-    base = labels[0]
+    samples = time_rounds(steps, labels, args.rounds, args.replays)
     lines = [f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d')}; "
              f"commit {args.commit}", f"command: `{' '.join(sys.argv)}`",
              f"{args.rounds} rounds of {args.replays} step replays a variant, the order rotated each round", "",
-             f"| variant | step µs, median | p10 | p90 | against {base}: median paired difference µs | per graded call (x20) ms |",
-             "|---|---|---|---|---|---|"]
-    for label in labels:
-        s = sorted(samples[label])
-        diff = statistics.median(a - b for a, b in zip(samples[label], samples[base]))
-        lines.append(f"| {label} | {statistics.median(s):.1f} | {s[len(s) // 10]:.1f} | {s[len(s) * 9 // 10]:.1f} | "
-                     f"{diff:+.1f} | {diff * 20 / 1000:+.2f} |")
+             *table(samples, labels[0])]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
