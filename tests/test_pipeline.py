@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import random
+
 import cv2
 import numpy as np
 import pytest
@@ -225,3 +227,30 @@ def test_draw_noise_into_a_given_tensor_draws_the_same_numbers(tiny, photo):
     torch.manual_seed(7)
     x2, steps2 = draw_noise(request, "cpu", out=out)
     assert x2 is out and torch.equal(out, x) and torch.equal(steps2, steps)
+
+
+def generator_draws() -> tuple:
+    """A few numbers from Python's, numpy's and torch's CPU generators (and CUDA's where there is one)."""
+    draws = (random.random(), np.random.rand(3), torch.rand(3))
+    return draws + ((torch.rand(3, device="cuda").cpu(),) if torch.cuda.is_available() else ())
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["direct", "torch.manual_seed"])
+def test_seed_everything_seeds_as_pytorch_lightning_does(monkeypatch, others):
+    """Either way seed_everything seeds (the CPU's and CUDA's generators directly, or through
+    torch.manual_seed where there are other accelerators), the generators then give what
+    pytorch_lightning's seed_everything (random, numpy, torch.manual_seed) leaves them to give."""
+    from sdcanny import pipeline
+    monkeypatch.setattr(pipeline, "other_generators", lambda: others)
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = generator_draws()
+    generator_draws()  # move every generator on
+    pipeline.seed_everything(11)
+    got = generator_draws()
+    assert got[0] == expected[0]
+    for a, b in zip(got[1:], expected[1:]):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    pipeline.seed_everything(12)
+    assert generator_draws()[0] != expected[0]
