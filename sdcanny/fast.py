@@ -30,6 +30,14 @@ in-process form's one size. cuDNN times its convolution algorithms for the first
 (initialize()'s, the graded one); later sizes take its heuristic choice rather than timing every
 candidate (seconds per size at large sizes), unless `tune_new_sizes`. Graphs are kept for the
 `max_captured_sizes` most recently used sizes.
+
+The first size (initialize()'s) also captures its whole sampling loop, every step with the copies
+of its rows, as a fifth graph ("loop") at its second call, once per process (`capture_loop`): 20
+replays of the step's graph, each launched after two copies, took about 1 ms more a graded call
+than one graph of them all (H100). Capturing 20 steps takes about 20 times one step's capture, too
+long for a request at a new size, so the other sizes replay the step's graph per step; so does the
+first size at another step count (which releases its loop graph) or with step noise where it was
+captured without (or the reverse).
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -92,7 +100,8 @@ class Buffers:
     control_context: torch.Tensor | list | None = None  # the context as each network takes it
     unet_context: torch.Tensor | list | None = None
     hint_features: torch.Tensor | None = None
-    # Read only outside the graphs, so a new step count reallocates them and captures nothing:
+    # Read between the step graph's replays, or by the loop graph: a new step count reallocates
+    # them, and releases the loop graph (Run.loop_key):
     steps: torch.Tensor | None = None  # fp32 (S, 8): step_table, in ascending timestep order
     time_rows: torch.Tensor | None = None  # (S, columns): Stages.time_rows of `steps`' timesteps
     step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); read only where eta > 0
@@ -107,7 +116,8 @@ class Run:
     fns: dict  # stage name -> callable
     form: str  # "compiled ahead", "compiled here" or "eager"
     tune_convs: bool  # cuDNN times its convolution algorithms for this size (else its heuristics choose)
-    graphs: dict = field(default_factory=dict)  # part name ("text", "hint", "step", "decode") -> its CUDA graph
+    graphs: dict = field(default_factory=dict)  # part name ("text", "hint", "step", "decode", "loop") -> its CUDA graph
+    loop_key: tuple | None = None  # (steps, step noise or not): what graphs["loop"] was captured for
     warmed: set = field(default_factory=set)  # the parts that have run once uncaptured
     pool: tuple | None = None  # the memory pool the size's graphs share
     first_call_s: float | None = None  # host clock, device synchronised
@@ -169,7 +179,7 @@ class FastTorchBackend:
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
-                 fused_geglu: bool = True, scores_kernel: bool = True):
+                 fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -234,7 +244,9 @@ class FastTorchBackend:
         off only to measure what it buys.
         `scores_kernel`: the folded cross-attentions' weights (the scores product and each head's
         softmax) from one Triton kernel each (sdcanny/fused_scores.py) where torch (2.4+), triton and
-        the GPU (Hopper or later) allow; off only to measure what it buys."""
+        the GPU (Hopper or later) allow; off only to measure what it buys.
+        `capture_loop`: the first size's sampling loop captured whole at its second call (the
+        module's docstring says when it is replayed); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -259,6 +271,8 @@ class FastTorchBackend:
         self.norm_patches = norm_patches
         self.overlap_kernels = overlap_kernels
         self.deterministic_convolutions = deterministic_convolutions
+        self.capture_loop = capture_loop
+        self._loop_captured = False  # once per process: see the module's docstring
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
@@ -530,7 +544,26 @@ class FastTorchBackend:
                 run.text_tokens = tokens
             parts["hint"]()
 
-        return [encode, lambda: self._loop(run.buffers, parts["step"], request.has_step_noise), parts["decode"]]
+        return [encode, lambda: self._run_loop(run, parts["step"], request.has_step_noise), parts["decode"]]
+
+    def _run_loop(self, run: Run, step: Callable[[], None], step_noise: bool) -> None:
+        """The sampling loop: the loop graph replayed where it serves these steps, captured where
+        this is the first size's second call (_captures_loop), else the step part once per step."""
+        b = run.buffers
+        key = (len(b.steps), step_noise) if self.step_callback is None else None  # a callback sees every step
+        if key is not None and run.loop_key != key and self._captures_loop(run):
+            self._capture(run, "loop", lambda: self._loop(b, functools.partial(self._step, run.fns, b), step_noise))
+            run.loop_key, self._loop_captured = key, True
+        if key is not None and run.loop_key == key:
+            run.graphs["loop"].replay()
+        else:
+            self._loop(b, step, step_noise)
+
+    def _captures_loop(self, run: Run) -> bool:
+        """Whether to capture this run's loop now: its step's graph exists (so this is at least the
+        size's second call), it is the first size, and no loop has been captured in this process."""
+        return (self.capture_loop and self.cuda_graphs and not self._loop_captured and "step" in run.graphs
+                and self.runs.get(self._first_size) is run)
 
     def _new_tokens(self, run: Run, request: GenerationRequest) -> np.ndarray | None:
         """The request's tokens, [cond, uncond], or None where the run's buffers hold their text
@@ -565,14 +598,20 @@ class FastTorchBackend:
             step_row=torch.zeros(STEP_ROW, dtype=f32, device=dev),
             noise=torch.zeros(request.latent_shape, dtype=f32, device=dev))
 
-    def _fit_step_buffers(self, b: Buffers, request: GenerationRequest) -> None:
-        steps = len(request.schedule)
+    def _fit_step_buffers(self, run: Run, request: GenerationRequest) -> None:
+        """The step buffers sized for the request's step count (a new count releases the loop graph,
+        which reads the old ones) and this schedule's time rows copied in."""
+        b, steps = run.buffers, len(request.schedule)
+        time_rows = self._time_rows_of(request.schedule)
         if b.steps is None or len(b.steps) != steps:
             b.steps = torch.zeros(steps, STEP_ROW, dtype=torch.float32, device=self.device)
             b.step_noise = torch.zeros((steps, *request.latent_shape), dtype=torch.float32, device=self.device)
-        b.time_rows = self._time_rows_of(request.schedule)
+            b.time_rows = torch.empty_like(time_rows)
+            run.graphs.pop("loop", None)
+            run.loop_key = None
+        b.time_rows.copy_(time_rows)
         if b.time_row is None:
-            b.time_row = torch.zeros_like(b.time_rows[:1])
+            b.time_row = torch.zeros_like(time_rows[:1])
 
     def _time_rows_of(self, schedule) -> torch.Tensor:
         """Stages.time_rows for the schedule's timesteps, made at its first call (eager: a few
@@ -664,7 +703,7 @@ class FastTorchBackend:
 
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
-        self._fit_step_buffers(b, request)
+        self._fit_step_buffers(run, request)
         self._draw_noise(b, request)
         self._copy_inputs(b, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice

@@ -88,12 +88,14 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
     pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None,
                                           cuda_graphs=graphs, max_captured_sizes=2), TINY) for graphs in (False, True)]
     graphs_after = {"first": {"step"}, "second": {"hint", "step", "decode"}, "other prompts": set(STAGE_PARTS)}
-    for size in sizes:
+    for index, size in enumerate(sizes):
         for call, want in graphs_after.items():
             args = {**request_args, **size, **({"prompt": "a jug"} if call == "other prompts" else {})}
             (eager, _), (captured, latents) = [(pipe.process(photo(), **args), pipe.backend.last_latents.clone())
                                                for pipe in pipes]
             run = next(reversed(pipes[1].backend.runs.values()))
+            # the first size's whole loop, from its second call on, once per process (capture_loop)
+            want = want | ({"loop"} if index == 0 and call != "first" else set())
             assert set(run.graphs) == want and run.warmed == set(STAGE_PARTS), (size, call)
             torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
             assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), (size, call)
@@ -105,6 +107,33 @@ def test_gpu_graph_replay_equals_eager_at_each_size(tiny_checkpoint):
 
 
 STAGE_PARTS = ("text", "hint", "step", "decode")
+
+
+@needs_cuda
+def test_gpu_the_first_size_replays_its_whole_loop_until_its_step_count_changes(tiny_checkpoint):
+    """The first size captures its whole loop at its second call and replays it at the third; a call
+    with step noise (captured without) runs step by step beside it; another step count releases it,
+    and the first count again does not capture it again (once per process). Every result equals the
+    never-captured back-end's bit for bit."""
+    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=6,
+                guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.0, low_threshold=100, high_threshold=200)
+    pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None,
+                                          cuda_graphs=graphs), TINY) for graphs in (False, True)]
+    replays = []
+    calls = [({}, None), ({}, (6, False)), ({}, (6, False)), ({"eta": 0.4}, (6, False)), ({"ddim_steps": 4}, None),
+             ({}, None)]
+    for number, (change, loop_key) in enumerate(calls, 1):
+        (eager, _), (captured, latents) = [(pipe.process(photo(), **{**args, **change}),
+                                            pipe.backend.last_latents.clone()) for pipe in pipes]
+        run = next(iter(pipes[1].backend.runs.values()))
+        assert run.loop_key == loop_key and ("loop" in run.graphs) == (loop_key is not None), number
+        if number == 2:  # count the replays from here on
+            graph = run.graphs["loop"]
+            replay = graph.replay
+            graph.replay = lambda: replays.append(number) or replay()
+        torch.testing.assert_close(latents, pipes[0].backend.last_latents, rtol=0, atol=0)
+        assert all(np.array_equal(a, b) for a, b in zip(eager, captured)), number
+    assert replays == [3]  # the call with step noise and the later ones ran step by step
 
 
 def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
