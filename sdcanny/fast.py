@@ -31,13 +31,18 @@ in-process form's one size. cuDNN times its convolution algorithms for the first
 candidate (seconds per size at large sizes), unless `tune_new_sizes`. Graphs are kept for the
 `max_captured_sizes` most recently used sizes.
 
-The first size (initialize()'s) also captures its whole sampling loop, every step with the copies
-of its rows, as a fifth graph ("loop") at its second call, once per process (`capture_loop`): 20
-replays of the step's graph, each launched after two copies, took about 1 ms more a graded call
-than one graph of them all (H100). Capturing 20 steps takes about 20 times one step's capture, too
-long for a request at a new size, so the other sizes replay the step's graph per step; so does the
-first size at another step count (which releases its loop graph) or with step noise where it was
-captured without (or the reverse).
+The first size (initialize()'s) also captures its sampling loop after the first step, every step
+with the copies of its rows, as a fifth graph ("loop") at its second call, once per process
+(`capture_loop`): 20 replays of the step's graph, each launched after two copies, took about 1 ms
+more a graded call than one graph of them all (H100). Capturing 20 steps takes about 20 times one
+step's capture, too long for a request at a new size, so the other sizes replay the step's graph per
+step; so does the first size at another step count (which releases its loop graph) or with step
+noise where it was captured without (or the reverse).
+
+A request's host work is ordered so that the GPU waits for it as little as possible: the canny map
+goes up first and the hint (and text) part is launched before the noise is drawn and the other
+inputs go up; host-to-device copies are from pinned memory and do not wait; the images and the
+finiteness flag come back in one wait.
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -315,7 +320,7 @@ class FastTorchBackend:
         self.last_latents: torch.Tensor | None = None
         self.last_finite: bool | None = None  # whether last_latents are all finite (the decode stage's check)
         self.last_form: str | None = None
-        self._time_rows: OrderedDict = OrderedDict()  # schedule -> Stages.time_rows of its timesteps
+        self._schedule_rows: OrderedDict = OrderedDict()  # schedule -> (step_table, Stages.time_rows) on the device
 
     def _kernel_usable(self, wanted: bool, unavailable_reason: Callable) -> bool:
         """Whether a kernel option that is `wanted` can be on here; on a GPU that cannot take it,
@@ -484,8 +489,12 @@ class FastTorchBackend:
         else:
             b.hint_features.copy_(features)
 
-    def _loop(self, b: Buffers, step: Callable[[], None], step_noise: bool) -> None:
-        for n, i in enumerate(reversed(range(len(b.steps)))):
+    def _loop(self, b: Buffers, step: Callable[[], None], step_noise: bool, positions: range | None = None) -> None:
+        """The steps at `positions` in sampling order (0, the noisiest, first; default all), each
+        after copying its rows in."""
+        order = list(reversed(range(len(b.steps))))  # the schedule's indices, noisiest first
+        for n in range(len(order)) if positions is None else positions:
+            i = order[n]
             b.step_row.copy_(b.steps[i])
             b.time_row.copy_(b.time_rows[i:i + 1])
             if step_noise:  # else b.noise holds zeros (_draw_noise)
@@ -544,17 +553,30 @@ class FastTorchBackend:
                 run.text_tokens = tokens
             parts["hint"]()
 
-        return [encode, lambda: self._run_loop(run, parts["step"], request.has_step_noise), parts["decode"]]
+        def loop():
+            # the loop's own inputs, made while the GPU runs the hint (and text) part
+            self._draw_noise(run.buffers, request)
+            self._copy_step_inputs(run.buffers, request)
+            self._run_loop(run, parts["step"], request.has_step_noise)
+
+        return [encode, loop, parts["decode"]]
 
     def _run_loop(self, run: Run, step: Callable[[], None], step_noise: bool) -> None:
-        """The sampling loop: the loop graph replayed where it serves these steps, captured where
-        this is the first size's second call (_captures_loop), else the step part once per step."""
+        """The sampling loop: the first step through the step part, then the loop graph (every
+        later step) where it serves these steps, captured where this is the first size's second call
+        (_captures_loop); else the step part once per step. The first step goes alone because
+        launching the loop graph takes the host about 0.8 ms (H100 machine), which the GPU spends on
+        the first step instead of waiting."""
         b = run.buffers
-        key = (len(b.steps), step_noise) if self.step_callback is None else None  # a callback sees every step
+        steps = len(b.steps)
+        key = (steps, step_noise) if self.step_callback is None else None  # a callback sees every step
         if key is not None and run.loop_key != key and self._captures_loop(run):
-            self._capture(run, "loop", lambda: self._loop(b, functools.partial(self._step, run.fns, b), step_noise))
+            later = functools.partial(self._loop, b, functools.partial(self._step, run.fns, b), step_noise,
+                                      range(1, steps))
+            self._capture(run, "loop", later)
             run.loop_key, self._loop_captured = key, True
         if key is not None and run.loop_key == key:
+            self._loop(b, step, step_noise, range(1))
             run.graphs["loop"].replay()
         else:
             self._loop(b, step, step_noise)
@@ -563,7 +585,7 @@ class FastTorchBackend:
         """Whether to capture this run's loop now: its step's graph exists (so this is at least the
         size's second call), it is the first size, and no loop has been captured in this process."""
         return (self.capture_loop and self.cuda_graphs and not self._loop_captured and "step" in run.graphs
-                and self.runs.get(self._first_size) is run)
+                and len(run.buffers.steps) > 1 and self.runs.get(self._first_size) is run)
 
     def _new_tokens(self, run: Run, request: GenerationRequest) -> np.ndarray | None:
         """The request's tokens, [cond, uncond], or None where the run's buffers hold their text
@@ -600,30 +622,31 @@ class FastTorchBackend:
 
     def _fit_step_buffers(self, run: Run, request: GenerationRequest) -> None:
         """The step buffers sized for the request's step count (a new count releases the loop graph,
-        which reads the old ones) and this schedule's time rows copied in."""
+        which reads the old ones) and this schedule's rows copied in, device to device."""
         b, steps = run.buffers, len(request.schedule)
-        time_rows = self._time_rows_of(request.schedule)
+        table, time_rows = self._rows_of(request.schedule)
         if b.steps is None or len(b.steps) != steps:
             b.steps = torch.zeros(steps, STEP_ROW, dtype=torch.float32, device=self.device)
             b.step_noise = torch.zeros((steps, *request.latent_shape), dtype=torch.float32, device=self.device)
             b.time_rows = torch.empty_like(time_rows)
             run.graphs.pop("loop", None)
             run.loop_key = None
+        b.steps.copy_(table)
         b.time_rows.copy_(time_rows)
         if b.time_row is None:
             b.time_row = torch.zeros_like(time_rows[:1])
 
-    def _time_rows_of(self, schedule) -> torch.Tensor:
-        """Stages.time_rows for the schedule's timesteps, made at its first call (eager: a few
-        small kernels) and kept for the last 16 schedules."""
-        rows = self._time_rows.pop(schedule, None)
+    def _rows_of(self, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The schedule's step_table and Stages.time_rows of its timesteps on the device, made at its
+        first call (eager: a copy and a few small kernels) and kept for the last 16 schedules."""
+        rows = self._schedule_rows.pop(schedule, None)
         if rows is None:
-            timesteps = step_table(schedule)[:, 0].to(self.device)
+            table = step_table(schedule).to(self.device)
             with torch.no_grad():
-                rows = self.stages.time_rows(timesteps)
-        self._time_rows[schedule] = rows
-        while len(self._time_rows) > 16:
-            self._time_rows.popitem(last=False)
+                rows = table, self.stages.time_rows(table[:, 0])
+        self._schedule_rows[schedule] = rows
+        while len(self._schedule_rows) > 16:
+            self._schedule_rows.popitem(last=False)
         return rows
 
     def _draw_noise(self, b: Buffers, request: GenerationRequest) -> None:
@@ -633,14 +656,37 @@ class FastTorchBackend:
         else:  # sigma is 0 then, so any finite noise would do; zeros say so, and no step copies them
             b.noise.zero_()
 
-    def _copy_inputs(self, b: Buffers, request: GenerationRequest) -> None:
-        """Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op
-        on a 16-core host); each buffer then takes one host-to-device copy, with no dtype change."""
-        b.edges.copy_(torch.from_numpy(np.repeat(request.edges[None, None], request.num_samples, axis=0)))
+    # Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op on a
+    # 16-core host); each buffer then takes one host-to-device copy, with no dtype change.
+
+    def _copy_edges(self, b: Buffers, request: GenerationRequest) -> None:
+        """The canny map, one row per sample: what the hint part reads, so it goes up first."""
+        b.edges.copy_(self._pinned(np.repeat(request.edges[None, None], request.num_samples, axis=0)),
+                      non_blocking=True)
+
+    def _copy_step_inputs(self, b: Buffers, request: GenerationRequest) -> None:
+        """The control scales and the guidance scale, which only the steps read."""
         rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
-        b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)))
+        b.control_scales.copy_(self._pinned(np.repeat(rows, request.num_samples, axis=0)), non_blocking=True)
         b.guidance.fill_(request.guidance_scale)
-        b.steps.copy_(step_table(request.schedule))
+
+    def _pinned(self, array: np.ndarray) -> torch.Tensor:
+        """`array` as a tensor to copy to the device without a wait: in pinned memory on a GPU
+        (torch's pinned-memory cache keeps it until the copy is done)."""
+        tensor = torch.from_numpy(array)
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def _outputs_to_host(self, b: Buffers) -> tuple[np.ndarray, bool]:
+        """The images and whether the latents are all finite, after one wait for the GPU: both copied
+        into pinned memory, where each was a wait of its own (0.08 ms for the flag, H100 host)."""
+        if self.device.type != "cuda":
+            return b.images.numpy(), bool(b.finite)
+        images = torch.empty(b.images.shape, dtype=b.images.dtype, pin_memory=True)
+        finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+        images.copy_(b.images, non_blocking=True)
+        finite.copy_(b.finite, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return images.numpy(), bool(finite)
 
     def _conv_algorithms(self, run: Run):
         """cuDNN times its convolution algorithms for the run's size (once, then cached for the
@@ -697,15 +743,13 @@ class FastTorchBackend:
                 self.startup["first size first call"] = run.first_call_s
         self.last_latents = b.x
         self.last_form = run.form
-        images = b.images.cpu().numpy()
-        self.last_finite = bool(b.finite)  # the GPU is done: no wait
+        images, self.last_finite = self._outputs_to_host(b)
         return images
 
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
         self._fit_step_buffers(run, request)
-        self._draw_noise(b, request)
-        self._copy_inputs(b, request)
+        self._copy_edges(b, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
             self._run_stages(self._stage_calls(run, request))
 
