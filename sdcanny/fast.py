@@ -41,8 +41,8 @@ noise where it was captured without (or the reverse).
 
 A request's host work is ordered so that the GPU waits for it as little as possible: the canny map
 goes up first and the hint (and text) part is launched before the noise is drawn and the other
-inputs go up; host-to-device copies are from pinned memory and do not wait; the images and the
-finiteness flag come back in one wait.
+inputs go up; no host-to-device copy waits for the GPU; the images and the finiteness flag come
+back in one wait.
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -112,6 +112,8 @@ class Buffers:
     step_noise: torch.Tensor | None = None  # fp32 (S, N, 4, h, w); read only where eta > 0
     images: torch.Tensor | None = None  # uint8 (N, H, W, 3), written by decode
     finite: torch.Tensor | None = None  # bool scalar, written by decode: whether x is all finite
+    host_images: torch.Tensor | None = None  # pinned copies of images and finite (on a GPU)
+    host_finite: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,6 +125,7 @@ class Run:
     tune_convs: bool  # cuDNN times its convolution algorithms for this size (else its heuristics choose)
     graphs: dict = field(default_factory=dict)  # part name ("text", "hint", "step", "decode", "loop") -> its CUDA graph
     loop_key: tuple | None = None  # (steps, step noise or not): what graphs["loop"] was captured for
+    schedule: object | None = None  # the DDIM schedule whose rows buffers.steps and .time_rows hold
     warmed: set = field(default_factory=set)  # the parts that have run once uncaptured
     pool: tuple | None = None  # the memory pool the size's graphs share
     first_call_s: float | None = None  # host clock, device synchronised
@@ -622,8 +625,11 @@ class FastTorchBackend:
 
     def _fit_step_buffers(self, run: Run, request: GenerationRequest) -> None:
         """The step buffers sized for the request's step count (a new count releases the loop graph,
-        which reads the old ones) and this schedule's rows copied in, device to device."""
+        which reads the old ones) and this schedule's rows copied in, device to device, where they
+        hold another's (make_schedule gives a repeated schedule as the same object)."""
         b, steps = run.buffers, len(request.schedule)
+        if run.schedule is request.schedule:
+            return
         table, time_rows = self._rows_of(request.schedule)
         if b.steps is None or len(b.steps) != steps:
             b.steps = torch.zeros(steps, STEP_ROW, dtype=torch.float32, device=self.device)
@@ -633,6 +639,7 @@ class FastTorchBackend:
             run.loop_key = None
         b.steps.copy_(table)
         b.time_rows.copy_(time_rows)
+        run.schedule = request.schedule
         if b.time_row is None:
             b.time_row = torch.zeros_like(time_rows[:1])
 
@@ -659,34 +666,33 @@ class FastTorchBackend:
     # Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op on a
     # 16-core host); each buffer then takes one host-to-device copy, with no dtype change.
 
+    # non_blocking: from pageable memory the driver stages the bytes before the call returns, and
+    # the copy does not wait for the work queued ahead of it (the hint part, for the step inputs)
+
     def _copy_edges(self, b: Buffers, request: GenerationRequest) -> None:
         """The canny map, one row per sample: what the hint part reads, so it goes up first."""
-        b.edges.copy_(self._pinned(np.repeat(request.edges[None, None], request.num_samples, axis=0)),
-                      non_blocking=True)
+        edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
+        b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
 
     def _copy_step_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """The control scales and the guidance scale, which only the steps read."""
         rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
-        b.control_scales.copy_(self._pinned(np.repeat(rows, request.num_samples, axis=0)), non_blocking=True)
+        b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)), non_blocking=True)
         b.guidance.fill_(request.guidance_scale)
 
-    def _pinned(self, array: np.ndarray) -> torch.Tensor:
-        """`array` as a tensor to copy to the device without a wait: in pinned memory on a GPU
-        (torch's pinned-memory cache keeps it until the copy is done)."""
-        tensor = torch.from_numpy(array)
-        return tensor.pin_memory() if self.device.type == "cuda" else tensor
-
     def _outputs_to_host(self, b: Buffers) -> tuple[np.ndarray, bool]:
-        """The images and whether the latents are all finite, after one wait for the GPU: both copied
-        into pinned memory, where each was a wait of its own (0.08 ms for the flag, H100 host)."""
+        """The images (a copy the caller owns) and whether the latents are all finite, after one wait
+        for the GPU: on a GPU both go into the size's pinned buffers, where each had been a wait of
+        its own (0.08 ms for the flag on the H100 host)."""
         if self.device.type != "cuda":
             return b.images.numpy(), bool(b.finite)
-        images = torch.empty(b.images.shape, dtype=b.images.dtype, pin_memory=True)
-        finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-        images.copy_(b.images, non_blocking=True)
-        finite.copy_(b.finite, non_blocking=True)
+        if b.host_images is None:
+            b.host_images = torch.empty(b.images.shape, dtype=b.images.dtype, pin_memory=True)
+            b.host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+        b.host_images.copy_(b.images, non_blocking=True)
+        b.host_finite.copy_(b.finite, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return images.numpy(), bool(finite)
+        return b.host_images.numpy().copy(), bool(b.host_finite)
 
     def _conv_algorithms(self, run: Run):
         """cuDNN times its convolution algorithms for the run's size (once, then cached for the
