@@ -31,13 +31,13 @@ in-process form's one size. cuDNN times its convolution algorithms for the first
 candidate (seconds per size at large sizes), unless `tune_new_sizes`. Graphs are kept for the
 `max_captured_sizes` most recently used sizes.
 
-The first size (initialize()'s) also captures its sampling loop after the first step, every step
-with the copies of its rows, as a fifth graph ("loop") at its second call, once per process
-(`capture_loop`): 20 replays of the step's graph, each launched after two copies, took about 1 ms
-more a graded call than one graph of them all (H100). Capturing 20 steps takes about 20 times one
-step's capture, too long for a request at a new size, so the other sizes replay the step's graph per
-step; so does the first size at another step count (which releases its loop graph) or with step
-noise where it was captured without (or the reverse).
+The first size (initialize()'s) also captures its whole sampling loop, every step with the copies
+of its rows, as a fifth graph ("loop") at its second call, once per process (`capture_loop`): 20
+replays of the step's graph, each launched after two copies, took about 1 ms more a graded call
+than one graph of them all (H100). Capturing 20 steps takes about 20 times one step's capture, too
+long for a request at a new size, so the other sizes replay the step's graph per step; so does the
+first size at another step count (which releases its loop graph) or with step noise where it was
+captured without (or the reverse).
 
 A request's host work is ordered so that the GPU waits for it as little as possible: the canny map
 goes up first and the hint (and text) part is launched before the noise is drawn and the other
@@ -492,12 +492,8 @@ class FastTorchBackend:
         else:
             b.hint_features.copy_(features)
 
-    def _loop(self, b: Buffers, step: Callable[[], None], step_noise: bool, positions: range | None = None) -> None:
-        """The steps at `positions` in sampling order (0, the noisiest, first; default all), each
-        after copying its rows in."""
-        order = list(reversed(range(len(b.steps))))  # the schedule's indices, noisiest first
-        for n in range(len(order)) if positions is None else positions:
-            i = order[n]
+    def _loop(self, b: Buffers, step: Callable[[], None], step_noise: bool) -> None:
+        for n, i in enumerate(reversed(range(len(b.steps)))):
             b.step_row.copy_(b.steps[i])
             b.time_row.copy_(b.time_rows[i:i + 1])
             if step_noise:  # else b.noise holds zeros (_draw_noise)
@@ -565,21 +561,16 @@ class FastTorchBackend:
         return [encode, loop, parts["decode"]]
 
     def _run_loop(self, run: Run, step: Callable[[], None], step_noise: bool) -> None:
-        """The sampling loop: the first step through the step part, then the loop graph (every
-        later step) where it serves these steps, captured where this is the first size's second call
-        (_captures_loop); else the step part once per step. The first step goes alone because
-        launching the loop graph takes the host about 0.8 ms (H100 machine), which the GPU spends on
-        the first step instead of waiting."""
+        """The sampling loop: the loop graph replayed where it serves these steps, captured where
+        this is the first size's second call (_captures_loop), else the step part once per step.
+        (The loop graph's launch takes the host about 0.8 ms on the H100 machine; running the first
+        step through the step part ahead of a loop graph of the others was 0.18 ms slower a call.)"""
         b = run.buffers
-        steps = len(b.steps)
-        key = (steps, step_noise) if self.step_callback is None else None  # a callback sees every step
+        key = (len(b.steps), step_noise) if self.step_callback is None else None  # a callback sees every step
         if key is not None and run.loop_key != key and self._captures_loop(run):
-            later = functools.partial(self._loop, b, functools.partial(self._step, run.fns, b), step_noise,
-                                      range(1, steps))
-            self._capture(run, "loop", later)
+            self._capture(run, "loop", lambda: self._loop(b, functools.partial(self._step, run.fns, b), step_noise))
             run.loop_key, self._loop_captured = key, True
         if key is not None and run.loop_key == key:
-            self._loop(b, step, step_noise, range(1))
             run.graphs["loop"].replay()
         else:
             self._loop(b, step, step_noise)
@@ -588,7 +579,7 @@ class FastTorchBackend:
         """Whether to capture this run's loop now: its step's graph exists (so this is at least the
         size's second call), it is the first size, and no loop has been captured in this process."""
         return (self.capture_loop and self.cuda_graphs and not self._loop_captured and "step" in run.graphs
-                and len(run.buffers.steps) > 1 and self.runs.get(self._first_size) is run)
+                and self.runs.get(self._first_size) is run)
 
     def _new_tokens(self, run: Run, request: GenerationRequest) -> np.ndarray | None:
         """The request's tokens, [cond, uncond], or None where the run's buffers hold their text
@@ -664,10 +655,9 @@ class FastTorchBackend:
             b.noise.zero_()
 
     # Host-side work in numpy (torch's CPU kernels wake every intra-op thread: ~1 ms per tiny op on a
-    # 16-core host); each buffer then takes one host-to-device copy, with no dtype change.
-
-    # non_blocking: from pageable memory the driver stages the bytes before the call returns, and
-    # the copy does not wait for the work queued ahead of it (the hint part, for the step inputs)
+    # 16-core host); each buffer then takes one host-to-device copy, with no dtype change. They are
+    # non_blocking: from pageable memory the driver stages the bytes before the call returns, and the
+    # copy does not wait for the work queued ahead of it (the hint part, for the step inputs).
 
     def _copy_edges(self, b: Buffers, request: GenerationRequest) -> None:
         """The canny map, one row per sample: what the hint part reads, so it goes up first."""
