@@ -96,9 +96,10 @@ class Backend(Protocol):
 def seed_everything(seed: int) -> None:
     """pytorch_lightning.seed_everything, as the original calls it: Python's, numpy's and torch's
     generators, the CPU's and every CUDA device's. Where those are all the generators this process
-    has, they are seeded directly: torch.manual_seed (torch 2.3 and later) also queues a seed for
-    each accelerator kind torch knows of (XPU, MTIA) even where there is none, with a stack trace
-    each, which took about 0.5 ms a call on the H100 host (docs/benchmarks.md)."""
+    has, they are seeded directly: a recent torch.manual_seed (2.11 on the H100 machine, 2.13 in CI)
+    also queues a seed for each accelerator kind torch knows of (XPU, MTIA) even where there is
+    none, with a stack trace each, which took about 0.5 ms a call on the H100 host
+    (docs/benchmarks.md)."""
     random.seed(seed)
     np.random.seed(seed)
     if other_generators():
@@ -114,10 +115,10 @@ def other_generators() -> bool:
     """Whether torch.manual_seed has generators to seed besides the CPU's and CUDA's: an MPS, XPU
     or MTIA device, or a custom device back-end with a seed function (asked once per process)."""
     checks = [torch.backends.mps.is_available] + [getattr(getattr(torch, kind, None), "is_available", None)
-                                                  for kind in ("xpu", "mtia")]  # torch 2.3 and later
+                                                  for kind in ("xpu", "mtia")]  # where this torch has them
     if any(check is not None and check() for check in checks):
         return True
-    backend_name = getattr(torch._C, "_get_privateuse1_backend_name", None)  # torch 2.1 and later
+    backend_name = getattr(torch._C, "_get_privateuse1_backend_name", None)  # absent from older torch
     custom = getattr(torch, backend_name(), None) if backend_name is not None else None
     return hasattr(custom, "manual_seed_all")
 
