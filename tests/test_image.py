@@ -29,6 +29,12 @@ def test_halving_with_area_interpolation_is_the_2x2_block_mean():
 def test_scale_one_keeps_the_image_and_enlarging_uses_lanczos():
     img = photo("coffee")[:256, :384]
     assert np.array_equal(resize_image(img, 256), img)
+    # 260 enlarges (Lanczos) but rounds back to 256x384: cv2.resize gives the same pixels then, and
+    # resize_image hands back the image itself
+    for resolution in (256, 260):
+        assert resize_image(img, resolution) is img
+        interpolation = cv2.INTER_LANCZOS4 if resolution > 256 else cv2.INTER_AREA
+        assert np.array_equal(cv2.resize(img, (384, 256), interpolation=interpolation), img)
     small = img[:128, :192]
     up = resize_image(small, 256)
     assert np.array_equal(up, cv2.resize(small, (384, 256), interpolation=cv2.INTER_LANCZOS4))
