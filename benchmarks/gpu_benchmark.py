@@ -77,7 +77,8 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # with the folded feed-forward input from cuBLAS's product and TorchInductor's GEGLU (what fused_geglu saves),
 # "inductor-softmax" "jit" with the folded cross-attentions' weights from cuBLAS's product and TorchInductor's
 # softmax (what scores_kernel saves), "step-replays" "jit" and "compiled-step-replays" "compiled" with the
-# graded loop as 20 replays of the step's graph (what capture_loop saves)
+# graded loop as 20 replays of the step's graph (what capture_loop saves), "vae-bias-apart" "jit" with each VAE
+# ResBlock's first convolution adding its own bias (what vae_conv_bias_in_norm saves)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -104,14 +105,15 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "inductor-geglu": {"compile": "default", "fused_geglu": False},
             "inductor-softmax": {"compile": "default", "scores_kernel": False},
             "step-replays": {"compile": "default", "capture_loop": False},
-            "compiled-step-replays": {"compile": "default", "capture_loop": False}}
+            "compiled-step-replays": {"compile": "default", "capture_loop": False},
+            "vae-bias-apart": {"compile": "default", "vae_conv_bias_in_norm": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
                        "gathered-patches", "serial-kernels",
                        "attention-1536", "any-convs", "inductor-vae-norm",
                        "unpadded-outputs", "fp16-patches", "inductor-geglu",
-                       "inductor-softmax", "step-replays")  # run with an engine directory that holds no programs
+                       "inductor-softmax", "step-replays", "vae-bias-apart")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

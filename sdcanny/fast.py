@@ -187,7 +187,8 @@ class FastTorchBackend:
                  attention_kernel_keys: int = fused_attention.KERNEL_KEYS, patch_product_rows: int = PATCH_PRODUCT_ROWS,
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
-                 fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True):
+                 fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
+                 vae_conv_bias_in_norm: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -254,7 +255,10 @@ class FastTorchBackend:
         softmax) from one Triton kernel each (sdcanny/fused_scores.py) where torch (2.4+), triton and
         the GPU (Hopper or later) allow; off only to measure what it buys.
         `capture_loop`: the first size's sampling loop captured whole at its second call (the
-        module's docstring says when it is replayed); off only to measure what it buys."""
+        module's docstring says when it is replayed); off only to measure what it buys.
+        `vae_conv_bias_in_norm`: where `vae_group_norm` is on, each VAE ResBlock's first convolution
+        runs without its bias and the op of the norm after it adds the bias
+        (fused_norm.conv_biases_in_norms); off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -285,6 +289,7 @@ class FastTorchBackend:
         self.notes: list[str] = []  # one line each, printed by initialize()
         self.fused_group_norm = self._kernel_usable(fused_group_norm, fused_norm.unavailable_reason)
         self.vae_group_norm = vae_group_norm and self.fused_group_norm
+        self.vae_conv_bias_in_norm = vae_conv_bias_in_norm and self.vae_group_norm
         self.pad_output_channels = pad_output_channels
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
         self.fp8_patch_products = self._kernel_usable(
@@ -357,7 +362,7 @@ class FastTorchBackend:
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
                     "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
-                    "scores_kernel": self.scores_kernel}
+                    "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -445,6 +450,8 @@ class FastTorchBackend:
                     use_fp8_patch_products(net, self.patch_product_rows)
             if self.vae_group_norm:
                 fused_norm.use_fused_group_norm(nets.vae, overlap=self.overlap_kernels, tiles=True)
+                if self.vae_conv_bias_in_norm:
+                    fused_norm.conv_biases_in_norms(nets.vae)
         if self.attention_kernel:
             for net in (nets.controlnet, nets.unet):
                 fused_attention.use_fused_attention(net, self.attention_kernel_keys, self.overlap_kernels)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import compat, fp8
-from .networks import GroupNorm, group_norm_act_torch, patch_terms
+from .networks import GroupNorm, VAEResnetBlock, group_norm_act_torch, patch_terms
 
 
 
@@ -31,8 +31,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
                    silu: bool, patches: bool = False, overlap: bool = False, tiles: bool = False,
                    term_scale: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
-    add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given, in x's
-    dtype; with `patches`, its 3x3 patches (networks.patch_matrix), and with a `term_scale` (an
+    add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given (or
+    add_bias alone: a convolution's bias), in x's dtype; with `patches`, its 3x3 patches (networks.patch_matrix), and with a `term_scale` (an
     fp32 scalar at least the output's largest magnitude / 448) those as the rows of their two
     e4m3 terms (fp8.two_terms; the kernel makes them from its fp32 values). With an `x_scale` (C,),
     x is an fp8 product's halves, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), read as fp8.sum_halves
@@ -55,11 +55,8 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
 def check_addends(x: torch.Tensor, add: Optional[torch.Tensor], add_column: int,
                   add_bias: Optional[torch.Tensor], halves: bool = False) -> None:
     batch, channels = x.shape[0], x.shape[1] // (2 if halves else 1)
-    if add is None:
-        if add_bias is not None:
-            raise ValueError("add_bias is added to the addend's columns: it needs an addend")
-        return
-    if add.dim() != 2 or add.shape[0] not in (1, batch) or not 0 <= add_column <= add.shape[1] - channels:
+    if add is not None and (add.dim() != 2 or add.shape[0] not in (1, batch)
+                            or not 0 <= add_column <= add.shape[1] - channels):
         raise ValueError(f"the addend must have {batch} rows or 1 and {channels} columns from column "
                          f"{add_column}, got {tuple(add.shape)}")
     if add_bias is not None and tuple(add_bias.shape) != (channels,):
@@ -103,7 +100,7 @@ def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = T
     op; returns how many. `patches`: where a ResBlock's convolution is a patch product, the op
     writes its patches (networks.norm_conv3x3). `overlap`: the kernel launched with programmatic
     dependent launch where the GPU and triton have it. `tiles`: through the tiled kernels (the VAE
-    decoder's, whose groups are large and whose norms take no addend)."""
+    decoder's, whose groups are large and whose norms take no addend but a convolution's bias)."""
     register_op()
     norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
     for norm in norms:
@@ -112,3 +109,15 @@ def use_fused_group_norm(net: nn.Module, patches: bool = True, overlap: bool = T
         norm.overlap = overlap
         norm.tiled = tiles
     return len(norms)
+
+
+def conv_biases_in_norms(net: nn.Module) -> int:
+    """Each VAE ResBlock of `net` whose second norm goes through the op adds its first convolution's
+    bias in that op (VAEResnetBlock.conv1_bias_in_norm): TorchInductor adds a CUDA convolution's
+    bias in an element-wise kernel of its own, which reads and writes the whole output (about 30 µs
+    at 256x384 on the H100, docs/benchmarks.md), where the op reads one number a channel. Returns
+    how many blocks."""
+    blocks = [m for m in net.modules() if isinstance(m, VAEResnetBlock) and m.norm2.fused]
+    for block in blocks:
+        block.conv1_bias_in_norm = True
+    return len(blocks)

@@ -59,7 +59,8 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_c
                      HAS_ADD: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, HALVES: tl.constexpr, BLOCK: tl.constexpr):
     """Elements start..start+BLOCK of one group in memory order (channels innermost for a
     channels-last tensor, pixels for a contiguous one), as fp32 with the addend (plus the
-    per-channel add_bias) added in the activation's dtype, as `h + t.to(h.dtype)` in the network.
+    per-channel add_bias; or add_bias alone) added in the activation's dtype, as `h + t.to(h.dtype)`
+    in the network.
     With HALVES, x is an fp8 product's halves (fp8.two_term_halves as an image: the channel's lo half `channels`
     channels on), each value the hi half plus 2^-4 the lo, times x_scale per channel, in fp32."""
     index = start + tl.arange(0, BLOCK)
@@ -78,6 +79,8 @@ def load_group_block(x_base, add_ptr, add_bias_ptr, x_scale_ptr, sample, first_c
         if HAS_ADD_BIAS:
             addend += tl.load(add_bias_ptr + first_channel + channel, mask=mask, other=0.0).to(value.dtype)
         value = value + addend
+    elif HAS_ADD_BIAS:
+        value = value + tl.load(add_bias_ptr + first_channel + channel, mask=mask, other=0.0).to(value.dtype)
     return value.to(tl.float32), pixel, channel, mask
 
 
@@ -193,19 +196,30 @@ def group_norm_kernel(x_ptr, add_ptr, add_bias_ptr, x_scale_ptr, weight_ptr, bia
 
 
 @triton.jit
-def load_rows(x_base, first_pixel, pixels, sx_p, CHANNELS: tl.constexpr, ROWS: tl.constexpr):
+def with_bias(value, bias_ptr, channel, HAS_BIAS: tl.constexpr):
+    """value (x's dtype) plus the per-channel bias where HAS_BIAS, summed in fp32 and rounded to x's
+    dtype, as TorchInductor adds a convolution's bias to its output; as fp32."""
+    if HAS_BIAS:
+        value = (value.to(tl.float32) + tl.load(bias_ptr + channel).to(tl.float32)).to(value.dtype)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def load_rows(x_base, bias_ptr, first_pixel, pixels, sx_p, CHANNELS: tl.constexpr, ROWS: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
     """ROWS channels-last pixel rows from first_pixel (those past the image masked), every channel,
-    as a (pixel, channel) block of fp32: each row one contiguous read."""
+    as a (pixel, channel) block of fp32 (with_bias): each row one contiguous read."""
     pixel = first_pixel + tl.arange(0, ROWS)[:, None]
     channel = tl.arange(0, CHANNELS)[None, :]
     mask = (pixel < pixels) & (channel < CHANNELS)
     value = tl.load(x_base + pixel * sx_p + channel, mask=mask, other=0.0)
-    return value.to(tl.float32), pixel, channel, mask
+    return with_bias(value, bias_ptr, channel, HAS_BIAS), pixel, channel, mask
 
 
 @triton.jit
-def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr,
-                     ROWS: tl.constexpr, LOADS: tl.constexpr, OVERLAP: tl.constexpr):
+def tile_sums_kernel(x_ptr, add_bias_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr,
+                     GROUP_CHANNELS: tl.constexpr, ROWS: tl.constexpr, LOADS: tl.constexpr, HAS_ADD_BIAS: tl.constexpr,
+                     OVERLAP: tl.constexpr):
     """Per tile (LOADS x ROWS pixels) and group: the sum and the sum of squares about the group's
     shift, into sums (N, tiles, GROUPS, 2). The loads are unrolled and summed element-wise; the
     block is reduced to its groups once, at the end."""
@@ -217,11 +231,13 @@ def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, 
     channel = tl.arange(0, channels)
     # each channel's group's first value (pixel 0, the group's first channel): the sums are taken
     # about it, so that a mean far from zero does not cancel the variance away
-    shift = tl.load(x_base + (channel // GROUP_CHANNELS) * GROUP_CHANNELS).to(tl.float32)[None, :]
+    first = (channel // GROUP_CHANNELS) * GROUP_CHANNELS
+    shift = with_bias(tl.load(x_base + first), add_bias_ptr, first, HAS_ADD_BIAS)[None, :]
     sum1 = tl.zeros([ROWS, channels], dtype=tl.float32)
     sum2 = tl.zeros([ROWS, channels], dtype=tl.float32)
     for load in tl.static_range(LOADS):
-        value, _, _, mask = load_rows(x_base, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, ROWS)
+        value, _, _, mask = load_rows(x_base, add_bias_ptr, (tile * LOADS + load) * ROWS, pixels, sx_p, channels, ROWS,
+                                      HAS_ADD_BIAS)
         centred = tl.where(mask, value - shift, 0.0)
         sum1 += centred
         sum2 += centred * centred
@@ -233,8 +249,9 @@ def tile_sums_kernel(x_ptr, sums_ptr, pixels, sx_n, sx_p, GROUPS: tl.constexpr, 
 
 
 @triton.jit
-def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROUPS: tl.constexpr,
-                      GROUP_CHANNELS: tl.constexpr, TILE_BLOCK: tl.constexpr, OVERLAP: tl.constexpr):
+def tile_stats_kernel(x_ptr, add_bias_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROUPS: tl.constexpr,
+                      GROUP_CHANNELS: tl.constexpr, TILE_BLOCK: tl.constexpr, HAS_ADD_BIAS: tl.constexpr,
+                      OVERLAP: tl.constexpr):
     """One group's tile sums (TILE_BLOCK >= tiles, in one load) added up into its mean and 1 / std,
     into stats (N, GROUPS, 2): a program a group, so that no single program reads every sum (one
     program for all 32 groups took 22 µs, the sums kernel 4-13; docs/benchmarks.md)."""
@@ -251,16 +268,17 @@ def tile_stats_kernel(x_ptr, sums_ptr, stats_ptr, tiles, pixels, sx_n, eps, GROU
     mean_shifted = sum1 / count
     variance = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
     x_base = x_ptr + sample.to(tl.int64) * sx_n
-    mean = mean_shifted + tl.load(x_base + group * GROUP_CHANNELS).to(tl.float32)  # the group's shift
+    first = group * GROUP_CHANNELS
+    mean = mean_shifted + with_bias(tl.load(x_base + first), add_bias_ptr, first, HAS_ADD_BIAS)  # the group's shift
     out = stats_ptr + (sample * GROUPS + group) * 2
     tl.store(out, mean)
     tl.store(out + 1, 1.0 / tl.sqrt(variance + eps))
 
 
 @triton.jit
-def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sy_n, sy_p,
-                          GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr,
-                          OVERLAP: tl.constexpr):
+def tile_normalize_kernel(x_ptr, add_bias_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels, sx_n, sx_p, sy_n,
+                          sy_p, GROUPS: tl.constexpr, GROUP_CHANNELS: tl.constexpr, ROWS: tl.constexpr,
+                          SILU: tl.constexpr, HAS_ADD_BIAS: tl.constexpr, OVERLAP: tl.constexpr):
     """ROWS pixel rows normalised with their groups' statistics, scaled, shifted, SiLU'd."""
     block, sample = tl.program_id(0), tl.program_id(1)
     if OVERLAP:
@@ -271,8 +289,8 @@ def tile_normalize_kernel(x_ptr, stats_ptr, weight_ptr, bias_ptr, y_ptr, pixels,
     mean = tl.load(stats)
     scale = tl.load(stats + 1) * tl.load(weight_ptr + channel).to(tl.float32)
     bias = tl.load(bias_ptr + channel).to(tl.float32)
-    value, pixel, channel, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, block * ROWS, pixels, sx_p, channels,
-                                            ROWS)
+    value, pixel, channel, mask = load_rows(x_ptr + sample.to(tl.int64) * sx_n, add_bias_ptr, block * ROWS, pixels,
+                                            sx_p, channels, ROWS, HAS_ADD_BIAS)
     if OVERLAP:
         tl.extra.cuda.gdc_launch_dependents()
     out = (value - mean[None, :]) * scale[None, :] + bias[None, :]
@@ -290,10 +308,13 @@ def tiling(pixels: int, channels: int) -> Tuple[int, int, int]:
 
 
 def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float,
-                         silu: bool, overlap: bool) -> torch.Tensor:
-    """silu?(group_norm(x)) through the three tiled kernels, into a new channels-last tensor; x is
-    read channels-last (copied so first where it is not). The channels and the groups must be
-    powers of two (the kernels' tl.arange spans one; the VAE decoder's are)."""
+                         silu: bool, overlap: bool, add_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu?(group_norm(x + add_bias[:, None, None])) through the three tiled kernels, into a new
+    channels-last tensor; x is read channels-last (copied so first where it is not). add_bias (C,),
+    where given, is the convolution's bias that the VAE decoder's ResBlocks leave to their second norm
+    (networks.VAEResnetBlock), each sum rounded to x's dtype as the convolution's output would be.
+    The channels and the groups must be powers of two (the kernels' tl.arange spans one; the VAE
+    decoder's are)."""
     batch, channels, height, width = x.shape
     if not (power_of_two(channels) and power_of_two(groups)) or channels % groups:
         raise ValueError(f"the tiled kernels take power-of-two channels and groups, got {channels} and {groups}")
@@ -306,12 +327,15 @@ def tiled_group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     rows, loads, tiles = tiling(pixels, channels)
     sums = torch.empty((batch, tiles, groups, 2), dtype=torch.float32, device=x.device)
     stats = torch.empty((batch, groups, 2), dtype=torch.float32, device=x.device)
-    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, OVERLAP=overlap, **overlap_launch_options(overlap))
-    tile_sums_kernel[(tiles, batch)](x, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8, **shape)
-    tile_stats_kernel[(groups, batch)](x, sums, stats, tiles, pixels, sx_n, eps,
+    shape = dict(GROUPS=groups, GROUP_CHANNELS=group_channels, HAS_ADD_BIAS=add_bias is not None, OVERLAP=overlap,
+                 **overlap_launch_options(overlap))
+    add_bias = x if add_bias is None else add_bias  # a pointer the kernels do not read then
+    tile_sums_kernel[(tiles, batch)](x, add_bias, sums, pixels, sx_n, sx_p, ROWS=rows, LOADS=loads, num_warps=8,
+                                     **shape)
+    tile_stats_kernel[(groups, batch)](x, add_bias, sums, stats, tiles, pixels, sx_n, eps,
                                        TILE_BLOCK=triton.next_power_of_2(tiles), num_warps=4, **shape)
-    tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](x, stats, weight, bias, y, pixels, sx_n, sx_p, sy_n, sy_p,
-                                                              ROWS=rows, SILU=silu, num_warps=8, **shape)
+    tile_normalize_kernel[(triton.cdiv(pixels, rows), batch)](x, add_bias, stats, weight, bias, y, pixels, sx_n, sx_p,
+                                                              sy_n, sy_p, ROWS=rows, SILU=silu, num_warps=8, **shape)
     return y
 
 
@@ -345,17 +369,17 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gr
     input's pixels as one axis; an x whose pixels are not one (a view across rows) is first copied
     channels-last. `tiles`: through the three tiled kernels (tiled_group_norm_act) where the channels
     and groups are powers of two (else one program per group), for large groups of few samples (the
-    VAE decoder's); no addend, no patches."""
+    VAE decoder's); no addend there but add_bias, no patches. add_bias may come without an addend."""
     batch, channels, height, width = x.shape
     channels //= 2 if x_scale is not None else 1
     check_modes(patches, tiles, term_scale, x_scale)
     if channels % groups:
         raise ValueError(f"{channels} channels do not split into {groups} groups")
     if tiles:
-        if add is not None or add_bias is not None or patches:
-            raise ValueError("the tiled GroupNorm kernels take no addend and write no patches")
+        if add is not None or patches:
+            raise ValueError("the tiled GroupNorm kernels take no addend but add_bias and write no patches")
         if power_of_two(channels) and power_of_two(groups):
-            return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap)
+            return tiled_group_norm_act(x, weight, bias, groups, eps, silu, overlap, add_bias)
     if add is not None:  # a view: the kernel reads the columns in place, a single row at stride 0
         add = add[:, add_column:add_column + channels].expand(batch, channels)
     terms = term_scale is not None

@@ -74,7 +74,8 @@ class GroupNorm(nn.GroupNorm):
                   term_scale: torch.Tensor | None = None, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         """silu?(self(x + addend[:, :, None, None])): how the ResBlocks and the SpatialTransformers
         use their GroupNorms. The addend is add's C columns from add_column (a time embedding's
-        block, read in place), plus add_bias (C,) where given, in x's dtype. With `patches`, the
+        block, read in place), plus add_bias (C,) where given (or add_bias alone: a convolution's
+        bias), in x's dtype. With `patches`, the
         result's 3x3 patches (patch_matrix) instead: the fused op writes them itself; with a
         `term_scale` too, those patches as fp8 terms under that scale (fp8.two_terms). With an
         `x_scale`, x is an fp8 product's halves (fp8.two_term_halves as an image), summed as
@@ -100,6 +101,8 @@ def group_norm_act_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if add is not None:
         columns = add[:, add_column:add_column + x.shape[1]].to(x.dtype)
         x = x + (columns if add_bias is None else columns + add_bias.to(x.dtype))[:, :, None, None]
+    elif add_bias is not None:
+        x = x + add_bias.to(x.dtype)[:, None, None]
     out = F.group_norm(x.to(weight.dtype), groups, weight, bias, eps).to(x.dtype)
     return F.silu(out) if silu else out
 
@@ -999,10 +1002,18 @@ class VAEResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if channels != out_channels:
             self.nin_shortcut = nn.Conv2d(channels, out_channels, 1)
+        # set by the fast back-end (sdcanny/fused_norm.py): conv1's bias is added by norm2's op, not by
+        # a kernel of its own between the two (TorchInductor adds a CUDA convolution's bias apart)
+        self.conv1_bias_in_norm = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1.normalize(x, silu=True))
-        h = self.conv2(self.norm2.normalize(h, silu=True))
+        h = self.norm1.normalize(x, silu=True)
+        if self.conv1_bias_in_norm:
+            h = self.norm2.normalize(F.conv2d(h, self.conv1.weight, None, padding=1), silu=True,
+                                     add_bias=self.conv1.bias)
+        else:
+            h = self.norm2.normalize(self.conv1(h), silu=True)
+        h = self.conv2(h)
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h
 
