@@ -113,7 +113,8 @@ COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no
                        "gathered-patches", "serial-kernels",
                        "attention-1536", "any-convs", "inductor-vae-norm",
                        "unpadded-outputs", "fp16-patches", "inductor-geglu",
-                       "inductor-softmax", "step-replays", "vae-bias-apart")  # run with an engine directory that holds no programs
+                       "inductor-softmax", "step-replays",
+                       "vae-bias-apart")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

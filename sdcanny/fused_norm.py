@@ -32,14 +32,14 @@ def group_norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ad
                    term_scale: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """silu?(group_norm(x + addend[:, :, None, None])), the addend add's columns
     add_column..add_column+C (one row, or one per sample) plus add_bias (C,) where given (or
-    add_bias alone: a convolution's bias), in x's dtype; with `patches`, its 3x3 patches (networks.patch_matrix), and with a `term_scale` (an
-    fp32 scalar at least the output's largest magnitude / 448) those as the rows of their two
-    e4m3 terms (fp8.two_terms; the kernel makes them from its fp32 values). With an `x_scale` (C,),
-    x is an fp8 product's halves, (N, 2C, H, W) fp32 (fp8.two_term_halves as an image), read as fp8.sum_halves
-    sums them; only into fp8 terms. The Triton kernel on a GPU
-    (with `overlap`, launched with programmatic dependent launch where compat.kernel_launches_overlap
-    allows; with `tiles`, through the tiled kernels, for the VAE decoder's large groups), torch's
-    maths (GroupNorm.normalize's) elsewhere."""
+    add_bias alone: a convolution's bias), in x's dtype; with `patches`, its 3x3 patches
+    (networks.patch_matrix), and with a `term_scale` (an fp32 scalar at least the output's largest
+    magnitude / 448) those as the rows of their two e4m3 terms (fp8.two_terms; the kernel makes them
+    from its fp32 values). With an `x_scale` (C,), x is an fp8 product's halves, (N, 2C, H, W) fp32
+    (fp8.two_term_halves as an image), read as fp8.sum_halves sums them; only into fp8 terms. The
+    Triton kernel on a GPU (with `overlap`, launched with programmatic dependent launch where
+    compat.kernel_launches_overlap allows; with `tiles`, through the tiled kernels, for the VAE
+    decoder's large groups), torch's maths (GroupNorm.normalize's) elsewhere."""
     check_addends(x, add, add_column, add_bias, x_scale is not None)
     if compat.our_kernels_run_on(x):  # the kernel's wrapper checks the modes itself, for its other callers too
         from .group_norm_kernel import group_norm_act as kernel
