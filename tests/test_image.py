@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from photos import photo
-from sdcanny.image import canny, hwc3, resize_image, validate_image
+from sdcanny.image import canny, hwc3, resize_image, validate_image, work_image_and_edges
 
 
 def bgr(rgb):
@@ -39,6 +39,20 @@ def test_scale_one_keeps_the_image_and_enlarging_uses_lanczos():
     up = resize_image(small, 256)
     assert np.array_equal(up, cv2.resize(small, (384, 256), interpolation=cv2.INTER_LANCZOS4))
     assert not np.array_equal(up, cv2.resize(small, (384, 256), interpolation=cv2.INTER_LINEAR))
+
+
+def test_a_view_at_the_work_size_gives_the_edges_of_its_copy():
+    """resize_image hands a view at the work size to cv2.Canny as it is (no copy of its own): a
+    channel-reversed view, a view of every other column and a Fortran-ordered array give the edges
+    of their contiguous copies."""
+    img = photo("coffee")  # 400 x 600
+    wide = np.concatenate([img, img], axis=1)
+    views = [img[:256, :384, ::-1], wide[:256, :768:2], np.asfortranarray(img[:256, :384])]
+    for view in views:
+        assert view.shape == (256, 384, 3) and not view.flags["C_CONTIGUOUS"]
+        edges = work_image_and_edges(view, 256, 100, 200)[1]
+        assert edges.any()
+        assert np.array_equal(edges, work_image_and_edges(np.ascontiguousarray(view), 256, 100, 200)[1])
 
 
 def test_canny_on_a_step_edge_and_a_real_photo():
