@@ -1009,7 +1009,7 @@ class VAEResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1.normalize(x, silu=True)
         if self.conv1_bias_in_norm:
-            h = self.norm2.normalize(F.conv2d(h, self.conv1.weight, None, padding=1), silu=True,
+            h = self.norm2.normalize(F.conv2d(h, self.conv1.weight, None, padding=self.conv1.padding), silu=True,
                                      add_bias=self.conv1.bias)
         else:
             h = self.norm2.normalize(self.conv1(h), silu=True)
