@@ -89,7 +89,7 @@ def stage_layout(weight: torch.Tensor, launch: Launch) -> torch.Tensor:
 
 # The networks' weights are laid out once for this tile of output channels and chunk of input
 # channels (stage_layout); each shape then takes the launch of `launch_for`.
-LAYOUT = Launch(rows=16, out_channels=64, chunk=16, stages=3, bulk_weights=True)  # 73 KB: room beside other kernels
+LAYOUT = Launch(rows=16, out_channels=64, chunk=16, stages=6, bulk_weights=True)
 
 
 def launch_for(n: int, h: int, w: int, out_channels: int) -> Launch | None:
@@ -102,7 +102,7 @@ def launch_for(n: int, h: int, w: int, out_channels: int) -> Launch | None:
     blocks_of_16 = n * h // 16 * w // TILE_COLUMNS * out_channels // LAYOUT.out_channels
     if h % 16 == 0 and blocks_of_16 >= 100:
         return LAYOUT
-    return Launch(rows=8, out_channels=LAYOUT.out_channels, chunk=LAYOUT.chunk, stages=3, bulk_weights=True)
+    return Launch(rows=8, out_channels=LAYOUT.out_channels, chunk=LAYOUT.chunk, stages=4, bulk_weights=True)
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, launch: Launch,

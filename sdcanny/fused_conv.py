@@ -69,13 +69,14 @@ def register_op() -> None:
 MAX_CHANNELS = 640  # the ResBlocks of the graded 32x48 and 16x24 latents; wider ones run as patch products there
 
 
-def use_conv_kernel(net: nn.Module, overlap: bool = True, max_channels: int = MAX_CHANNELS) -> int:
+def use_conv_kernel(net: nn.Module, overlap: bool = True, max_channels: int = MAX_CHANNELS, decoder_only: bool = False) -> int:
     """Every ResBlock of `net` with at most `max_channels` output channels runs its two 3x3
     convolutions through the op where they are not patch products (launched with programmatic
     dependent launch where `overlap`): each gets its weights laid out for the kernel, as buffers
     that are not saved (a copy of those weights). Returns how many ResBlocks."""
     register_op()
-    blocks = [m for m in net.modules() if isinstance(m, ResBlock) and m.out_layers[3].out_channels <= max_channels]
+    scope = net.output_blocks if decoder_only else net  # decoder_only: an experiment, the UNet's decoder alone
+    blocks = [m for m in scope.modules() if isinstance(m, ResBlock) and m.out_layers[3].out_channels <= max_channels]
     for block in blocks:
         block.in_kernel_weight = conv3x3.stage_layout(block.in_layers[2].weight.detach(), conv3x3.LAYOUT)
         block.out_kernel_weight = conv3x3.stage_layout(block.out_layers[3].weight.detach(), conv3x3.LAYOUT)
