@@ -189,7 +189,8 @@ class FastTorchBackend:
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
                  vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True,
-                 conv_kernel_overlap: bool = True, conv_kernel_decoder_only: bool = False):
+                 conv_kernel_overlap: bool = True, conv_kernel_decoder_only: bool = False,
+                 conv_kernel_max_channels: int = fused_conv.MAX_CHANNELS):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -300,6 +301,7 @@ class FastTorchBackend:
         self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         self.conv_kernel_overlap = conv_kernel_overlap
         self.conv_kernel_decoder_only = conv_kernel_decoder_only
+        self.conv_kernel_max_channels = conv_kernel_max_channels
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -372,7 +374,8 @@ class FastTorchBackend:
                     "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
                     "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm,
                     "conv_kernel": self.conv_kernel, "conv_kernel_overlap": self.conv_kernel_overlap,
-                    "conv_kernel_decoder_only": self.conv_kernel_decoder_only}
+                    "conv_kernel_decoder_only": self.conv_kernel_decoder_only,
+                    "conv_kernel_max_channels": self.conv_kernel_max_channels}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -468,7 +471,7 @@ class FastTorchBackend:
         if self.conv_kernel:
             for net in (nets.unet,) if self.conv_kernel_decoder_only else (nets.controlnet, nets.unet):
                 fused_conv.use_conv_kernel(net, self.overlap_kernels and self.conv_kernel_overlap,
-                                           decoder_only=self.conv_kernel_decoder_only)
+                                           self.conv_kernel_max_channels, self.conv_kernel_decoder_only)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):
