@@ -2,11 +2,15 @@
 // instructions (wgmma, sm_90a), as an implicit matrix product: output pixels x output channels,
 // summed over (tap, input channel).
 //
-// A block owns a tile of TH image rows x 8 columns of one image (64 pixels a warpgroup) and BN
+// A block owns a tile of TH image rows x 8 columns of one image (64 pixels a warpgroup) and 64
 // output channels. The input channels stream through shared memory CHUNK at a time, STAGES chunks
-// in flight (cp.async). A stage holds the tile's input with its one-pixel border ("halo", zeros
-// outside the image) once, and the nine taps' weights; each tap's operand is the halo read at the
-// tap's offset, so a tile reads its input once instead of nine times.
+// in flight. A stage holds the tile's input with its one-pixel border ("halo", zeros outside the
+// image) once, and the nine taps' weights; each tap's operand is the halo read at the tap's offset,
+// so a tile reads its input once instead of nine times. The halo comes by cp.async, 16 bytes a
+// thread; the weights, laid out on the host as the stages hold them, by one bulk copy a stage whose
+// arrival an mbarrier counts (with cp.async for them too, the loads alone took longer than cuDNN's
+// whole convolution: docs/benchmarks.md). A chunk's products still run while the next chunk's are
+// issued, so a stage is loaded STAGES - 2 chunks ahead.
 //
 // Both operands use the canonical no-swizzle layout of 8 x 8 core matrices (128 contiguous bytes,
 // one row's 8 channels after another):
@@ -16,22 +20,10 @@
 //   weights [tap][channel group][output channel][8 channels].
 //
 // Compiled at run time by NVRTC for sm_90a (sdcanny/cuda_kernels.py); no CUDA headers. Macros:
-// TH (8 or 16), BN (64 or 128), CHUNK (32 or 64), STAGES, ASYNC (a chunk's products left running while
-// the next chunk's are issued), OVERLAP (programmatic dependent launch).
+// TH (a multiple of 8), CHUNK (a multiple of 16), STAGES (3 or more).
 
+#define BN 64
 #define TW 8
-#ifndef BULK_WEIGHTS
-#define BULK_WEIGHTS 0
-#endif
-#ifndef DIAG_NO_FENCE
-#define DIAG_NO_FENCE 0
-#endif
-#ifndef DIAG_NO_LOADS
-#define DIAG_NO_LOADS 0
-#endif
-#ifndef DIAG_NO_MMA
-#define DIAG_NO_MMA 0
-#endif
 #define HH (TH + 2)
 #define HW (TW + 2)
 #define WGS (TH / 8)
@@ -41,7 +33,7 @@
 #define HALO_BYTES (GROUPS * HH * HW * 16)
 #define TAP_BYTES (GROUPS * BN * 16)
 #define STAGE_BYTES (HALO_BYTES + 9 * TAP_BYTES)
-#define ACC (BN / 2)  // accumulator registers a thread: 64 rows x BN over 128 threads
+#define AHEAD (STAGES - 2)
 
 typedef unsigned short half_bits;
 
@@ -79,7 +71,6 @@ __device__ __forceinline__ float half_to_float(half_bits h) {
     return f;
 }
 
-#if BN == 64
 __device__ __forceinline__ void mma(float (&d)[32], unsigned long long a, unsigned long long b) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -87,35 +78,17 @@ __device__ __forceinline__ void mma(float (&d)[32], unsigned long long a, unsign
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "l"(a), "l"(b), "r"(1));
 }
-#elif BN == 128
-__device__ __forceinline__ void mma(float (&d)[64], unsigned long long a, unsigned long long b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "r"(1));
-}
-#elif BN == 160
-__device__ __forceinline__ void mma(float (&d)[80], unsigned long long a, unsigned long long b) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %82, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n160k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79}, %80, %81, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79])
-        : "l"(a), "l"(b), "r"(1));
-}
-#endif
 
-// out[n, y, x, o] = bias[o] (where given) + sum over (dy, dx, c) of input[n, y + dy - 1, x + dx - 1, c] * weight[o, dy, dx, c]
-// (+ addend[n, y, x, o] where addend is given). input: [N, H, W, C] with channel stride 1 (strides in
-// elements); weight: [O, 3, 3, C] contiguous; out and addend: [N, H, W, O] with channel stride 1.
-// Grid: (N * H / TH * W / 8, O / BN). Needs H % TH == 0, W % 8 == 0, C % CHUNK == 0, O % BN == 0.
+// out[n, y, x, o] = bias[o] (where bias is not null) + sum over (dy, dx, c) of
+// input[n, y + dy - 1, x + dx - 1, c] * weight[o, dy, dx, c]. input: [N, H, W, C] with channel stride 1
+// (strides in elements); laid_out: the weights as [O / 64][C / CHUNK][tap][channel group][64][8]; out:
+// [N, H, W, O] with channel stride 1. Grid: (N * H / TH * W / 8, O / 64). Needs H % TH == 0,
+// W % 8 == 0, C % CHUNK == 0, O % 64 == 0.
 extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
-    const half_bits* __restrict__ input, const half_bits* __restrict__ weight, const half_bits* __restrict__ bias,
-    const half_bits* __restrict__ addend, half_bits* __restrict__ out, int height, int width, int channels,
-    long long si_n, long long si_h, long long si_w, long long so_n, long long so_h, long long so_w,
-    long long sa_n, long long sa_h, long long sa_w) {
-    extern __shared__ __align__(128) unsigned char shared[];  // [STAGES][halo, 9 taps' weights]
+    const half_bits* __restrict__ input, const half_bits* __restrict__ laid_out, const half_bits* __restrict__ bias,
+    half_bits* __restrict__ out, int height, int width, int channels, long long si_n, long long si_h, long long si_w,
+    long long so_n, long long so_h, long long so_w) {
+    extern __shared__ __align__(128) unsigned char shared[];  // [STAGES][halo, 9 taps' weights], then a barrier a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = threadIdx.x >> 7;
     const int tiles_x = width / TW, tiles_y = height / TH;
     const int tx = blockIdx.x % tiles_x, ty = blockIdx.x / tiles_x % tiles_y, n = blockIdx.x / (tiles_x * tiles_y);
@@ -123,47 +96,29 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
     const unsigned shared_base = shared_address(shared);
     const int chunks = channels / CHUNK;
     const half_bits* image = input + n * si_n;
-    const half_bits* weights = weight + (long long)o0 * 9 * channels;
-
     auto stage_of = [&](int chunk) { return shared_base + (chunk % STAGES) * STAGE_BYTES; };
-#if BULK_WEIGHTS
-    // The weights come laid out as the stages hold them, [O / BN][C / CHUNK][9 * GROUPS * BN * 8]:
-    // one bulk copy a stage, whose arrival its stage's barrier counts.
+
     const unsigned barriers = shared_base + STAGES * STAGE_BYTES;
     if (threadIdx.x == 0)
         for (int i = 0; i < STAGES; ++i) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(barriers + 8 * i));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
-    const half_bits* laid_out = weight + (long long)blockIdx.y * chunks * (9 * CHUNK * BN);
-    auto load_weights = [&](int chunk) {
+    const half_bits* weights = laid_out + (long long)blockIdx.y * chunks * (9 * CHUNK * BN);
+    auto load_weights = [&](int chunk) {  // by one thread: the stage's barrier expects the bytes, one bulk copy brings them
         if (threadIdx.x != 0) return;
         const unsigned bar = barriers + 8 * (chunk % STAGES), bytes = 9 * TAP_BYTES;
-        unsigned long long state;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;" : "=l"(state) : "r"(bar), "r"(bytes) : "memory");
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
         asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                     ::"r"(stage_of(chunk) + HALO_BYTES), "l"(laid_out + (long long)chunk * (9 * CHUNK * BN)), "r"(bytes), "r"(bar)
-                     : "memory");
+                     ::"r"(stage_of(chunk) + HALO_BYTES), "l"(weights + (long long)chunk * (9 * CHUNK * BN)), "r"(bytes),
+                     "r"(bar) : "memory");
     };
-    auto wait_weights = [&](int chunk) {
+    auto wait_weights = [&](int chunk) {  // the barrier's phase flips once a use: uses 0, 1, 2 ... of a stage
         const unsigned bar = barriers + 8 * (chunk % STAGES), parity = (chunk / STAGES) & 1;
         unsigned done = 0;
         while (!done)
             asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                          : "=r"(done) : "r"(bar), "r"(parity) : "memory");
     };
-#else
-    // Consecutive threads copy the two 16-byte halves of one 32-byte sector of a weight row, then
-    // the next row's: whole sectors from L2, two-way bank conflicts in shared memory.
-    auto load_weights = [&](int chunk) {
-        const unsigned taps = stage_of(chunk) + HALO_BYTES;
-        for (int i = threadIdx.x; i < 9 * GROUPS * BN; i += THREADS) {
-            const int group = i / (2 * BN) % (GROUPS / 2) * 2 + (i & 1), o = i / 2 % BN, tap = i / (BN * GROUPS);
-            copy16_async(taps + tap * TAP_BYTES + (group * BN + o) * 16,
-                         weights + ((long long)o * 9 + tap) * channels + chunk * CHUNK + group * 8, true);
-        }
-    };
-    auto wait_weights = [&](int) {};
-#endif
     // Consecutive threads copy one pixel's CHUNK channels (contiguous in memory), then the next pixel's.
     auto load_halo = [&](int chunk) {
         const unsigned halo = stage_of(chunk);
@@ -176,34 +131,25 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
         }
     };
 
-    // With ASYNC, a chunk's products may still run while the next chunk's are issued, so a stage is
-    // free two chunks later: loads run AHEAD = STAGES - 2 chunks ahead (STAGES - 1 without).
-#define AHEAD (ASYNC ? STAGES - 2 : STAGES - 1)
-    // The weights do not depend on the kernel ahead: the first stages' are requested before waiting.
-#pragma unroll
-    for (int c = 0; c < AHEAD; ++c)
-        if (c < chunks) load_weights(c);
-#if OVERLAP
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 #pragma unroll
     for (int c = 0; c < AHEAD; ++c) {
-        if (c < chunks) load_halo(c);
-        asm volatile("cp.async.commit_group;");  // group c: chunk c (its weights ride in the first group)
+        if (c < chunks) {
+            load_weights(c);
+            load_halo(c);
+        }
+        asm volatile("cp.async.commit_group;");  // group c: chunk c's halo
     }
 
-    float acc[ACC];
+    float acc[32];  // 64 rows x 64 columns over the warpgroup's 128 threads
 #pragma unroll
-    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
     for (int c = 0; c < chunks; ++c) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(AHEAD - 1));  // chunk c is in (this thread's part)
+        asm volatile("cp.async.wait_group %0;" ::"n"(AHEAD - 1));  // chunk c's halo is in (this thread's part)
         wait_weights(c);
-#if !DIAG_NO_FENCE
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // copies seen by the tensor cores
-#endif
-        __syncthreads();  // ... everyone's part; and no warpgroup still reads the stage loaded next
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies seen by the tensor cores
+        __syncthreads();  // ... everyone's part; and every warpgroup is done with chunk c - 2, whose stage is loaded next
         const int next = c + AHEAD;
-        if (next < chunks && !DIAG_NO_LOADS) {
+        if (next < chunks) {
             load_weights(next);
             load_halo(next);
         }
@@ -212,26 +158,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
         keep(acc);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
-        for (int tap = 0; tap < 9 * !DIAG_NO_MMA; ++tap)
+        for (int tap = 0; tap < 9; ++tap)
 #pragma unroll
             for (int k = 0; k < KSTEPS; ++k)
                 mma(acc, descriptor(halo + ((2 * k * HH + tap / 3) * HW + tap % 3) * 16, HH * HW * 16, HW * 16),
                     descriptor(taps + tap * TAP_BYTES + 2 * k * BN * 16, BN * 16, 128));
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-#if ASYNC
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // chunk c - 1's products are done
-#else
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        keep(acc);
-#endif
     }
-#if ASYNC
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     keep(acc);
-#endif
-#if OVERLAP
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
 
     // Accumulator layout: warp w of the warpgroup holds rows 16 (w % 4) + g and + 8, columns 8 j + 2 t, + 1.
     const int g = lane >> 2, t = lane & 3;
@@ -240,7 +176,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
         const int m = (warp & 3) * 16 + g + 8 * half;  // the warpgroup's pixel: image row m / 8, column m % 8
         const int y = y0 + wg * 8 + m / 8, x = x0 + m % 8;
         half_bits* dst = out + n * so_n + y * so_h + x * so_w + o0;
-        const half_bits* add = addend ? addend + n * sa_n + y * sa_h + x * sa_w + o0 : nullptr;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             const int o = 8 * j + 2 * t;
@@ -248,11 +183,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
             if (bias) {
                 v0 += half_to_float(bias[o0 + o]);
                 v1 += half_to_float(bias[o0 + o + 1]);
-            }
-            if (add) {
-                const unsigned pair = *(const unsigned*)(add + o);
-                v0 += half_to_float((half_bits)(pair & 0xFFFF));
-                v1 += half_to_float((half_bits)(pair >> 16));
             }
             *(unsigned*)(dst + o) = pack_halves(v0, v1);
         }

@@ -22,7 +22,8 @@ from .networks import ResBlock
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None where the op can run on `device` and is used there, else why not in one line."""
+    """None where the op can run on `device` and is used there, else why not in one line. Compiles
+    and loads the kernel (about half a second), so that no call compiles it later, inside a capture."""
     if device.type != "cuda":
         return f"the convolution kernel needs a CUDA device, not {device.type}"
     if not compat.CUSTOM_OPS:
@@ -33,26 +34,24 @@ def unavailable_reason(device: torch.device) -> str | None:
                 f"{'.'.join(map(str, capability))} GPU: the ResBlocks' convolutions stay cuDNN's")
     try:
         with torch.cuda.device(device):
-            conv3x3.kernel(capability, conv3x3.LAYOUT, False)
+            conv3x3.kernel(capability, conv3x3.LAUNCH)
     except CudaKernelError as e:
         return f"the convolution kernel is not available ({str(e).splitlines()[0]}): the ResBlocks' convolutions stay cuDNN's"
     return None
 
 
-def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                overlap: bool = False) -> torch.Tensor:
+def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1), channels-last: through the kernel on `laid_out` (weight
-    as conv3x3.stage_layout gives it) where it has a tile for x, else through F.conv2d."""
+    as conv3x3.stage_layout gives it) where conv3x3.launch_for has a launch for x, else F.conv2d."""
     n, _, h, w = x.shape
     launch = conv3x3.launch_for(n, h, w, weight.shape[0])
-    if launch is None or not x.is_cuda or conv3x3.shape_mismatch(x, weight, launch) is not None:
+    if launch is None or not x.is_cuda or conv3x3.shape_mismatch(x, laid_out, weight.shape[0], launch) is not None:
         return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=torch.channels_last)
-    return conv3x3.conv3x3(x, weight, bias, launch, overlap=overlap and compat.kernel_launches_overlap(x.device),
-                           prepared=laid_out)
+    return conv3x3.conv3x3(x, laid_out, bias, weight.shape[0], launch)
 
 
-def _convolution_shape(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       overlap: bool = False) -> torch.Tensor:
+def _convolution_shape(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
     """The op's output for tracing: channels-last, no data."""
     n, _, h, w = x.shape
     return torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
@@ -66,19 +65,20 @@ def register_op() -> None:
     op.register_fake(_convolution_shape)
 
 
-MAX_CHANNELS = 640  # the ResBlocks of the graded 32x48 and 16x24 latents; wider ones run as patch products there
+# The ResBlocks of the graded 32x48 latent. The 640-channel ones of the 16x24 latent were slower
+# through the kernel than through cuDNN in the step (30 against 21 µs, one warpgroup a block), so
+# they keep cuDNN; wider ones run as patch products at the graded size.
+MAX_CHANNELS = 320
 
 
-def use_conv_kernel(net: nn.Module, overlap: bool = True, max_channels: int = MAX_CHANNELS, decoder_only: bool = False) -> int:
+def use_conv_kernel(net: nn.Module, max_channels: int = MAX_CHANNELS) -> int:
     """Every ResBlock of `net` with at most `max_channels` output channels runs its two 3x3
-    convolutions through the op where they are not patch products (launched with programmatic
-    dependent launch where `overlap`): each gets its weights laid out for the kernel, as buffers
-    that are not saved (a copy of those weights). Returns how many ResBlocks."""
+    convolutions through the op where they are not patch products: each gets its weights laid out
+    for the kernel, as buffers that are not saved (a second copy of those weights, 3.7 MB a block
+    at 320 channels). Returns how many ResBlocks."""
     register_op()
-    scope = net.output_blocks if decoder_only else net  # decoder_only: an experiment, the UNet's decoder alone
-    blocks = [m for m in scope.modules() if isinstance(m, ResBlock) and m.out_layers[3].out_channels <= max_channels]
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock) and m.out_layers[3].out_channels <= max_channels]
     for block in blocks:
-        block.in_kernel_weight = conv3x3.stage_layout(block.in_layers[2].weight.detach(), conv3x3.LAYOUT)
-        block.out_kernel_weight = conv3x3.stage_layout(block.out_layers[3].weight.detach(), conv3x3.LAYOUT)
-        block.conv_overlap = overlap
+        block.in_kernel_weight = conv3x3.stage_layout(block.in_layers[2].weight.detach())
+        block.out_kernel_weight = conv3x3.stage_layout(block.out_layers[3].weight.detach())
     return len(blocks)
