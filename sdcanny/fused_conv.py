@@ -11,6 +11,7 @@ on the H100) and NVRTC can compile it; elsewhere the networks keep cuDNN (`unava
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# The op's annotations are typing's Optional: torch reads them to make its schema, and "X | None" does
+# not evaluate before Python 3.10.
+def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1), channels-last: through the kernel on `laid_out` (weight
     as conv3x3.stage_layout gives it) where conv3x3.launch_for has a launch for x, else F.conv2d."""
     n, _, h, w = x.shape
@@ -51,7 +54,7 @@ def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, b
 
 
 def _convolution_shape(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The op's output for tracing: channels-last, no data."""
     n, _, h, w = x.shape
     return torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
