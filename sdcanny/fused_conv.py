@@ -74,13 +74,22 @@ def register_op() -> None:
 MAX_CHANNELS = 320
 
 
+def takes_block(block: ResBlock, max_channels: int = MAX_CHANNELS) -> bool:
+    """Whether `block`'s two convolutions have a layout for the kernel (whole tiles of its output
+    and input channels) and at most `max_channels` outputs."""
+    convs = (block.in_layers[2], block.out_layers[3])
+    return (convs[1].out_channels <= max_channels
+            and all(c.out_channels % conv3x3.OUT_CHANNELS == 0 and c.in_channels % conv3x3.LAUNCH.chunk == 0
+                    for c in convs))
+
+
 def use_conv_kernel(net: nn.Module, max_channels: int = MAX_CHANNELS) -> int:
-    """Every ResBlock of `net` with at most `max_channels` output channels runs its two 3x3
-    convolutions through the op where they are not patch products: each gets its weights laid out
+    """Every ResBlock of `net` that takes_block runs its two 3x3 convolutions through the op where
+    they are not patch products: each gets its weights laid out
     for the kernel, as buffers that are not saved (a second copy of those weights, 3.7 MB a block
     at 320 channels). Returns how many ResBlocks."""
     register_op()
-    blocks = [m for m in net.modules() if isinstance(m, ResBlock) and m.out_layers[3].out_channels <= max_channels]
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock) and takes_block(m, max_channels)]
     for block in blocks:
         block.in_kernel_weight = conv3x3.stage_layout(block.in_layers[2].weight.detach())
         block.out_kernel_weight = conv3x3.stage_layout(block.out_layers[3].weight.detach())

@@ -98,9 +98,12 @@ def resblock(channels: int, out_channels: int, seed: int = 0) -> ResBlock:
 
 @pytest.mark.skipif(not compat.CUSTOM_OPS, reason="the op needs torch.library.custom_op (torch 2.4+)")
 def test_use_conv_kernel_lays_out_the_320_channel_resblocks_only():
-    net = torch.nn.Sequential(resblock(320, 320), resblock(320, 640), resblock(960, 320))
+    """Not the 640-channel ones, nor those without whole tiles of channels (the tiny test model's 32)."""
+    net = torch.nn.Sequential(resblock(320, 320), resblock(320, 640), resblock(960, 320), resblock(32, 32),
+                              resblock(64, 96))
     saved = set(net.state_dict())
-    assert fused_conv.use_conv_kernel(net) == 2
+    assert fused_conv.use_conv_kernel(net) == 2  # 32 and 96 outputs are not whole tiles of 64
+    assert all(block.in_kernel_weight is None for block in net[3:])
     assert torch.equal(net[0].in_kernel_weight, conv3x3.stage_layout(net[0].in_layers[2].weight))
     assert torch.equal(net[2].out_kernel_weight, conv3x3.stage_layout(net[2].out_layers[3].weight))
     assert net[1].in_kernel_weight is None and net[1].out_kernel_weight is None
