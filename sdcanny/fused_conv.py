@@ -24,7 +24,8 @@ from .networks import ResBlock
 
 def unavailable_reason(device: torch.device) -> str | None:
     """None where the op can run on `device` and is used there, else why not in one line. Compiles
-    and loads the kernel (about half a second), so that no call compiles it later, inside a capture."""
+    and loads the kernel (one NVRTC compilation, not timed on the device), so that no call compiles
+    it later, inside a capture."""
     if device.type != "cuda":
         return f"the convolution kernel needs a CUDA device, not {device.type}"
     if not compat.CUSTOM_OPS:
@@ -85,9 +86,9 @@ def takes_block(block: ResBlock, max_channels: int = MAX_CHANNELS) -> bool:
 
 def use_conv_kernel(net: nn.Module, max_channels: int = MAX_CHANNELS) -> int:
     """Every ResBlock of `net` that takes_block runs its two 3x3 convolutions through the op where
-    they are not patch products: each gets its weights laid out
-    for the kernel, as buffers that are not saved (a second copy of those weights, 3.7 MB a block
-    at 320 channels). Returns how many ResBlocks."""
+    they are not patch products: each gets its weights laid out for the kernel, as buffers that are
+    not saved (a second copy of those weights, 3.7 MB a block at 320 channels). Returns how many
+    ResBlocks."""
     register_op()
     blocks = [m for m in net.modules() if isinstance(m, ResBlock) and takes_block(m, max_channels)]
     for block in blocks:
