@@ -106,7 +106,8 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "inductor-softmax": {"compile": "default", "scores_kernel": False},
             "step-replays": {"compile": "default", "capture_loop": False},
             "compiled-step-replays": {"compile": "default", "capture_loop": False},
-            "vae-bias-apart": {"compile": "default", "vae_conv_bias_in_norm": False}}
+            "vae-bias-apart": {"compile": "default", "vae_conv_bias_in_norm": False},
+            "cudnn-resblocks": {"compile": "default", "conv_kernel": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
@@ -114,7 +115,7 @@ COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no
                        "attention-1536", "any-convs", "inductor-vae-norm",
                        "unpadded-outputs", "fp16-patches", "inductor-geglu",
                        "inductor-softmax", "step-replays",
-                       "vae-bias-apart")  # run with an engine directory that holds no programs
+                       "vae-bias-apart", "cudnn-resblocks")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -61,7 +61,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fp8, fused_attention, fused_norm, fused_scores, programs
+from . import compat, fp8, fused_attention, fused_conv, fused_norm, fused_scores, programs
 from . import fused_geglu as geglu_op  # not the name of the option that turns it on
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
@@ -188,7 +188,7 @@ class FastTorchBackend:
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
-                 vae_conv_bias_in_norm: bool = True):
+                 vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -258,7 +258,11 @@ class FastTorchBackend:
         module's docstring says when it is replayed); off only to measure what it buys.
         `vae_conv_bias_in_norm`: where `vae_group_norm` is on, each VAE ResBlock's first convolution
         runs without its bias and the op of the norm after it adds the bias
-        (fused_norm.conv_biases_in_norms); off only to measure what it buys."""
+        (fused_norm.conv_biases_in_norms); off only to measure what it buys.
+        `conv_kernel`: the 3x3 convolutions of the ControlNet's and UNet's 320-channel ResBlocks (the
+        graded 32x48 latent's) through our CUDA kernel for Hopper (sdcanny/fused_conv.py) where the
+        GPU (compute capability 9.0) and NVRTC allow and the shape makes one or two waves of blocks;
+        off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -292,6 +296,7 @@ class FastTorchBackend:
         self.vae_conv_bias_in_norm = vae_conv_bias_in_norm and self.vae_group_norm
         self.pad_output_channels = pad_output_channels
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
+        self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -362,7 +367,8 @@ class FastTorchBackend:
                     "norm_patches": self.norm_patches, "overlap_kernels": self.overlap_kernels,
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
                     "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
-                    "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm}
+                    "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm,
+                    "conv_kernel": self.conv_kernel}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -455,6 +461,9 @@ class FastTorchBackend:
         if self.attention_kernel:
             for net in (nets.controlnet, nets.unet):
                 fused_attention.use_fused_attention(net, self.attention_kernel_keys, self.overlap_kernels)
+        if self.conv_kernel:
+            for net in (nets.controlnet, nets.unet):
+                fused_conv.use_conv_kernel(net)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

@@ -284,13 +284,17 @@ def takes_patch_product(rows: int, product_rows: int) -> bool:
     return bool(product_rows) and compat.is_compiling() and rows <= product_rows
 
 
-def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int) -> torch.Tensor:
+def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int,
+            kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights where
-    takes_patch_product says so for its output rows (samples x pixels), else through F.conv2d."""
+    takes_patch_product says so for its output rows (samples x pixels), else through our kernel's
+    op where the fast back-end gave `kernel_weight` (sdcanny/fused_conv.py), else through F.conv2d."""
     n, _, h, w = x.shape
     stride = conv.stride[0]
     if takes_patch_product(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1), product_rows):
         return conv3x3_as_product(x, conv.weight, bias, stride)
+    if kernel_weight is not None and stride == 1:
+        return torch.ops.sdcanny.conv3x3(x, kernel_weight, conv.weight, bias)
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
@@ -319,8 +323,8 @@ def writes_own_patches(norm: GroupNorm, rows: int, product_rows: int) -> bool:
 
 
 def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
-                 add: torch.Tensor | None = None, add_column: int = 0,
-                 add_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 add: torch.Tensor | None = None, add_column: int = 0, add_bias: torch.Tensor | None = None,
+                 kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """conv3x3(silu(norm(x + addend)), conv, bias), a ResBlock's norm and convolution (stride 1).
     Where the convolution is a patch product and the norm is the fused op, the op writes the
     patches itself: no kernel reads the normalised tensor back to gather them."""
@@ -329,7 +333,7 @@ def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
         return patch_product(patches, conv.weight, bias, n, h, w)
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
-                   product_rows)
+                   product_rows, kernel_weight)
 
 
 def norm_fp8_product(norm: GroupNorm, weights: Fp8PatchWeights, x: torch.Tensor, add: torch.Tensor | None = None,
@@ -400,6 +404,10 @@ class ResBlock(nn.Module):
         self.product_rows = 0  # see use_patch_products
         self.in_fp8: Fp8PatchWeights | None = None  # see use_fp8_patch_products
         self.out_fp8: Fp8PatchWeights | None = None
+        # set by the fast back-end (sdcanny/fused_conv.py): the convolutions' weights laid out for our
+        # kernel's op, which then runs them where they are not patch products
+        self.register_buffer("in_kernel_weight", None, persistent=False)
+        self.register_buffer("out_kernel_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
@@ -414,11 +422,13 @@ class ResBlock(nn.Module):
         if out_norm.fused:
             # h feeds only the fused norm, so in_conv's bias joins its addend: the compiler would add
             # a convolution's bias in a kernel of its own where the next op is not one of its kernels
-            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows)
+            h = norm_conv3x3(in_norm, in_conv, x, None, self.product_rows, kernel_weight=self.in_kernel_weight)
             add_bias = in_conv.bias
         else:
-            h, add_bias = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows), None
-        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias)
+            h = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows, kernel_weight=self.in_kernel_weight)
+            add_bias = None
+        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
+                         self.out_kernel_weight)
         return self.skip_connection(x) + h
 
     def takes_fp8_products(self, x: torch.Tensor) -> bool:

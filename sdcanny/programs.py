@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import compat, fused_attention, fused_geglu, fused_norm, fused_scores
+from . import compat, fused_attention, fused_conv, fused_geglu, fused_norm, fused_scores
 from .config import ModelConfig
 from .networks import without_patch_products
 from .optional import progress, write
@@ -52,7 +52,8 @@ MIN_LATENT_SIDE = 16  # at 8 the UNet's bottom is 1 wide, a size the compiler sp
 # The files whose code the programs compile: a change to any of them makes the programs stale.
 SOURCE_FILES = ("networks.py", "stages.py", "ddim.py", "reference.py", "fused_norm.py", "group_norm_kernel.py",
                 "fused_attention.py", "attention_kernel.py", "fp8.py", "fused_geglu.py", "geglu_kernel.py",
-                "fused_scores.py", "scores_kernel.py", "tma.py")
+                "fused_scores.py", "scores_kernel.py", "tma.py", "fused_conv.py", "conv3x3.py", "conv3x3_sm90.cu",
+                "cuda_kernels.py")
 # The kinds of size, each compiled once per stage: (samples in the example, which axes are symbolic)
 VARIANTS = {"graded": (1, ()), "one sample": (1, ("size",)), "samples": (2, ("batch", "size"))}
 
@@ -361,6 +362,7 @@ def load(program_dir: Path, variants: tuple[str, ...]) -> dict[str, dict]:
         fused_attention.register_op()
         fused_geglu.register_op()
         fused_scores.register_op()
+        fused_conv.register_op()
     programs = {}
     for variant in variants:
         programs[variant] = {}
