@@ -93,22 +93,36 @@ def kernel(capability: tuple[int, int], launch: Launch) -> cuda_kernels.Kernel:
                                     arch_specific=True)
 
 
+def residual_mismatch(residual: torch.Tensor, out_shape: tuple[int, int, int, int]) -> str | None:
+    """None where the kernel's epilogue can add `residual` to an output of `out_shape`, else why not."""
+    if tuple(residual.shape) != out_shape or residual.dtype != torch.float16:
+        return f"residual {tuple(residual.shape)} {residual.dtype} is not fp16 {out_shape}"
+    if residual.stride(1) != 1 or residual.data_ptr() % 4 or any(s % 2 for s in residual.stride()):
+        return "the residual is not channels-last with 4-byte aligned channel pairs"
+    return None
+
+
 def conv3x3(x: torch.Tensor, laid_out: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
-            launch: Launch = LAUNCH) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1) for the weight that stage_layout laid out: channels-last
+            launch: Launch = LAUNCH, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=1) for the weight that stage_layout laid out, plus `residual`
+    where given (added to the fp16 output in fp16, as torch adds a ResBlock's skip): channels-last
     fp16 out, a new tensor."""
     problem = shape_mismatch(x, laid_out, out_channels, launch)
+    n, c, h, w = x.shape
+    if problem is None and residual is not None:
+        problem = residual_mismatch(residual, (n, out_channels, h, w))
     if problem is not None:
         raise ValueError(f"the 3x3 convolution kernel does not take these inputs: {problem}")
     if bias is not None and (bias.shape != (out_channels,) or bias.dtype != torch.float16 or not bias.is_contiguous()):
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype} is not a contiguous fp16 ({out_channels},)")
-    n, c, h, w = x.shape
     out = torch.empty((n, out_channels, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     longs = [ctypes.c_longlong(s) for s in (x.stride(0), x.stride(2), x.stride(3), out.stride(0), out.stride(2),
                                             out.stride(3))]
+    residual_strides = [ctypes.c_longlong(residual.stride(i) if residual is not None else 0) for i in (0, 2, 3)]
     args = [ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(laid_out.data_ptr()),
             ctypes.c_void_p(bias.data_ptr() if bias is not None else 0), ctypes.c_void_p(out.data_ptr()),
-            ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(c), *longs]
+            ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(c), *longs,
+            ctypes.c_void_p(residual.data_ptr() if residual is not None else 0), *residual_strides]
     grid = (n * h // launch.rows * w // TILE_COLUMNS, out_channels // OUT_CHANNELS, 1)
     with torch.cuda.device(x.device):
         kernel(tuple(torch.cuda.get_device_capability(x.device)), launch).launch(grid, args)

@@ -65,6 +65,12 @@ __device__ __forceinline__ unsigned pack_halves(float lo, float hi) {
     return r;
 }
 
+__device__ __forceinline__ unsigned add_half_pairs(unsigned a, unsigned b) {  // rounded to fp16, as torch adds fp16
+    unsigned r;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
 __device__ __forceinline__ float half_to_float(half_bits h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -80,14 +86,17 @@ __device__ __forceinline__ void mma(float (&d)[32], unsigned long long a, unsign
 }
 
 // out[n, y, x, o] = bias[o] (where bias is not null) + sum over (dy, dx, c) of
-// input[n, y + dy - 1, x + dx - 1, c] * weight[o, dy, dx, c]. input: [N, H, W, C] with channel stride 1
-// (strides in elements); laid_out: the weights as [O / 64][C / CHUNK][tap][channel group][64][8]; out:
-// [N, H, W, O] with channel stride 1. Grid: (N * H / TH * W / 8, O / 64). Needs H % TH == 0,
-// W % 8 == 0, C % CHUNK == 0, O % 64 == 0.
+// input[n, y + dy - 1, x + dx - 1, c] * weight[o, dy, dx, c], rounded to fp16, then plus
+// residual[n, y, x, o] in fp16 where residual is not null (a ResBlock's skip: the sum torch makes
+// after the convolution). input: [N, H, W, C] with channel stride 1 (strides in elements); laid_out:
+// the weights as [O / 64][C / CHUNK][tap][channel group][64][8]; out and residual: [N, H, W, O] with
+// channel stride 1. Grid: (N * H / TH * W / 8, O / 64). Needs H % TH == 0, W % 8 == 0,
+// C % CHUNK == 0, O % 64 == 0.
 extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
     const half_bits* __restrict__ input, const half_bits* __restrict__ laid_out, const half_bits* __restrict__ bias,
     half_bits* __restrict__ out, int height, int width, int channels, long long si_n, long long si_h, long long si_w,
-    long long so_n, long long so_h, long long so_w) {
+    long long so_n, long long so_h, long long so_w, const half_bits* __restrict__ residual, long long sr_n,
+    long long sr_h, long long sr_w) {
     extern __shared__ __align__(128) unsigned char shared[];  // [STAGES][halo, 9 taps' weights], then a barrier a stage
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wg = threadIdx.x >> 7;
     const int tiles_x = width / TW, tiles_y = height / TH;
@@ -176,6 +185,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
         const int m = (warp & 3) * 16 + g + 8 * half;  // the warpgroup's pixel: image row m / 8, column m % 8
         const int y = y0 + wg * 8 + m / 8, x = x0 + m % 8;
         half_bits* dst = out + n * so_n + y * so_h + x * so_w + o0;
+        const half_bits* skip = residual ? residual + n * sr_n + y * sr_h + x * sr_w + o0 : nullptr;
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
             const int o = 8 * j + 2 * t;
@@ -184,7 +194,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv3x3_sm90(
                 v0 += half_to_float(bias[o0 + o]);
                 v1 += half_to_float(bias[o0 + o + 1]);
             }
-            *(unsigned*)(dst + o) = pack_halves(v0, v1);
+            unsigned pair = pack_halves(v0, v1);
+            if (skip) pair = add_half_pairs(pair, *(const unsigned*)(skip + o));
+            *(unsigned*)(dst + o) = pair;
         }
     }
 }

@@ -188,7 +188,7 @@ class FastTorchBackend:
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
-                 vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True):
+                 vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True, conv_adds_skip: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -262,7 +262,8 @@ class FastTorchBackend:
         `conv_kernel`: the 3x3 convolutions of the ControlNet's and UNet's 320-channel ResBlocks (the
         graded 32x48 latent's) through our CUDA kernel for Hopper (sdcanny/fused_conv.py) where the
         GPU (compute capability 9.0) and NVRTC allow and the shape makes one or two waves of blocks;
-        off only to measure what it buys."""
+        off only to measure what it buys. `conv_adds_skip`: there, the second convolution's epilogue
+        adds the ResBlock's skip; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -297,6 +298,7 @@ class FastTorchBackend:
         self.pad_output_channels = pad_output_channels
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
         self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
+        self.conv_adds_skip = conv_adds_skip and self.conv_kernel
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -368,7 +370,7 @@ class FastTorchBackend:
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
                     "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
                     "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm,
-                    "conv_kernel": self.conv_kernel}
+                    "conv_kernel": self.conv_kernel, "conv_adds_skip": self.conv_adds_skip}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -463,7 +465,7 @@ class FastTorchBackend:
                 fused_attention.use_fused_attention(net, self.attention_kernel_keys, self.overlap_kernels)
         if self.conv_kernel:
             for net in (nets.controlnet, nets.unet):
-                fused_conv.use_conv_kernel(net)
+                fused_conv.use_conv_kernel(net, adds_skip=self.conv_adds_skip)
         channels_last = self.device.type == "cuda"  # cuDNN's fp16 convolutions are fastest in NHWC
         if channels_last:
             for net in (nets.controlnet, nets.unet, nets.vae):

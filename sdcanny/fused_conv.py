@@ -44,18 +44,23 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 # The op's annotations are typing's Optional: torch reads them to make its schema, and "X | None" does
 # not evaluate before Python 3.10.
-def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """conv2d(x, weight, bias, padding=1), channels-last: through the kernel on `laid_out` (weight
-    as conv3x3.stage_layout gives it) where conv3x3.launch_for has a launch for x, else F.conv2d."""
+def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv2d(x, weight, bias, padding=1) (+ residual, an fp16 sum after the convolution's fp16
+    output), channels-last: through the kernel on `laid_out` (weight as conv3x3.stage_layout gives
+    it) where conv3x3.launch_for has a launch for x, else F.conv2d and torch's sum."""
     n, _, h, w = x.shape
-    launch = conv3x3.launch_for(n, h, w, weight.shape[0])
-    if launch is None or not x.is_cuda or conv3x3.shape_mismatch(x, laid_out, weight.shape[0], launch) is not None:
-        return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=torch.channels_last)
-    return conv3x3.conv3x3(x, laid_out, bias, weight.shape[0], launch)
+    o = weight.shape[0]
+    launch = conv3x3.launch_for(n, h, w, o)
+    if (launch is None or not x.is_cuda or conv3x3.shape_mismatch(x, laid_out, o, launch) is not None
+            or (residual is not None and conv3x3.residual_mismatch(residual, (n, o, h, w)) is not None)):
+        out = F.conv2d(x, weight, bias, padding=1)
+        return (out if residual is None else out + residual).contiguous(memory_format=torch.channels_last)
+    return conv3x3.conv3x3(x, laid_out, bias, o, launch, residual)
 
 
 def _convolution_shape(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+                       bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's output for tracing: channels-last, no data."""
     n, _, h, w = x.shape
     return torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
@@ -84,14 +89,16 @@ def takes_block(block: ResBlock, max_channels: int = MAX_CHANNELS) -> bool:
                     for c in convs))
 
 
-def use_conv_kernel(net: nn.Module, max_channels: int = MAX_CHANNELS) -> int:
+def use_conv_kernel(net: nn.Module, max_channels: int = MAX_CHANNELS, adds_skip: bool = True) -> int:
     """Every ResBlock of `net` that takes_block runs its two 3x3 convolutions through the op where
     they are not patch products: each gets its weights laid out for the kernel, as buffers that are
-    not saved (a second copy of those weights, 3.7 MB a block at 320 channels). Returns how many
-    ResBlocks."""
+    not saved (a second copy of those weights, 3.7 MB a block at 320 channels). `adds_skip`: the
+    second convolution's epilogue adds the block's skip (ResBlock.kernel_adds_skip); off only to
+    measure what it buys. Returns how many ResBlocks."""
     register_op()
     blocks = [m for m in net.modules() if isinstance(m, ResBlock) and takes_block(m, max_channels)]
     for block in blocks:
         block.in_kernel_weight = conv3x3.stage_layout(block.in_layers[2].weight.detach())
         block.out_kernel_weight = conv3x3.stage_layout(block.out_layers[3].weight.detach())
+        block.kernel_adds_skip = adds_skip
     return len(blocks)

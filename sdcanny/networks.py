@@ -285,17 +285,21 @@ def takes_patch_product(rows: int, product_rows: int) -> bool:
 
 
 def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product_rows: int,
-            kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """conv's 3x3 convolution (padding 1) of x with `bias`: as patches times weights where
-    takes_patch_product says so for its output rows (samples x pixels), else through our kernel's
-    op where the fast back-end gave `kernel_weight` (sdcanny/fused_conv.py), else through F.conv2d."""
+            kernel_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv's 3x3 convolution (padding 1) of x with `bias`, plus `residual` where given: as patches
+    times weights where takes_patch_product says so for its output rows (samples x pixels), else
+    through our kernel's op where the fast back-end gave `kernel_weight` (sdcanny/fused_conv.py; its
+    epilogue adds the residual, where the compiler would add it in a kernel of its own), else
+    through F.conv2d."""
     n, _, h, w = x.shape
     stride = conv.stride[0]
     if takes_patch_product(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1), product_rows):
-        return conv3x3_as_product(x, conv.weight, bias, stride)
-    if kernel_weight is not None and stride == 1:
-        return torch.ops.sdcanny.conv3x3(x, kernel_weight, conv.weight, bias)
-    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+        out = conv3x3_as_product(x, conv.weight, bias, stride)
+    elif kernel_weight is not None and stride == 1:
+        return torch.ops.sdcanny.conv3x3(x, kernel_weight, conv.weight, bias, residual)
+    else:
+        out = F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+    return out if residual is None else out + residual
 
 
 class Fp8PatchWeights(nn.Module):
@@ -324,16 +328,17 @@ def writes_own_patches(norm: GroupNorm, rows: int, product_rows: int) -> bool:
 
 def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None, product_rows: int,
                  add: torch.Tensor | None = None, add_column: int = 0, add_bias: torch.Tensor | None = None,
-                 kernel_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """conv3x3(silu(norm(x + addend)), conv, bias), a ResBlock's norm and convolution (stride 1).
-    Where the convolution is a patch product and the norm is the fused op, the op writes the
-    patches itself: no kernel reads the normalised tensor back to gather them."""
+                 kernel_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv3x3(silu(norm(x + addend)), conv, bias) (+ residual), a ResBlock's norm and convolution
+    (stride 1). Where the convolution is a patch product and the norm is the fused op, the op writes
+    the patches itself: no kernel reads the normalised tensor back to gather them."""
     n, _, h, w = x.shape
     if writes_own_patches(norm, n * h * w, product_rows):
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
-        return patch_product(patches, conv.weight, bias, n, h, w)
+        out = patch_product(patches, conv.weight, bias, n, h, w)
+        return out if residual is None else out + residual
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
-                   product_rows, kernel_weight)
+                   product_rows, kernel_weight, residual)
 
 
 def norm_fp8_product(norm: GroupNorm, weights: Fp8PatchWeights, x: torch.Tensor, add: torch.Tensor | None = None,
@@ -408,6 +413,7 @@ class ResBlock(nn.Module):
         # kernel's op, which then runs them where they are not patch products
         self.register_buffer("in_kernel_weight", None, persistent=False)
         self.register_buffer("out_kernel_weight", None, persistent=False)
+        self.kernel_adds_skip = True  # the kernel's epilogue adds the skip (off only to measure it)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         in_norm, _, in_conv = self.in_layers  # GroupNorm, SiLU, Conv: the norm applies the SiLU itself
@@ -427,9 +433,14 @@ class ResBlock(nn.Module):
         else:
             h = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows, kernel_weight=self.in_kernel_weight)
             add_bias = None
-        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
-                         self.out_kernel_weight)
-        return self.skip_connection(x) + h
+        skip = self.skip_connection(x)
+        if not self.kernel_adds_skip:
+            return skip + norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
+                                       self.out_kernel_weight)
+        # where out_conv runs through our kernel, its epilogue adds the skip: the compiler would add
+        # it in a kernel of its own
+        return norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
+                            self.out_kernel_weight, residual=skip)
 
     def takes_fp8_products(self, x: torch.Tensor) -> bool:
         """Whether both convolutions run as fp8 patch products at x's size: with fp8 weights

@@ -79,6 +79,25 @@ def test_what_the_kernel_does_not_take(change, message):
         conv3x3.conv3x3(x, laid, None, out_channels)
 
 
+@pytest.mark.parametrize("change, message", [
+    ("shape", "is not fp16 (2, 320, 32, 48)"), ("fp32", "is not fp16"), ("contiguous", "not channels-last"),
+    ("misaligned", "4-byte aligned")])
+def test_what_the_epilogue_does_not_add(change, message):
+    residual = channels_last(2, 320, 32, 48)
+    if change == "shape":
+        residual = residual[:, :, :16]
+    elif change == "fp32":
+        residual = residual.float()
+    elif change == "contiguous":
+        residual = residual.contiguous()
+    elif change == "misaligned":
+        residual = channels_last(2, 321, 32, 48)[:, 1:]
+    assert message in conv3x3.residual_mismatch(residual, (2, 320, 32, 48))
+    laid = conv3x3.stage_layout(torch.zeros(320, 320, 3, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="does not take these inputs"):
+        conv3x3.conv3x3(channels_last(2, 320, 32, 48), laid, None, 320, residual=residual)
+
+
 def test_unavailable_off_cuda():
     assert "needs a CUDA device" in fused_conv.unavailable_reason(torch.device("cpu"))
 
@@ -111,15 +130,28 @@ def test_use_conv_kernel_lays_out_the_320_channel_resblocks_only():
 
 
 @pytest.mark.skipif(not compat.CUSTOM_OPS, reason="the op needs torch.library.custom_op (torch 2.4+)")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_off_the_gpu_a_resblock_through_the_op_is_cudnns(compiled):
-    """Off the GPU the op is F.conv2d on the checkpoint's weight: the block's output does not move."""
-    block = resblock(960, 320)
-    x, emb = torch.randn(2, 960, 32, 48), torch.randn(2, 64)
+@pytest.mark.parametrize("compiled, channels, adds_skip", [(False, 960, True), (True, 960, True), (True, 320, True),
+                                                           (True, 320, False)])
+def test_off_the_gpu_a_resblock_through_the_op_is_cudnns(compiled, channels, adds_skip):
+    """Off the GPU the op is F.conv2d on the checkpoint's weight (and the skip added after it,
+    where the op adds it): the block's output does not move."""
+    block = resblock(channels, 320)
+    x, emb = torch.randn(2, channels, 32, 48), torch.randn(2, 64)
     want = block(x, emb)
-    fused_conv.use_conv_kernel(block)
+    fused_conv.use_conv_kernel(block, adds_skip=adds_skip)
+    assert block.kernel_adds_skip is adds_skip
     run = torch.compile(block, fullgraph=True) if compiled else block
     torch.testing.assert_close(run(x, emb), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not compat.CUSTOM_OPS, reason="the op needs torch.library.custom_op (torch 2.4+)")
+def test_off_the_gpu_the_op_adds_the_residual_after_the_convolution():
+    """The op's residual is torch's sum of the convolution's output and the skip, bit for bit."""
+    fused_conv.register_op()
+    x, residual = torch.randn(2, 320, 8, 16), torch.randn(2, 320, 8, 16)
+    weight, bias = torch.randn(320, 320, 3, 3) * 0.02, torch.randn(320)
+    got = torch.ops.sdcanny.conv3x3(x, conv3x3.stage_layout(weight), weight, bias, residual)
+    assert torch.equal(got, torch.nn.functional.conv2d(x, weight, bias, padding=1) + residual)
 
 
 @pytest.mark.skipif((nvrtc_version() or (0, 0)) < (12, 0), reason="needs NVRTC 12+ (sm_90a), found none here")
@@ -165,6 +197,19 @@ def test_gpu_kernel_matches_float64(channels, bias, sliced):
 
 
 @needs_hopper
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_kernel_adds_the_residual_as_torch_does(bias):
+    """The epilogue's residual: the kernel's own fp16 output plus the residual in fp16, bit for bit
+    (a channel slice of a wider tensor, as a skip can be)."""
+    x = channels_last(2, 320, 32, 48, device="cuda")
+    laid = conv3x3.stage_layout(channels_last(320, 320, 3, 3, device="cuda", scale=0.02, seed=5))
+    b = torch.randn(320, generator=torch.Generator().manual_seed(6)).half().cuda() if bias else None
+    residual = channels_last(2, 640, 32, 48, device="cuda", seed=7)[:, 320:]
+    got = conv3x3.conv3x3(x, laid, b, 320, residual=residual)
+    assert torch.equal(got, conv3x3.conv3x3(x, laid, b, 320) + residual)
+
+
+@needs_hopper
 def test_gpu_kernel_in_a_graph_after_its_producer():
     """Captured in a CUDA graph right after the kernel that writes its input: replays give what it
     gives alone, bit for bit."""
@@ -188,11 +233,13 @@ def test_gpu_kernel_in_a_graph_after_its_producer():
 
 
 @needs_hopper
-def test_gpu_resblock_through_the_kernel_matches_cudnn():
-    """A decoder ResBlock of the graded 32x48 latent (960 -> 320), fp16, compiled: through the kernel
-    against cuDNN, within 2e-3 relative L2 (the two round differently)."""
-    block = resblock(960, 320).half().cuda().to(memory_format=torch.channels_last)
-    x = channels_last(2, 960, 32, 48, device="cuda")
+@pytest.mark.parametrize("channels", [960, 320])
+def test_gpu_resblock_through_the_kernel_matches_cudnn(channels):
+    """ResBlocks of the graded 32x48 latent, a decoder's (960 -> 320, a 1x1 skip) and an encoder's
+    (320 -> 320, the input itself as the skip, added by the kernel's epilogue), fp16, compiled:
+    through the kernel against cuDNN, within 2e-3 relative L2 (the two round differently)."""
+    block = resblock(channels, 320).half().cuda().to(memory_format=torch.channels_last)
+    x = channels_last(2, channels, 32, 48, device="cuda")
     emb = torch.randn(2, 64, generator=torch.Generator().manual_seed(4)).half().cuda()
     want = block(x, emb).float()
     fused_conv.use_conv_kernel(block)
