@@ -97,7 +97,7 @@ def residual_mismatch(residual: torch.Tensor, out_shape: tuple[int, int, int, in
     """None where the kernel's epilogue can add `residual` to an output of `out_shape`, else why not."""
     if tuple(residual.shape) != out_shape or residual.dtype != torch.float16:
         return f"residual {tuple(residual.shape)} {residual.dtype} is not fp16 {out_shape}"
-    if residual.stride(1) != 1 or residual.data_ptr() % 4 or any(s % 2 for s in residual.stride()):
+    if residual.stride(1) != 1 or residual.data_ptr() % 4 or any(residual.stride(i) % 2 for i in (0, 2, 3)):
         return "the residual is not channels-last with 4-byte aligned channel pairs"
     return None
 

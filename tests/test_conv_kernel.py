@@ -93,6 +93,7 @@ def test_what_the_epilogue_does_not_add(change, message):
     elif change == "misaligned":
         residual = channels_last(2, 321, 32, 48)[:, 1:]
     assert message in conv3x3.residual_mismatch(residual, (2, 320, 32, 48))
+    assert conv3x3.residual_mismatch(channels_last(2, 640, 32, 48)[:, 320:], (2, 320, 32, 48)) is None
     laid = conv3x3.stage_layout(torch.zeros(320, 320, 3, 3, dtype=torch.float16))
     with pytest.raises(ValueError, match="does not take these inputs"):
         conv3x3.conv3x3(channels_last(2, 320, 32, 48), laid, None, 320, residual=residual)
