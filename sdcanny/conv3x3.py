@@ -102,15 +102,24 @@ def residual_mismatch(residual: torch.Tensor, out_shape: tuple[int, int, int, in
     return None
 
 
+def inputs_mismatch(x: torch.Tensor, laid_out: torch.Tensor, out_channels: int, launch: Launch,
+                    residual: torch.Tensor | None) -> str | None:
+    """shape_mismatch, then residual_mismatch where a residual is given: None where the kernel takes
+    all of them."""
+    problem = shape_mismatch(x, laid_out, out_channels, launch)
+    if problem is None and residual is not None:
+        n, _, h, w = x.shape
+        problem = residual_mismatch(residual, (n, out_channels, h, w))
+    return problem
+
+
 def conv3x3(x: torch.Tensor, laid_out: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
             launch: Launch = LAUNCH, residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1) for the weight that stage_layout laid out, plus `residual`
     where given (added to the fp16 output in fp16, as torch adds a ResBlock's skip): channels-last
     fp16 out, a new tensor."""
-    problem = shape_mismatch(x, laid_out, out_channels, launch)
+    problem = inputs_mismatch(x, laid_out, out_channels, launch, residual)
     n, c, h, w = x.shape
-    if problem is None and residual is not None:
-        problem = residual_mismatch(residual, (n, out_channels, h, w))
     if problem is not None:
         raise ValueError(f"the 3x3 convolution kernel does not take these inputs: {problem}")
     if bias is not None and (bias.shape != (out_channels,) or bias.dtype != torch.float16 or not bias.is_contiguous()):

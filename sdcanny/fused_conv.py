@@ -52,8 +52,7 @@ def convolution(x: torch.Tensor, laid_out: torch.Tensor, weight: torch.Tensor, b
     n, _, h, w = x.shape
     o = weight.shape[0]
     launch = conv3x3.launch_for(n, h, w, o)
-    if (launch is None or not x.is_cuda or conv3x3.shape_mismatch(x, laid_out, o, launch) is not None
-            or (residual is not None and conv3x3.residual_mismatch(residual, (n, o, h, w)) is not None)):
+    if launch is None or not x.is_cuda or conv3x3.inputs_mismatch(x, laid_out, o, launch, residual) is not None:
         out = F.conv2d(x, weight, bias, padding=1)
         return (out if residual is None else out + residual).contiguous(memory_format=torch.channels_last)
     return conv3x3.conv3x3(x, laid_out, bias, o, launch, residual)

@@ -299,6 +299,11 @@ def conv3x3(x: torch.Tensor, conv: nn.Conv2d, bias: torch.Tensor | None, product
         return torch.ops.sdcanny.conv3x3(x, kernel_weight, conv.weight, bias, residual)
     else:
         out = F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
+    return plus_residual(out, residual)
+
+
+def plus_residual(out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """A convolution's output plus the residual (a ResBlock's skip) where there is one."""
     return out if residual is None else out + residual
 
 
@@ -335,8 +340,7 @@ def norm_conv3x3(norm: GroupNorm, conv: nn.Conv2d, x: torch.Tensor, bias: torch.
     n, _, h, w = x.shape
     if writes_own_patches(norm, n * h * w, product_rows):
         patches = norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias, patches=True)
-        out = patch_product(patches, conv.weight, bias, n, h, w)
-        return out if residual is None else out + residual
+        return plus_residual(patch_product(patches, conv.weight, bias, n, h, w), residual)
     return conv3x3(norm.normalize(x, silu=True, add=add, add_column=add_column, add_bias=add_bias), conv, bias,
                    product_rows, kernel_weight, residual)
 
@@ -433,14 +437,13 @@ class ResBlock(nn.Module):
         else:
             h = norm_conv3x3(in_norm, in_conv, x, in_conv.bias, self.product_rows, kernel_weight=self.in_kernel_weight)
             add_bias = None
-        skip = self.skip_connection(x)
-        if not self.kernel_adds_skip:
-            return skip + norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
-                                       self.out_kernel_weight)
         # where out_conv runs through our kernel, its epilogue adds the skip: the compiler would add
         # it in a kernel of its own
-        return norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
-                            self.out_kernel_weight, residual=skip)
+        skip = self.skip_connection(x)
+        residual = skip if self.kernel_adds_skip else None
+        h = norm_conv3x3(out_norm, out_conv, h, out_conv.bias, self.product_rows, add, column, add_bias,
+                         self.out_kernel_weight, residual)
+        return h if residual is not None else skip + h
 
     def takes_fp8_products(self, x: torch.Tensor) -> bool:
         """Whether both convolutions run as fp8 patch products at x's size: with fp8 weights
