@@ -108,7 +108,8 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "compiled-step-replays": {"compile": "default", "capture_loop": False},
             "vae-bias-apart": {"compile": "default", "vae_conv_bias_in_norm": False},
             "cudnn-resblocks": {"compile": "default", "conv_kernel": False},
-            "skip-apart": {"compile": "default", "conv_adds_skip": False}}
+            "skip-apart": {"compile": "default", "conv_adds_skip": False},
+            "branch-rows": {"compile": "default", "share_first_layers": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",
@@ -116,7 +117,7 @@ COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no
                        "attention-1536", "any-convs", "inductor-vae-norm",
                        "unpadded-outputs", "fp16-patches", "inductor-geglu",
                        "inductor-softmax", "step-replays",
-                       "vae-bias-apart", "cudnn-resblocks", "skip-apart")  # run with an engine directory that holds no programs
+                       "vae-bias-apart", "cudnn-resblocks", "skip-apart", "branch-rows")  # run with an engine directory that holds no programs
 NO_PROGRAMS_DIR = Path("/tmp/sdcanny_engines_without_programs")
 
 

@@ -46,7 +46,7 @@ for img in imgs * 2:
     ms.append((time.perf_counter() - t) * 1000)
 print(f"graded ms: {sorted(ms)} median {sorted(ms)[len(ms)//2]:.1f}", flush=True)
 
-x2 = step_inputs(b.x, backend.dtype)
+x2 = step_inputs(b.x, backend.dtype, backend.share_first_layers)
 control_time, unet_time = backend.stages.split_time_row(b.time_row)
 
 

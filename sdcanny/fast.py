@@ -188,7 +188,8 @@ class FastTorchBackend:
                  norm_patches: bool = True, overlap_kernels: bool = True, deterministic_convolutions: bool = True,
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
-                 vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True, conv_adds_skip: bool = True):
+                 vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True, conv_adds_skip: bool = True,
+                 share_first_layers: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -263,7 +264,11 @@ class FastTorchBackend:
         graded 32x48 latent's) through our CUDA kernel for Hopper (sdcanny/fused_conv.py) where the
         GPU (compute capability 9.0) and NVRTC allow and the shape makes one or two waves of blocks;
         off only to measure what it buys. `conv_adds_skip`: there, the second convolution's epilogue
-        adds the ResBlock's skip; off only to measure what it buys."""
+        adds the ResBlock's skip; off only to measure what it buys.
+        `share_first_layers`: the ControlNet and the UNet take the step's latents once (N rows), and
+        their layers before the first cross-attention run once for both guidance branches, which
+        they compute alike (networks.both_branches); off, they take [x, x] (2N rows) from the first
+        layer on; off only to measure what it buys."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -299,6 +304,7 @@ class FastTorchBackend:
         self.attention_kernel = self._kernel_usable(attention_kernel, fused_attention.unavailable_reason)
         self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         self.conv_adds_skip = conv_adds_skip and self.conv_kernel
+        self.share_first_layers = share_first_layers
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -370,7 +376,8 @@ class FastTorchBackend:
                     "vae_group_norm": self.vae_group_norm, "pad_output_channels": self.pad_output_channels,
                     "fp8_patch_products": self.fp8_patch_products, "fused_geglu": self.fused_geglu,
                     "scores_kernel": self.scores_kernel, "vae_conv_bias_in_norm": self.vae_conv_bias_in_norm,
-                    "conv_kernel": self.conv_kernel, "conv_adds_skip": self.conv_adds_skip}
+                    "conv_kernel": self.conv_kernel, "conv_adds_skip": self.conv_adds_skip,
+                    "share_first_layers": self.share_first_layers}
         return programs.build_identity(cfg, self.device, self.dtype, numerics)
 
     def attach_programs(self, program_dir: Path, identity: dict) -> None:
@@ -520,27 +527,28 @@ class FastTorchBackend:
             if self.step_callback is not None:
                 self.step_callback(n, b.x.clone())
 
-    def encoder_halves(self, fns: dict, b: Buffers, x2: torch.Tensor, control_time: torch.Tensor,
+    def encoder_halves(self, fns: dict, b: Buffers, latents: torch.Tensor, control_time: torch.Tensor,
                        unet_time: torch.Tensor) -> tuple:
-        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for x2 at the step whose
-        time rows (Stages.split_time_row) are given: the ControlNet forked onto the side stream (on
-        a GPU) while the encoder half runs here, the two joined before this returns."""
+        """(the ControlNet's residuals, the UNet encoder half's (h, skips)) for the step's latents
+        (as step_inputs gives them) at the step whose time rows (Stages.split_time_row) are given:
+        the ControlNet forked onto the side stream (on a GPU) while the encoder half runs here, the
+        two joined before this returns."""
         fork = self.side_stream is not None
         if fork:
             main = torch.cuda.current_stream(self.device)
             self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream) if fork else contextlib.nullcontext():
-            controls = fns["control"](x2, control_time, b.control_context, b.hint_features)
-        encoded = fns["unet_encode"](x2, unet_time, b.unet_context)
+            controls = fns["control"](latents, control_time, b.control_context, b.hint_features)
+        encoded = fns["unet_encode"](latents, unet_time, b.unet_context)
         if fork:
             main.wait_stream(self.side_stream)
         return controls, encoded
 
     def _step(self, fns: dict, b: Buffers) -> None:
         """One sampler step on b.x: the encoder halves, then the decoder half."""
-        x2 = step_inputs(b.x, self.dtype)
+        latents = step_inputs(b.x, self.dtype, self.share_first_layers)
         control_time, unet_time = self.stages.split_time_row(b.time_row)
-        controls, (h, skips) = self.encoder_halves(fns, b, x2, control_time, unet_time)
+        controls, (h, skips) = self.encoder_halves(fns, b, latents, control_time, unet_time)
         b.x.copy_(fns["unet_decode"](h, skips, unet_time, b.unet_context, controls, b.control_scales, b.x,
                                      b.step_row, b.guidance, b.noise))
 
@@ -847,7 +855,7 @@ def compile_one_variant(checkpoint: Path, cfg: ModelConfig, program_dir: Path, v
     """One kind of size's programs (prepare's child processes run this); no record."""
     builder = FastTorchBackend(lambda: load_networks(checkpoint, cfg), device, **backend_options)
     seconds = programs.compile_variant(builder.stages, cfg, program_dir, builder.device, builder.dtype,
-                                       builder.inductor_options, PREPARED_RANGE, variant)
+                                       builder.inductor_options, PREPARED_RANGE, variant, builder.share_first_layers)
     print(f"prepare: {variant}: compiled in {seconds:.0f} s ({builder.startup_summary()})")
 
 

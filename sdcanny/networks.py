@@ -584,6 +584,24 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def context_rows(context) -> int:
+    """Rows of a cross-attention's context: a tensor, or the keys and values made ahead
+    (cross_attention_keys_values, a list of tensors of as many rows)."""
+    return (context[0] if isinstance(context, (list, tuple)) else context).shape[0]
+
+
+def both_branches(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x as the batch of `rows` rows [cond, uncond] has it: x itself where it has those rows, else
+    [x, x]. The fast back-end gives the ControlNet and the UNet the latents once (N rows, not 2N):
+    the two guidance branches differ only in their text, so every layer before the first
+    cross-attention computes the same rows for both, and runs once; they part there."""
+    if x.shape[0] == rows:
+        return x
+    if 2 * x.shape[0] != rows:
+        raise ValueError(f"{x.shape[0]} rows are neither the batch's {rows} nor the rows both its branches share")
+    return torch.cat([x, x])
+
+
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
@@ -601,7 +619,7 @@ class BasicTransformerBlock(nn.Module):
     def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The block up to its feed-forward: self-attention, then cross-attention, each with its residual."""
         h = self.norm1(x)
-        x = self.attn1(h, h) + x
+        x = both_branches(self.attn1(h, h) + x, context_rows(context))
         return self.attn2(self.norm2(x), context) + x
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -643,11 +661,13 @@ class SpatialTransformer(nn.Module):
         self.geglu_weight, self.geglu_bias, self.geglu_overlap = weight, bias, overlap
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        _, c, h, w = x.shape
+        b = context_rows(context)  # x may have half as many (both_branches)
         t = self.proj_in(self.norm.normalize(x)).flatten(2).transpose(1, 2)
         *blocks, last = self.transformer_blocks
         for block in blocks:
             t = block(t, context)
+        x = both_branches(x, b)
         if self.folded_out_weight is None:
             return self.proj_out(last(t, context).transpose(1, 2).reshape(b, c, h, w)) + x
         r = last.attend(t, context)
@@ -931,7 +951,8 @@ class UNet(nn.Module):
         """The input blocks and the middle block: (h, skips). Independent of the ControlNet, so the
         fast back-end runs it concurrently with the ControlNet. `emb` is what embed_time gives (a
         row per sample, or one row for every sample): it depends on the timestep alone, so the fast
-        back-end makes every step's row once, ahead of the loop."""
+        back-end makes every step's row once, ahead of the loop. x may have half the context's rows,
+        the latents that both guidance branches share (both_branches): skips[0] then has as many."""
         skips = []
         h = x
         for block in self.input_blocks:
@@ -946,7 +967,7 @@ class UNet(nn.Module):
             controls = list(controls)
             h = h + controls.pop()
         for block in self.output_blocks:
-            skip = skips.pop()
+            skip = both_branches(skips.pop(), h.shape[0])
             if controls is not None:
                 skip = skip + controls.pop()
             h = block(torch.cat([h, skip], dim=1), emb, context)
@@ -996,13 +1017,15 @@ class ControlNet(nn.Module):
 
     def residuals(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                   hint_features: torch.Tensor) -> list[torch.Tensor]:
-        """forward() with the time embedding made already (embed_time; see UNet.encode)."""
+        """forward() with the time embedding made already (embed_time; see UNet.encode, also for x
+        of half the context's rows). hint_features has a row per sample of x, or per latent that
+        both branches share."""
         outs = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
             if i == 0:
-                h = h + hint_features
+                h = h + both_branches(hint_features, h.shape[0])
             outs.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h, emb, context))
@@ -1146,8 +1169,11 @@ class UnionModel(nn.Module):
 
 
 def scale_controls(controls: list[torch.Tensor], control_scales: torch.Tensor) -> list[torch.Tensor]:
-    """Residual i of sample b times control_scales[b, i]."""
-    return [c * control_scales[:, i, None, None, None].to(c.dtype) for i, c in enumerate(controls)]
+    """Residual i of sample b times control_scales[b, i] (a residual of the layers that run once for
+    both branches, both_branches, made a row per branch first: guess mode scales them apart)."""
+    rows = control_scales.shape[0]
+    return [both_branches(c, rows) * control_scales[:, i, None, None, None].to(c.dtype)
+            for i, c in enumerate(controls)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,16 +106,17 @@ GRADED_LATENT = (32, 48)  # 256x384 pixels
 BATCH_AXES = {
     "text": ("2N",),
     "hint": ("N",),
-    "control": ("2N", None, "2N", "2N"),
-    "unet_encode": ("2N", None, "2N"),
-    "unet_decode": ("2N", "2N", None, "2N", "2N", "2N", "N", None, None, "N"),
+    "control": ("N", None, "2N", "N"),  # the latents both branches share (step_inputs)
+    "unet_encode": ("N", None, "2N"),
+    "unet_decode": ("2N", "2N", None, "2N", "2N", "2N", "N", None, None, "N"),  # skips[0], controls[0]: N
     "decode": ("N",),
 }
 
 
 def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype, num_samples: int,
-                   latent: tuple[int, int], token_count: int = 77) -> dict[str, tuple]:
-    """Inputs for every stage at one size, each made by running the stages before it."""
+                   latent: tuple[int, int], token_count: int = 77, shared_inputs: bool = True) -> dict[str, tuple]:
+    """Inputs for every stage at one size, each made by running the stages before it; the step's
+    as step_inputs makes them (`shared_inputs`: the fast back-end's share_first_layers)."""
     n, (h, w) = num_samples, latent
     g = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, token_count), device=device, generator=g)
@@ -127,7 +128,7 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     with torch.no_grad():
         control_context, unet_context = stages.text(tokens)
         features = stages.hint(edges)
-        x2 = step_inputs(x, dtype)
+        x2 = step_inputs(x, dtype, shared_inputs)
         time_row = stages.time_rows(step[:1])
         control_time, unet_time = stages.split_time_row(time_row)
         controls = stages.control(x2, control_time, control_context, features)
@@ -233,12 +234,13 @@ def start_programs(program_dir: Path) -> None:
 
 
 def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device, dtype: torch.dtype,
-                    inductor_options: dict, shape_range: ShapeRange, variant: str) -> float:
-    """Every stage compiled for one kind of size and saved; returns the seconds it took."""
+                    inductor_options: dict, shape_range: ShapeRange, variant: str, shared_inputs: bool = True) -> float:
+    """Every stage compiled for one kind of size and saved (the step's inputs as example_inputs
+    makes them for `shared_inputs`); returns the seconds it took."""
     start = time.perf_counter()
     samples, axes = VARIANTS[variant]
     latent = GRADED_LATENT if variant == "graded" else shape_range.example_latent()
-    examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens)
+    examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens, shared_inputs)
     for name, module in stages.items():
         mark_symbolic(name, examples[name], axes)
         with traced_form(module, variant):

@@ -54,8 +54,9 @@ class TextStage(nn.Module):
 
 
 class HintStage(nn.Module):
-    """The canny map, uint8 (N, 1, H, W) -> the hint features for both branches (2N, model_channels,
-    H/8, W/8), in the network dtype. The map goes to the GPU as the front end made it (a byte a
+    """The canny map, uint8 (N, 1, H, W) -> the hint features (N, model_channels, H/8, W/8), in the
+    network dtype: the ControlNet doubles them for both branches where its input has 2N rows
+    (networks.both_branches). The map goes to the GPU as the front end made it (a byte a
     pixel, where the fp32 control takes 12) and becomes the original's three-channel control here."""
 
     def __init__(self, controlnet: ControlNet):
@@ -65,14 +66,11 @@ class HintStage(nn.Module):
     def forward(self, edges: torch.Tensor):
         # / 255 in fp32 as the reference does it (exact: Canny's values are 0 and 255), then 3 channels
         hint = (edges.float() / 255.0).expand(-1, 3, -1, -1)
-        features = self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
-        # repeat, not cat([f, f]): the same rows, and Inductor (torch 2.13) fails to lower that cat
-        # when height and width are symbolic
-        return features.repeat(2, 1, 1, 1)
+        return self.controlnet.embed_hint(hint.to(self.controlnet.input_hint_block[0].weight.dtype))
 
 
 class ControlStage(nn.Module):
-    """The 13 control residuals of x2 = [x, x], unscaled: unet_decode scales them where it adds
+    """The 13 control residuals of the step's input (step_inputs), unscaled: unet_decode scales them where it adds
     them, in the kernels that add them. (Scaled here, each took a small kernel of its own after its
     zero convolution: 13 a step at the end of the ControlNet's stream, the longer of the two.)
     `emb` is the ControlNet's part of the step's time_rows."""
@@ -81,8 +79,8 @@ class ControlStage(nn.Module):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, x2, emb, context, hint_features) -> list[torch.Tensor]:
-        return self.controlnet.residuals(x2, emb, context, hint_features)
+    def forward(self, x, emb, context, hint_features) -> list[torch.Tensor]:
+        return self.controlnet.residuals(x, emb, context, hint_features)
 
 
 class UNetEncodeStage(nn.Module):
@@ -93,8 +91,8 @@ class UNetEncodeStage(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x2, emb, context):
-        return self.unet.encode(x2, emb, context)
+    def forward(self, x, emb, context):
+        return self.unet.encode(x, emb, context)
 
 
 class UNetDecodeStage(nn.Module):
@@ -164,7 +162,8 @@ class Stages:
         return row[:, :columns], row[:, columns:]
 
 
-def step_inputs(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[x, x] in the network dtype: what `control` and `unet_encode` take (one small kernel before
-    the stages)."""
-    return torch.cat([x, x]).to(dtype)
+def step_inputs(x: torch.Tensor, dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
+    """What `control` and `unet_encode` take (one small kernel before the stages): x in the network
+    dtype, its rows shared by both guidance branches up to the first cross-attention
+    (networks.both_branches); not `shared`, [x, x], a row per branch from the first layer on."""
+    return x.to(dtype) if shared else torch.cat([x, x]).to(dtype)

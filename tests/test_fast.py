@@ -46,29 +46,34 @@ def test_fast_pipeline_equals_reference_in_fp32(tiny_checkpoint, kw):
         assert np.abs(a.astype(int) - b).max() <= 1
 
 
-def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint):
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_guidance_step_equals_two_unbatched_calls(tiny_checkpoint, shared):
+    """The step's stages on both branches at once, the first layers run once for both (`shared`) or
+    per branch, against each branch through the plain networks; the branches' control scales differ
+    (as in guess mode), so a residual of the shared layers must be scaled per branch."""
     nets = load_networks(tiny_checkpoint, TINY)
     stages = Stages.of(nets.clip, nets.controlnet, nets.unet, nets.vae, channels_last=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 77, TINY.clip.width, generator=g)
-    feats = nets.controlnet.embed_hint(torch.rand(1, 3, 64, 64, generator=g)).repeat(2, 1, 1, 1)
-    scales = torch.full((2, 13), 0.8)
+    feats = nets.controlnet.embed_hint(torch.rand(1, 3, 64, 64, generator=g))
+    scales = torch.tensor([[0.8] * 13, [0.3] * 13])
     from sdcanny.config import ScheduleConfig
     from sdcanny.ddim import ddim_step, make_schedule
     sched = make_schedule(ScheduleConfig(), 20, 0.0)
     i = 13
     with torch.no_grad():
         step = step_table(sched)[i]
-        x2 = step_inputs(x, torch.float32)
+        latents = step_inputs(x, torch.float32, shared)
+        assert latents.shape[0] == (1 if shared else 2)
         control_time, unet_time = stages.split_time_row(stages.time_rows(step_table(sched)[:, 0])[i:i + 1])
-        controls = stages.control(x2, control_time, ctx, feats)
-        h, skips = stages.unet_encode(x2, unet_time, ctx)
+        controls = stages.control(latents, control_time, ctx, feats)
+        h, skips = stages.unet_encode(latents, unet_time, ctx)
         got = stages.unet_decode(h, skips, unet_time, ctx, controls, scales, x, step, torch.tensor(7.5),
                                  torch.zeros_like(x))
         t = sched.timesteps[i:i + 1]
-        e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats[:1])])
-        e_u = nets.unet(x, t, ctx[1:], [c * 0.8 for c in nets.controlnet(x, t, ctx[1:], feats[1:])])
+        e_c = nets.unet(x, t, ctx[:1], [c * 0.8 for c in nets.controlnet(x, t, ctx[:1], feats)])
+        e_u = nets.unet(x, t, ctx[1:], [c * 0.3 for c in nets.controlnet(x, t, ctx[1:], feats)])
         want = ddim_step(x, e_u + 7.5 * (e_c - e_u), sched.alphas[i], sched.alphas_prev[i], sched.sigmas[i],
                          sched.sqrt_one_minus_alphas[i], None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
