@@ -969,7 +969,7 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             skip = both_branches(skips.pop(), h.shape[0])
             if controls is not None:
-                skip = skip + controls.pop()
+                skip = skip + both_branches(controls.pop(), h.shape[0])
             h = block(torch.cat([h, skip], dim=1), emb, context)
         norm, _, conv = self.out  # GroupNorm, SiLU, Conv: normalize applies the SiLU (the fused op, one kernel)
         return conv(norm.normalize(h, silu=True))

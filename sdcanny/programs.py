@@ -100,15 +100,16 @@ class ShapeRange:
 
 GRADED_LATENT = (32, 48)  # 256x384 pixels
 
-# Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples) or None
-# (per-call values; the time rows are one row for every sample). Every 4-D input's height and
+# Which inputs of each stage carry the batch: "2N" ([cond, uncond]), "N" (samples), "N, then 2N"
+# (a list whose first tensor comes from the layers both branches share, networks.both_branches) or
+# None (per-call values; the time rows are one row for every sample). Every 4-D input's height and
 # width are multiples of the latent's / 8.
 BATCH_AXES = {
     "text": ("2N",),
     "hint": ("N",),
     "control": ("N", None, "2N", "N"),  # the latents both branches share (step_inputs)
     "unet_encode": ("N", None, "2N"),
-    "unet_decode": ("2N", "2N", None, "2N", "2N", "2N", "N", None, None, "N"),  # skips[0], controls[0]: N
+    "unet_decode": ("2N", "N, then 2N", None, "2N", "N, then 2N", "2N", "N", None, None, "N"),
     "decode": ("N",),
 }
 

@@ -36,6 +36,45 @@ def test_union_equals_separate_controlnet_and_unet_calls(tiny_checkpoint):
     assert (cond - nets.unet(x[:1], t[:1], ctx[:1])).abs().max() > 1e-3  # the control matters
 
 
+def test_both_branches_doubles_shared_rows_and_refuses_others():
+    from sdcanny.networks import both_branches
+    x = torch.arange(6.0).reshape(3, 2)
+    assert both_branches(x, 3) is x
+    torch.testing.assert_close(both_branches(x, 6), torch.cat([x, x]))
+    with pytest.raises(ValueError, match="3 rows"):
+        both_branches(x, 4)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_shared_latents_give_what_each_branch_gets_on_its_own(tiny_checkpoint, folded):
+    """The ControlNet's residuals and the UNet's output for N latents that both branches share
+    equal those for the 2N rows [x, x], plain and with the cross-attentions' keys and values made
+    ahead and folded (the fast back-end's form); the residual of the shared layers has N rows."""
+    from sdcanny.networks import cross_attention_keys_values, fold_cross_attention, index_cross_attention
+    nets = load_networks(tiny_checkpoint, TINY)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([601])
+    ctx = torch.randn(4, 77, TINY.clip.width, generator=g)
+    feats = torch.randn(2, TINY.unet.model_channels, 8, 8, generator=g)
+    contexts = {"controlnet": ctx, "unet": ctx}
+    if folded:
+        for name, net in (("controlnet", nets.controlnet), ("unet", nets.unet)):
+            index_cross_attention(net)
+            fold_cross_attention(net, 77)
+            contexts[name] = cross_attention_keys_values(net, ctx)
+    with torch.no_grad():
+        shared = nets.controlnet(x, t, contexts["controlnet"], feats)
+        doubled = nets.controlnet(torch.cat([x, x]), t, contexts["controlnet"], torch.cat([feats, feats]))
+        eps_shared = nets.unet(x, t, contexts["unet"], shared)
+        eps_doubled = nets.unet(torch.cat([x, x]), t, contexts["unet"], doubled)
+    assert shared[0].shape[0] == 2 and all(c.shape[0] == 4 for c in shared[1:])
+    torch.testing.assert_close(torch.cat([shared[0], shared[0]]), doubled[0])
+    for a, b in zip(shared[1:], doubled[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps_shared, eps_doubled, rtol=1e-5, atol=1e-5)
+    assert (eps_doubled[:2] - eps_doubled[2:]).abs().max() > 1e-3  # the branches' contexts differ
+
+
 def test_clip_is_causal(tiny_checkpoint):
     clip = load_networks(tiny_checkpoint, TINY).clip
     tokens = torch.full((2, 77), 49407)

@@ -221,8 +221,11 @@ def test_the_batch_axes_table_matches_the_stages_inputs(tiny_checkpoint):
         for name, args in examples.items():
             assert len(args) == len(programs.BATCH_AXES[name]), name
             for arg, batch in zip(args, programs.BATCH_AXES[name]):
-                rows = {t.shape[0] if t.dim() else None for t in (arg if isinstance(arg, (list, tuple)) else [arg])}
-                if batch is None:  # per-call values: a step row, the guidance scalar, a time row (one
+                tensors = arg if isinstance(arg, (list, tuple)) else [arg]
+                rows = {t.shape[0] if t.dim() else None for t in tensors}
+                if batch == "N, then 2N":  # the UNet's skips and the ControlNet's residuals
+                    assert [t.shape[0] for t in tensors] == [n] + [2 * n] * (len(tensors) - 1), (name, rows)
+                elif batch is None:  # per-call values: a step row, the guidance scalar, a time row (one
                     # row for every sample: at n = 1 that is N rows too, so n = 3 tells them apart)
                     assert n == 1 or rows.isdisjoint({n, 2 * n}), (name, rows)
                 else:
