@@ -129,13 +129,13 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     with torch.no_grad():
         control_context, unet_context = stages.text(tokens)
         features = stages.hint(edges)
-        x2 = step_inputs(x, dtype, shared_inputs)
+        latents = step_inputs(x, dtype, shared_inputs)
         time_row = stages.time_rows(step[:1])
         control_time, unet_time = stages.split_time_row(time_row)
-        controls = stages.control(x2, control_time, control_context, features)
-        hidden, skips = stages.unet_encode(x2, unet_time, unet_context)
-    return {"text": (tokens,), "hint": (edges,), "control": (x2, control_time, control_context, features),
-            "unet_encode": (x2, unet_time, unet_context),
+        controls = stages.control(latents, control_time, control_context, features)
+        hidden, skips = stages.unet_encode(latents, unet_time, unet_context)
+    return {"text": (tokens,), "hint": (edges,), "control": (latents, control_time, control_context, features),
+            "unet_encode": (latents, unet_time, unet_context),
             "unet_decode": (hidden, skips, unet_time, unet_context, controls, scales, x, step, guidance,
                             torch.randn_like(x)),
             "decode": (x,)}
