@@ -31,14 +31,17 @@ def test_the_step_operations_are_counted_per_shape():
     cfg = CONFIGS["tiny"]
     ops = step_shapes.step_operations(cfg, torch.device("cpu"), torch.float32)
     h, w = step_shapes.GRADED_LATENT
-    # the first 3x3 conv of the UNet and of the ControlNet both see [x, x], the latent twice
-    assert ops[("conv", 2, cfg.unet.in_channels, h, w, cfg.unet.model_channels, 1)] == 2
+    # the first 3x3 conv of the UNet and of the ControlNet both see the latent once: the layers
+    # before the first cross-attention run once for both guidance branches
+    assert ops[("conv", 1, cfg.unet.in_channels, h, w, cfg.unet.model_channels, 1)] == 2
+    assert ("conv", 2, cfg.unet.in_channels, h, w, cfg.unet.model_channels, 1) not in ops
     assert any(op[0] == "conv" and op[-1] == 2 for op in ops)  # the downsampling convs
     # the time embedding is made ahead for every step (Stages.time_rows): no product of its one or
     # two rows (the time MLP, the stacked ResBlock projections) is left in the step
     assert not any(op[0] == "gemm" and op[1] <= 2 for op in ops)
-    # fused q, k, v of the first self-attention (batch 2 x h*w tokens) and no per-step key/value
+    # fused q, k, v of the self-attentions (batch 2 x h*w tokens) and no per-step key/value
     # products of the 77-token text context (made with the text, in the text stage)
     width = cfg.unet.model_channels
     assert ops[("gemm", 2 * h * w, width, 3 * width, False)] >= 1
+    assert ops[("gemm", h * w, width, 3 * width, False)] == 2  # the first one of each network, shared
     assert not any(op[0] == "gemm" and op[1] == 2 * 77 for op in ops)
