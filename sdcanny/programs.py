@@ -115,9 +115,9 @@ BATCH_AXES = {
 
 
 def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype, num_samples: int,
-                   latent: tuple[int, int], token_count: int = 77, shared_inputs: bool = True) -> dict[str, tuple]:
+                   latent: tuple[int, int], token_count: int = 77, share_first_layers: bool = True) -> dict[str, tuple]:
     """Inputs for every stage at one size, each made by running the stages before it; the step's
-    as step_inputs makes them (`shared_inputs`: the fast back-end's share_first_layers)."""
+    as step_inputs makes them (`share_first_layers`, the fast back-end's option)."""
     n, (h, w) = num_samples, latent
     g = torch.Generator(device).manual_seed(0)
     tokens = torch.randint(0, cfg.clip.vocab_size, (2 * n, token_count), device=device, generator=g)
@@ -129,7 +129,7 @@ def example_inputs(stages: Stages, cfg: ModelConfig, device, dtype: torch.dtype,
     with torch.no_grad():
         control_context, unet_context = stages.text(tokens)
         features = stages.hint(edges)
-        latents = step_inputs(x, dtype, shared_inputs)
+        latents = step_inputs(x, dtype, share_first_layers)
         time_row = stages.time_rows(step[:1])
         control_time, unet_time = stages.split_time_row(time_row)
         controls = stages.control(latents, control_time, control_context, features)
@@ -235,13 +235,14 @@ def start_programs(program_dir: Path) -> None:
 
 
 def compile_variant(stages: Stages, cfg: ModelConfig, program_dir: Path, device, dtype: torch.dtype,
-                    inductor_options: dict, shape_range: ShapeRange, variant: str, shared_inputs: bool = True) -> float:
+                    inductor_options: dict, shape_range: ShapeRange, variant: str,
+                    share_first_layers: bool = True) -> float:
     """Every stage compiled for one kind of size and saved (the step's inputs as example_inputs
-    makes them for `shared_inputs`); returns the seconds it took."""
+    makes them for `share_first_layers`); returns the seconds it took."""
     start = time.perf_counter()
     samples, axes = VARIANTS[variant]
     latent = GRADED_LATENT if variant == "graded" else shape_range.example_latent()
-    examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens, shared_inputs)
+    examples = example_inputs(stages, cfg, device, dtype, samples, latent, shape_range.tokens, share_first_layers)
     for name, module in stages.items():
         mark_symbolic(name, examples[name], axes)
         with traced_form(module, variant):

@@ -57,41 +57,38 @@ def test_the_launch_fits_an_h100_block():
     assert conv3x3.LAUNCH.shared_bytes <= 227 * 1024 and conv3x3.LAUNCH.threads == 256
 
 
-@pytest.mark.parametrize("change, message", [
-    ("height", "is not whole tiles"), ("fp32", "not fp16"), ("contiguous", "not channels-last"),
-    ("layout", "are not a contiguous"), ("channels", "not whole chunks")])
-def test_what_the_kernel_does_not_take(change, message):
-    x = channels_last(2, 320, 32, 48)
-    laid = conv3x3.stage_layout(torch.zeros(320, 320, 3, 3, dtype=torch.float16))
-    out_channels = 320
-    if change == "height":
-        x = x[:, :, :24]
-    elif change == "fp32":
-        x = x.float()
-    elif change == "contiguous":
-        x = x.contiguous()
-    elif change == "layout":
-        laid = laid[:, :, :, :, :, :4]
-    elif change == "channels":
-        out_channels = 300
+# each case: what it changes in (input, laid-out weights, output channels), and the refusal's words
+INPUT_CHANGES = {
+    "height": (lambda x, laid, o: (x[:, :, :24], laid, o), "is not whole tiles"),
+    "fp32": (lambda x, laid, o: (x.float(), laid, o), "not fp16"),
+    "contiguous": (lambda x, laid, o: (x.contiguous(), laid, o), "not channels-last"),
+    "layout": (lambda x, laid, o: (x, laid[:, :, :, :, :, :4], o), "are not a contiguous"),
+    "channels": (lambda x, laid, o: (x, laid, 300), "not whole chunks"),
+}
+
+
+@pytest.mark.parametrize("change", INPUT_CHANGES)
+def test_what_the_kernel_does_not_take(change):
+    alter, message = INPUT_CHANGES[change]
+    x, laid, out_channels = alter(channels_last(2, 320, 32, 48),
+                                  conv3x3.stage_layout(torch.zeros(320, 320, 3, 3, dtype=torch.float16)), 320)
     assert message in conv3x3.shape_mismatch(x, laid, out_channels, conv3x3.LAUNCH)
     with pytest.raises(ValueError, match=message):
         conv3x3.conv3x3(x, laid, None, out_channels)
 
 
-@pytest.mark.parametrize("change, message", [
-    ("shape", "is not fp16 (2, 320, 32, 48)"), ("fp32", "is not fp16"), ("contiguous", "not channels-last"),
-    ("misaligned", "4-byte aligned")])
-def test_what_the_epilogue_does_not_add(change, message):
-    residual = channels_last(2, 320, 32, 48)
-    if change == "shape":
-        residual = residual[:, :, :16]
-    elif change == "fp32":
-        residual = residual.float()
-    elif change == "contiguous":
-        residual = residual.contiguous()
-    elif change == "misaligned":
-        residual = channels_last(2, 321, 32, 48)[:, 1:]
+RESIDUALS = {  # a residual the epilogue refuses for a (2, 320, 32, 48) output, and the refusal's words
+    "shape": (lambda: channels_last(2, 320, 32, 48)[:, :, :16], "is not fp16 (2, 320, 32, 48)"),
+    "fp32": (lambda: channels_last(2, 320, 32, 48).float(), "is not fp16"),
+    "contiguous": (lambda: channels_last(2, 320, 32, 48).contiguous(), "not channels-last"),
+    "misaligned": (lambda: channels_last(2, 321, 32, 48)[:, 1:], "4-byte aligned"),
+}
+
+
+@pytest.mark.parametrize("change", RESIDUALS)
+def test_what_the_epilogue_does_not_add(change):
+    make, message = RESIDUALS[change]
+    residual = make()
     assert message in conv3x3.residual_mismatch(residual, (2, 320, 32, 48))
     assert conv3x3.residual_mismatch(channels_last(2, 640, 32, 48)[:, 320:], (2, 320, 32, 48)) is None
     laid = conv3x3.stage_layout(torch.zeros(320, 320, 3, 3, dtype=torch.float16))
