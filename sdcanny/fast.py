@@ -61,7 +61,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fp8, fused_attention, fused_conv, fused_norm, fused_scores, programs
+from . import compat, fp8, fused_attention, fused_conv, fused_norm, fused_scores, gpu_canny, programs
 from . import fused_geglu as geglu_op  # not the name of the option that turns it on
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
@@ -101,6 +101,10 @@ class Buffers:
     step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
     noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise` (zeros when eta = 0)
     time_row: torch.Tensor | None = None  # (1, columns): this step's row of the schedule's time_rows
+    # where the canny map is made on the GPU (FastTorchBackend.canny_on_gpu): the work image and the
+    # canny thresholds, which the hint part reads to write `edges`
+    image: torch.Tensor | None = None  # uint8 (H, W, 3)
+    canny_thresholds: torch.Tensor | None = None  # int32 (2,): (low, high) as gpu_canny.thresholds
     # Written by text and hint (copied into, once they exist: a step captured before them reads them):
     control_context: torch.Tensor | list | None = None  # the context as each network takes it
     unet_context: torch.Tensor | list | None = None
@@ -136,7 +140,7 @@ class Run:
 def tensor_sizes(request: GenerationRequest) -> tuple:
     """What the stages' tensor shapes, and so a size's graphs, depend on: (num_samples, height,
     width, tokens). Not the step count: the loop replays one step's graph per step."""
-    return (request.num_samples, *request.edges.shape, request.cond_tokens.shape[1])
+    return (request.num_samples, *request.work_image.shape[:2], request.cond_tokens.shape[1])
 
 
 def copy_into(destination, source) -> None:
@@ -189,7 +193,7 @@ class FastTorchBackend:
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
                  vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True, conv_adds_skip: bool = True,
-                 share_first_layers: bool = True):
+                 share_first_layers: bool = True, canny_on_gpu: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -268,7 +272,10 @@ class FastTorchBackend:
         `share_first_layers`: the ControlNet and the UNet take the step's latents once (N rows), and
         their layers before the first cross-attention run once for both guidance branches, which
         they compute alike (networks.both_branches); off, they take [x, x] (2N rows) from the first
-        layer on; off only to measure what it buys."""
+        layer on; off only to measure what it buys.
+        `canny_on_gpu`: the canny map made in the hint part from the work image, bit for bit as
+        cv2.Canny makes it (sdcanny/gpu_canny.py), where the GPU and NVRTC take its hysteresis kernel
+        and the image fits it; else on the host, before the call reaches the GPU."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -305,6 +312,7 @@ class FastTorchBackend:
         self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         self.conv_adds_skip = conv_adds_skip and self.conv_kernel
         self.share_first_layers = share_first_layers
+        self.canny_on_gpu = self._kernel_usable(canny_on_gpu, gpu_canny.unavailable_reason)
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -511,6 +519,8 @@ class FastTorchBackend:
             copy_into((b.control_context, b.unet_context), outputs)
 
     def _hint(self, fns: dict, b: Buffers) -> None:
+        if b.image is not None:  # the canny map made here (canny_on_gpu), one for every sample
+            b.edges.copy_(gpu_canny.canny_with(b.image, b.canny_thresholds[0], b.canny_thresholds[1]).expand_as(b.edges))
         features = fns["hint"](b.edges)
         if b.hint_features is None:
             b.hint_features = features
@@ -629,9 +639,12 @@ class FastTorchBackend:
     # -- buffers, capture, replay -------------------------------------------------------------
 
     def _new_buffers(self, request: GenerationRequest) -> Buffers:
-        n, (h, w) = request.num_samples, request.edges.shape
+        n, (h, w) = request.num_samples, request.work_image.shape[:2]
         dev, f32 = self.device, torch.float32
+        canny_here = self.canny_on_gpu and gpu_canny.kernel_fits(h, w)
         return Buffers(
+            image=torch.zeros(h, w, 3, dtype=torch.uint8, device=dev) if canny_here else None,
+            canny_thresholds=torch.zeros(2, dtype=torch.int32, device=dev) if canny_here else None,
             tokens=torch.zeros(2 * n, request.cond_tokens.shape[1], dtype=torch.long, device=dev),
             edges=torch.zeros(n, 1, h, w, dtype=torch.uint8, device=dev),
             control_scales=torch.zeros(2 * n, len(request.control_scales), dtype=f32, device=dev),
@@ -685,8 +698,14 @@ class FastTorchBackend:
     # non_blocking: from pageable memory the driver stages the bytes before the call returns, and the
     # copy does not wait for the work queued ahead of it (the hint part, for the step inputs).
 
-    def _copy_edges(self, b: Buffers, request: GenerationRequest) -> None:
-        """The canny map, one row per sample: what the hint part reads, so it goes up first."""
+    def _copy_canny_input(self, b: Buffers, request: GenerationRequest) -> None:
+        """What the hint part reads, so it goes up first: the work image and the thresholds where the
+        canny map is made on the GPU (b.image), else the map, made here, one row per sample."""
+        if b.image is not None:
+            b.image.copy_(torch.from_numpy(np.ascontiguousarray(request.work_image)), non_blocking=True)
+            thresholds = np.array(gpu_canny.thresholds(*request.canny_thresholds), dtype=np.int32)
+            b.canny_thresholds.copy_(torch.from_numpy(thresholds), non_blocking=True)
+            return
         edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
         b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
 
@@ -771,7 +790,7 @@ class FastTorchBackend:
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
         self._fit_step_buffers(run, request)
-        self._copy_edges(b, request)
+        self._copy_canny_input(b, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
             self._run_stages(self._stage_calls(run, request))
 

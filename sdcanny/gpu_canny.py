@@ -45,10 +45,11 @@ def _replicated(x: torch.Tensor) -> torch.Tensor:
     return x[:, rows][:, :, cols]
 
 
-def candidates(image: torch.Tensor, low: int, high: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidates, strong), bool (H, W), of a uint8 (H, W, C) image for integer thresholds
-    (`thresholds`): the pixels that pass non-maximum suppression and the low threshold, and those of
-    them above the high one."""
+def candidates(image: torch.Tensor, low, high) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates, strong), bool (H, W), of a uint8 (H, W, C) image for integer thresholds as
+    `thresholds` gives them (ints, or integer tensors of one value: a CUDA graph then reads them):
+    the pixels that pass non-maximum suppression and the low threshold, and those of them above the
+    high one."""
     x = _replicated(image.permute(2, 0, 1).to(torch.int32))
     across = x[:, :, 2:] - x[:, :, :-2]
     dx = across[:, :-2] + 2 * across[:, 1:-1] + across[:, 2:]
@@ -145,7 +146,12 @@ def hysteresis_kernel(cand_words: torch.Tensor, strong_words: torch.Tensor) -> t
 def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """cv2.Canny(image, low, high) of a uint8 (H, W, C) tensor: uint8 (H, W), 0 or 255, on the
     image's device; the hysteresis through the kernel where the image is on a GPU and fits it."""
-    cand, strong = candidates(image, *thresholds(low, high))
+    return canny_with(image, *thresholds(low, high))
+
+
+def canny_with(image: torch.Tensor, low, high) -> torch.Tensor:
+    """canny for thresholds as `thresholds` gives them (ints, or integer tensors of one value)."""
+    cand, strong = candidates(image, low, high)
     h, w = cand.shape
     if image.is_cuda and kernel_fits(h, w):
         edges = unpack_rows(hysteresis_kernel(pack_rows(cand), pack_rows(strong)), w)

@@ -19,7 +19,7 @@ import torch
 from .config import ModelConfig
 from .ddim import DDIMSchedule, make_schedule
 from .arguments import RANDOM_SEED, WorkSizeLimits, check_arguments, resolve_seed
-from .image import hwc3, validate_image, work_image_and_edges, work_size
+from .image import canny, hwc3, resize_image, validate_image, work_size
 from .tokenizer import load_tokenizer
 
 # The hackathon's graded call, after the image, on 256x384 images: process(img, **GRADED_CALL),
@@ -34,7 +34,8 @@ GRADED_IMAGE_SHAPE = (256, 384, 3)
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    edges: np.ndarray  # uint8 (H, W): the Canny map at the work size, 0s and 255s
+    work_image: np.ndarray  # uint8 (H, W, 3): the input at the work size, of which the canny map is made
+    canny_thresholds: tuple[float, float]  # (low, high) as process() was given them
     num_samples: int
     cond_tokens: torch.Tensor  # int64 (N, 77): prompt + ', ' + a_prompt
     uncond_tokens: torch.Tensor  # int64 (N, 77): n_prompt
@@ -42,6 +43,12 @@ class GenerationRequest:
     guidance_scale: float
     control_scales: tuple[float, ...]  # one per control residual
     guess_mode: bool  # the unconditional branch then gets no control at all
+
+    @functools.cached_property
+    def edges(self) -> np.ndarray:
+        """uint8 (H, W): the canny map at the work size, 0s and 255s, made on the host at first use
+        (the torch back-end makes it on the GPU where it can, and never asks)."""
+        return canny(self.work_image, *self.canny_thresholds)
 
     @functools.cached_property
     def hint(self) -> torch.Tensor:
@@ -54,7 +61,7 @@ class GenerationRequest:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        h, w = self.edges.shape
+        h, w = self.work_image.shape[:2]
         return (self.num_samples, 4, h // 8, w // 8)
 
     @property
@@ -159,9 +166,9 @@ class Canny2Image:
                             strength, scale, seed, eta, low_threshold, high_threshold)
         self.limits.check(input_image.shape, work_size(*input_image.shape[:2], a.image_resolution), a.image_resolution)
         schedule = make_schedule(self.cfg.schedule, a.ddim_steps, a.eta)
-        _, edges = work_image_and_edges(input_image, a.image_resolution, a.low_threshold, a.high_threshold)
         request = GenerationRequest(
-            edges=edges, num_samples=a.num_samples,
+            work_image=resize_image(hwc3(input_image), a.image_resolution),
+            canny_thresholds=(a.low_threshold, a.high_threshold), num_samples=a.num_samples,
             cond_tokens=self.prompt_tokens(a.prompt + ", " + a.a_prompt, a.num_samples),
             uncond_tokens=self.prompt_tokens(a.n_prompt, a.num_samples),
             schedule=schedule, guidance_scale=a.scale,

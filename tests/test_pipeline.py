@@ -187,15 +187,19 @@ def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
     assert torch.equal(request.hint, expected)
     base = backend.generate(request)
 
-    def with_edges(edges):
+    def from_work_image(image):  # the canny map is made of the request's work image
         import dataclasses
-        return backend.generate(dataclasses.replace(pipeline.request(*args), edges=np.ascontiguousarray(edges)))
+        changed = dataclasses.replace(pipeline.request(*args), work_image=np.ascontiguousarray(image))
+        return changed.edges, backend.generate(changed)
 
     from sdcanny.metrics import psnr
-    assert np.array_equal(with_edges(detected.copy()), base)  # same edges, same seed (re-seeded): same image
-    for name, wrong in (("ignored", np.zeros_like(detected)), ("flipped", detected[:, ::-1]),
-                        ("upside down", detected[::-1])):
-        assert psnr(with_edges(wrong)[0], base[0]) < 25, name
+    work = request.work_image
+    edges, same = from_work_image(work.copy())
+    assert np.array_equal(edges, detected) and np.array_equal(same, base)  # same seed (re-seeded): same image
+    for name, image in (("ignored", np.full_like(work, 128)), ("flipped", work[:, ::-1]), ("upside down", work[::-1])):
+        edges, changed = from_work_image(image)
+        assert not np.array_equal(edges, detected), name
+        assert psnr(changed[0], base[0]) < 25, name
 
 
 def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(tiny, photo):
