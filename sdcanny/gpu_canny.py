@@ -11,7 +11,8 @@ strong ones above the high (thresholds swapped if low > high, each floored). The
 candidates 8-connected through candidates to a strong one. `candidates` is tensor operations
 (TorchInductor fuses them); the hysteresis is `hysteresis_steps` (tensor operations, repeated
 dilation until nothing changes: the CPU's path and the tests' oracle) or, on a GPU, one CUDA kernel
-of one block that iterates on bit masks (sdcanny/hysteresis.cu) as the op `sdcanny::hysteresis`.
+of one block that iterates on bit masks (sdcanny/hysteresis.cu), launched from Python (the fast
+back-end runs these operations eagerly inside its captured hint part, not through torch.compile).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import compat, cuda_kernels
+from . import cuda_kernels
 
 TG22 = int(math.tan(math.pi / 8) * (1 << 15) + 0.5)  # OpenCV's CANNY_SHIFT 15
 SOURCE, ENTRY = "hysteresis.cu", "hysteresis"
@@ -113,12 +114,10 @@ def _kernel(capability: tuple[int, int]) -> cuda_kernels.Kernel:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None where the hysteresis kernel runs on `device` (a CUDA GPU, torch with custom ops, NVRTC),
+    """None where the hysteresis kernel runs on `device` (a CUDA GPU and an NVRTC library),
     else why not in one line. Compiles and loads it, so that no call compiles it inside a capture."""
     if device.type != "cuda":
         return f"the canny map's kernel needs a CUDA device, not {device.type}"
-    if not compat.CUSTOM_OPS:
-        return f"torch {torch.__version__} has no torch.library.custom_op (2.4+): the canny map stays on the host"
     try:
         with torch.cuda.device(device):
             _kernel(tuple(torch.cuda.get_device_capability(device)))
