@@ -39,10 +39,10 @@ long for a request at a new size, so the other sizes replay the step's graph per
 first size at another step count (which releases its loop graph) or with step noise where it was
 captured without (or the reverse).
 
-A request's host work is ordered so that the GPU waits for it as little as possible: the canny map
-goes up first and the hint (and text) part is launched before the noise is drawn and the other
-inputs go up; no host-to-device copy waits for the GPU; the images and the finiteness flag come
-back in one wait.
+A request's host work is ordered so that the GPU waits for it as little as possible: the work image
+(or the canny map, where it is made on the host) goes up first and the hint (and text) part is
+launched before the generators are seeded, the noise is drawn and the other inputs go up; no
+host-to-device copy waits for the GPU; the images and the finiteness flag come back in one wait.
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -118,6 +118,7 @@ class Buffers:
     finite: torch.Tensor | None = None  # bool scalar, written by decode: whether x is all finite
     host_images: torch.Tensor | None = None  # pinned copies of images and finite (on a GPU)
     host_finite: torch.Tensor | None = None
+    host_image: torch.Tensor | None = None  # pinned staging of `image` (uint8 (H, W, 3)), where there is one
 
 
 @dataclass
@@ -135,6 +136,7 @@ class Run:
     first_call_s: float | None = None  # host clock, device synchronised
     capture_s: float = 0.0  # seconds spent capturing, all parts together
     text_tokens: np.ndarray | None = None  # the tokens whose text encoding the buffers hold
+    canny_thresholds: tuple | None = None  # the (low, high) that buffers.canny_thresholds holds
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
@@ -274,7 +276,7 @@ class FastTorchBackend:
         they compute alike (networks.both_branches); off, they take [x, x] (2N rows) from the first
         layer on; off only to measure what it buys.
         `canny_on_gpu`: the canny map made in the hint part from the work image, bit for bit as
-        cv2.Canny makes it (sdcanny/gpu_canny.py), where the GPU and NVRTC take its hysteresis kernel
+        cv2.Canny makes it (sdcanny/gpu_canny.py), where the GPU and NVRTC take its kernels
         and the image fits it; else on the host, before the call reaches the GPU."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
@@ -519,8 +521,8 @@ class FastTorchBackend:
             copy_into((b.control_context, b.unet_context), outputs)
 
     def _hint(self, fns: dict, b: Buffers) -> None:
-        if b.image is not None:  # the canny map made here (canny_on_gpu), one for every sample
-            b.edges.copy_(gpu_canny.canny_with(b.image, b.canny_thresholds[0], b.canny_thresholds[1]).expand_as(b.edges))
+        if b.image is not None:  # the canny map made here (canny_on_gpu), into every sample's row
+            gpu_canny.canny_into(b.edges, b.image, b.canny_thresholds)
         features = fns["hint"](b.edges)
         if b.hint_features is None:
             b.hint_features = features
@@ -698,16 +700,24 @@ class FastTorchBackend:
     # non_blocking: from pageable memory the driver stages the bytes before the call returns, and the
     # copy does not wait for the work queued ahead of it (the hint part, for the step inputs).
 
-    def _copy_canny_input(self, b: Buffers, request: GenerationRequest) -> None:
-        """What the hint part reads, so it goes up first: the work image and the thresholds where the
-        canny map is made on the GPU (b.image), else the map, made here, one row per sample."""
-        if b.image is not None:
-            b.image.copy_(torch.from_numpy(np.ascontiguousarray(request.work_image)), non_blocking=True)
-            thresholds = np.array(gpu_canny.thresholds(*request.canny_thresholds), dtype=np.int32)
-            b.canny_thresholds.copy_(torch.from_numpy(thresholds), non_blocking=True)
+    def _copy_canny_input(self, run: Run, request: GenerationRequest) -> None:
+        """What the hint part reads, so it goes up first: where the canny map is made on the GPU
+        (b.image), the work image through the size's pinned buffer (the call before has waited for
+        its copy) and the thresholds where the buffer holds others; else the map, made here, one
+        row per sample."""
+        b = run.buffers
+        if b.image is None:
+            edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
+            b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
             return
-        edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
-        b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
+        if b.host_image is None:
+            b.host_image = torch.empty(b.image.shape, dtype=torch.uint8, pin_memory=True)
+        np.copyto(b.host_image.numpy(), request.work_image)
+        b.image.copy_(b.host_image, non_blocking=True)
+        thresholds = gpu_canny.thresholds(*request.canny_thresholds)
+        if run.canny_thresholds != thresholds:
+            b.canny_thresholds.copy_(torch.from_numpy(np.array(thresholds, dtype=np.int32)), non_blocking=True)
+            run.canny_thresholds = thresholds
 
     def _copy_step_inputs(self, b: Buffers, request: GenerationRequest) -> None:
         """The control scales and the guidance scale, which only the steps read."""
@@ -790,7 +800,7 @@ class FastTorchBackend:
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
         self._fit_step_buffers(run, request)
-        self._copy_canny_input(b, request)
+        self._copy_canny_input(run, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
             self._run_stages(self._stage_calls(run, request))
 

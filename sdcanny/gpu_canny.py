@@ -9,10 +9,11 @@ two neighbours across the gradient (magnitudes 0 outside the image; the first ne
 strictly, the second not, but both strictly on diagonals); candidates above the low threshold,
 strong ones above the high (thresholds swapped if low > high, each floored). Then hysteresis: the
 candidates 8-connected through candidates to a strong one. `candidates` is tensor operations
-(TorchInductor fuses them); the hysteresis is `hysteresis_steps` (tensor operations, repeated
-dilation until nothing changes: the CPU's path and the tests' oracle) or, on a GPU, one CUDA kernel
-of one block that iterates on bit masks (sdcanny/hysteresis.cu), launched from Python (the fast
-back-end runs these operations eagerly inside its captured hint part, not through torch.compile).
+and `hysteresis_steps` (repeated dilation until nothing changes) are the tensor form: OpenCV's
+algorithm written to be read, the CPU's path and what the tests hold the kernels to. On a GPU two
+CUDA kernels of our own (sdcanny/canny.cu) make the map: the candidates as bit masks, then the
+hysteresis in one block iterating on them in shared memory, writing the map; the fast back-end
+launches them inside its captured hint part.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 from . import cuda_kernels
 
 TG22 = int(math.tan(math.pi / 8) * (1 << 15) + 0.5)  # OpenCV's CANNY_SHIFT 15
-SOURCE, ENTRY = "hysteresis.cu", "hysteresis"
-THREADS = 1024
-MAX_SHARED = 48 * 1024  # the kernel's masks (8 bytes a word) within the default shared memory
+SOURCE = "canny.cu"
+CANDIDATE_TILE = (8, 32)  # canny_candidates: rows and columns a block (a warp a row)
+HYSTERESIS_THREADS = 1024
+MAX_SHARED = 48 * 1024  # the hysteresis kernel's masks (8 bytes a word) within the default shared memory
 
 
 def thresholds(low: float, high: float) -> tuple[int, int]:
@@ -87,73 +89,92 @@ def hysteresis_steps(cand: torch.Tensor, strong: torch.Tensor) -> torch.Tensor:
         edges = grown
 
 
-def pack_rows(mask: torch.Tensor) -> torch.Tensor:
-    """bool (H, W) -> int32 (H, ceil(W / 32)): bit i of word j is column 32 j + i (columns past W 0)."""
-    h, w = mask.shape
-    words = -(-w // 32)
-    bits = F.pad(mask.to(torch.int64), (0, 32 * words - w)).reshape(h, words, 32)
-    values = (bits << torch.arange(32, device=mask.device)).sum(dim=-1)
-    return torch.where(values >= 2 ** 31, values - 2 ** 32, values).to(torch.int32)
-
-
-def unpack_rows(words: torch.Tensor, width: int) -> torch.Tensor:
-    """pack_rows' inverse: int32 (H, words) -> bool (H, width)."""
-    h = words.shape[0]
-    bits = (words.to(torch.int64)[:, :, None] >> torch.arange(32, device=words.device)) & 1
-    return bits.reshape(h, -1)[:, :width].bool()
+def words_per_row(width: int) -> int:
+    return -(-width // 32)
 
 
 def kernel_fits(height: int, width: int) -> bool:
     """Whether the hysteresis kernel's masks for an image of this size fit its shared memory."""
-    return 8 * height * -(-width // 32) <= MAX_SHARED
+    return 8 * height * words_per_row(width) <= MAX_SHARED
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(capability: tuple[int, int]) -> cuda_kernels.Kernel:
-    return cuda_kernels.load_kernel(SOURCE, ENTRY, (), capability, THREADS, MAX_SHARED)
+def _kernels(capability: tuple[int, int]) -> tuple[cuda_kernels.Kernel, cuda_kernels.Kernel]:
+    rows, cols = CANDIDATE_TILE
+    return (cuda_kernels.load_kernel(SOURCE, "canny_candidates", (), capability, rows * cols, 0),
+            cuda_kernels.load_kernel(SOURCE, "canny_hysteresis", (), capability, HYSTERESIS_THREADS, MAX_SHARED))
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None where the hysteresis kernel runs on `device` (a CUDA GPU and an NVRTC library),
-    else why not in one line. Compiles and loads it, so that no call compiles it inside a capture."""
+    """None where the kernels run on `device` (a CUDA GPU and an NVRTC library), else why not in
+    one line. Compiles and loads them, so that no call compiles them inside a capture."""
     if device.type != "cuda":
-        return f"the canny map's kernel needs a CUDA device, not {device.type}"
+        return f"the canny map's kernels need a CUDA device, not {device.type}"
     try:
         with torch.cuda.device(device):
-            _kernel(tuple(torch.cuda.get_device_capability(device)))
+            _kernels(tuple(torch.cuda.get_device_capability(device)))
     except cuda_kernels.CudaKernelError as e:
-        return f"the canny map's kernel is not available ({str(e).splitlines()[0]}): the canny map stays on the host"
+        return f"the canny map's kernels are not available ({str(e).splitlines()[0]}): the canny map stays on the host"
     return None
 
 
-def hysteresis_kernel(cand_words: torch.Tensor, strong_words: torch.Tensor) -> torch.Tensor:
-    """The edges' words (int32, pack_rows' layout) from the candidates' and the strong pixels' words,
-    by sdcanny/hysteresis.cu on their GPU (one block, the whole image in its shared memory)."""
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def candidate_words(image: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`candidates` by canny.cu's first kernel, as int32 words (rows, words_per_row(W)), bit i of
+    word j column 32 j + i: (candidates, strong). `image` uint8 (H, W, 3) and `thresholds` int32
+    (low, high), as `thresholds` gives them, on one GPU."""
+    h, w, channels = image.shape
+    if channels != 3 or image.dtype != torch.uint8 or thresholds.dtype != torch.int32:
+        raise ValueError(f"the kernel takes a uint8 (H, W, 3) image and int32 thresholds, got {image.dtype} "
+                         f"{tuple(image.shape)} and {thresholds.dtype}")
+    words = words_per_row(w)
+    cand, strong = (torch.empty(h, words, dtype=torch.int32, device=image.device) for _ in range(2))
+    image, thresholds = image.contiguous(), thresholds.contiguous()
+    with torch.cuda.device(image.device):
+        kernel = _kernels(tuple(torch.cuda.get_device_capability(image.device)))[0]
+        kernel.launch((words, -(-h // CANDIDATE_TILE[0]), 1),
+                      [_pointer(image), _pointer(thresholds), _pointer(cand), _pointer(strong),
+                       ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(words)])
+    return cand, strong
+
+
+def hysteresis_into(out: torch.Tensor, cand_words: torch.Tensor, strong_words: torch.Tensor) -> None:
+    """The map (0 or 255) from the candidates' and the strong pixels' words (candidate_words' layout)
+    into `out`, uint8 (..., H, W), contiguous, the same map in every (H, W) plane: canny.cu's
+    second kernel, one block with the masks in its shared memory."""
     rows, words = cand_words.shape
+    h, w = out.shape[-2:]
     if 8 * rows * words > MAX_SHARED:
         raise ValueError(f"{rows} x {words} words of masks exceed the kernel's {MAX_SHARED} bytes of shared memory")
+    if (h, words_per_row(w)) != (rows, words) or out.dtype != torch.uint8 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous uint8 (..., {rows}, W) with {words} words a row, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     cand_words, strong_words = cand_words.contiguous(), strong_words.contiguous()
-    edges = torch.empty_like(cand_words)
-    args = [ctypes.c_void_p(cand_words.data_ptr()), ctypes.c_void_p(strong_words.data_ptr()),
-            ctypes.c_void_p(edges.data_ptr()), ctypes.c_int(rows), ctypes.c_int(words)]
-    with torch.cuda.device(cand_words.device):
-        kernel = _kernel(tuple(torch.cuda.get_device_capability(cand_words.device)))
-        dataclasses.replace(kernel, shared_bytes=8 * rows * words).launch((1, 1, 1), args)
-    return edges
+    with torch.cuda.device(out.device):
+        kernel = _kernels(tuple(torch.cuda.get_device_capability(out.device)))[1]
+        dataclasses.replace(kernel, shared_bytes=8 * rows * words).launch(
+            (1, 1, 1), [_pointer(cand_words), _pointer(strong_words), _pointer(out), ctypes.c_int(rows),
+                        ctypes.c_int(w), ctypes.c_int(words), ctypes.c_int(out.numel() // (h * w))])
+
+
+def canny_into(out: torch.Tensor, image: torch.Tensor, thresholds: torch.Tensor) -> None:
+    """The canny map of a uint8 (H, W, 3) GPU image for int32 (low, high) thresholds (as
+    `thresholds` gives them) into every (H, W) plane of `out` (uint8, contiguous): two kernel
+    launches, reading both inputs on the device, so a CUDA graph can hold them."""
+    hysteresis_into(out, *candidate_words(image, thresholds))
 
 
 def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """cv2.Canny(image, low, high) of a uint8 (H, W, C) tensor: uint8 (H, W), 0 or 255, on the
-    image's device; the hysteresis through the kernel where the image is on a GPU and fits it."""
-    return canny_with(image, *thresholds(low, high))
-
-
-def canny_with(image: torch.Tensor, low, high) -> torch.Tensor:
-    """canny for thresholds as `thresholds` gives them (ints, or integer tensors of one value)."""
-    cand, strong = candidates(image, low, high)
-    h, w = cand.shape
-    if image.is_cuda and kernel_fits(h, w):
-        edges = unpack_rows(hysteresis_kernel(pack_rows(cand), pack_rows(strong)), w)
-    else:
-        edges = hysteresis_steps(cand, strong)
-    return edges.to(torch.uint8) * 255
+    image's device; by the kernels where the image is a 3-channel one on a GPU and fits them, else
+    by the tensor form."""
+    low, high = thresholds(low, high)
+    h, w, channels = image.shape
+    if image.is_cuda and channels == 3 and kernel_fits(h, w):
+        out = torch.empty(h, w, dtype=torch.uint8, device=image.device)
+        canny_into(out, image, torch.tensor([low, high], dtype=torch.int32, device=image.device))
+        return out
+    return hysteresis_steps(*candidates(image, low, high)).to(torch.uint8) * 255

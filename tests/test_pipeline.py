@@ -221,17 +221,36 @@ def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(t
     assert torch.equal(pipe.prompt_tokens(f"a cat, {A_PROMPT}", 1), tokenizer([f"a cat, {A_PROMPT}"]))
 
 
-def test_draw_noise_into_a_given_tensor_draws_the_same_numbers(tiny, photo):
-    """draw_noise with `out` (the fast back-end's latent buffer) fills that tensor with the numbers
-    the seeded generator gives without it, step noise included."""
+def test_draw_noise_seeds_from_the_request_and_fills_a_given_tensor_alike(tiny, photo):
+    """draw_noise seeds every generator with the request's seed first: what torch.manual_seed(seed)
+    then torch.randn give, step noise included, whatever the generators held before; with `out` (the
+    fast back-end's latent buffer) it fills that tensor with the same numbers."""
     from sdcanny.pipeline import draw_noise
     request = tiny.pipeline.request(photo, "a bird", "", "", 1, 64, 4, False, 1.0, 9.0, 7, 0.5, 100, 200)
+    assert request.seed == 7
     torch.manual_seed(7)
+    want_x = torch.randn(request.latent_shape)
+    want_steps = [torch.randn(request.latent_shape) for _ in range(len(request.schedule))][::-1]  # drawn noisiest first, kept by index
+    torch.manual_seed(99)
     x, steps = draw_noise(request, "cpu")
+    assert torch.equal(x, want_x) and torch.equal(steps, torch.stack(want_steps))
     out = torch.empty(request.latent_shape)
-    torch.manual_seed(7)
     x2, steps2 = draw_noise(request, "cpu", out=out)
     assert x2 is out and torch.equal(out, x) and torch.equal(steps2, steps)
+
+
+def test_the_request_leaves_the_generators_alone_and_a_request_gives_one_image(tiny, photo):
+    """request() resolves the seed without seeding (the back-end seeds when it draws), so generating
+    from one request twice, with draws between, gives one image."""
+    pipe = tiny.pipeline
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    request = pipe.request(photo, "a bird", "", "", 1, 64, 4, False, 1.0, 9.0, 5, 0.0, 100, 200)
+    assert torch.equal(torch.rand(3), untouched)
+    first = pipe.backend.generate(request)
+    torch.rand(5)
+    np.testing.assert_array_equal(pipe.backend.generate(request), first)
 
 
 def generator_draws() -> tuple:
