@@ -94,14 +94,18 @@ __device__ unsigned fill_runs(unsigned seeds, unsigned mask) {
 }
 
 // Hysteresis in one block: the edges are the candidates 8-connected, through candidates, to a
-// strong one. Each pass sets every word of the edge mask to its candidates AND the 3x3 dilation of
-// the edges around it, then fills the word's runs of candidates from those bits; passes repeat
-// until one changes nothing (__syncthreads_or), so the result is the fixed point whatever the
-// longest chain: exact, and one launch a CUDA graph can hold. Passes update the mask in place: a
-// word may read a neighbour from this pass or the last, both within the fixed point (edges only
-// grow), so the passes still end there, and a pass that changes nothing read final values only.
-// Shared memory: the candidates and the edges, 8 bytes a word. Writes the map (0 or 255) into
-// `samples` consecutive rows x cols images.
+// strong one. Updating a word sets it to its candidates AND the 3x3 dilation of the edges around
+// it, then fills the word's runs of candidates from those bits. A thread owns a band of BAND rows
+// of one word column and updates it down the band and back up, each row reading the one just
+// updated, so one pass carries a chain along a word's runs and across its band; passes repeat until
+// one changes nothing (__syncthreads_or), so the result is the fixed point whatever the chains:
+// exact, and one launch a CUDA graph can hold. Words are updated in place, so a word may read a
+// neighbour from this pass or the last, both within the fixed point (edges only grow): the passes
+// still end there, and a pass that changes nothing read final values only. Shared memory: the
+// candidates and the edges, 8 bytes a word. Writes the map (0 or 255) into `samples` consecutive
+// rows x cols images.
+#define BAND 16
+
 extern "C" __global__ void __launch_bounds__(1024) canny_hysteresis(
         const unsigned* __restrict__ candidates, const unsigned* __restrict__ strong,
         unsigned char* __restrict__ out, int rows, int cols, int words, int samples) {
@@ -122,24 +126,44 @@ extern "C" __global__ void __launch_bounds__(1024) canny_hysteresis(
         if (r + 1 < rows) v |= edge[(r + 1) * words + j];
         return v;
     };
+    // whether the word changed
+    auto update = [&](int r, int j) -> bool {
+        const int i = r * words + j;
+        const unsigned c = cand[i];
+        if (c == edge[i]) return false;  // every candidate an edge already (or none at all)
+        const unsigned mid = column(r, j), left = column(r, j - 1), right = column(r, j + 1);
+        const unsigned grown = mid | (mid << 1) | (left >> 31) | (mid >> 1) | (right << 31);
+        const unsigned next = fill_runs(c & grown, c);
+        if (next == edge[i]) return false;
+        edge[i] = next;
+        return true;
+    };
+    const int bands = (rows + BAND - 1) / BAND;
     for (;;) {
         int changed = 0;
-        for (int i = threadIdx.x; i < total; i += blockDim.x) {
-            const int r = i / words, j = i % words;
-            const unsigned mid = column(r, j), left = column(r, j - 1), right = column(r, j + 1);
-            const unsigned grown = mid | (mid << 1) | (left >> 31) | (mid >> 1) | (right << 31);
-            const unsigned next = fill_runs(cand[i] & grown, cand[i]);
-            if (next != edge[i]) {
-                edge[i] = next;
-                changed = 1;
-            }
+        for (int task = threadIdx.x; task < bands * words; task += blockDim.x) {
+            const int j = task % words, first = (task / words) * BAND, last = min(first + BAND, rows) - 1;
+            for (int r = first; r <= last; ++r) changed |= update(r, j);
+            for (int r = last - 1; r >= first; --r) changed |= update(r, j);
         }
         if (!__syncthreads_or(changed)) break;
     }
+    // the map, a word's 32 pixels by one thread: four at a time where rows are whole aligned 4-byte words
     const int pixels = rows * cols;
-    for (int i = threadIdx.x; i < pixels; i += blockDim.x) {
-        const int r = i / cols, c = i % cols;
-        const unsigned char value = (edge[r * words + (c >> 5)] >> (c & 31)) & 1u ? 255 : 0;
-        for (int s = 0; s < samples; ++s) out[s * pixels + i] = value;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int r = i / words, c0 = (i % words) * 32, n = min(32, cols - c0);
+        const unsigned bits = edge[i];
+        for (int s = 0; s < samples; ++s) {
+            unsigned char* row = out + s * pixels + r * cols + c0;
+            if ((cols & 3) == 0 && (reinterpret_cast<unsigned long long>(out) & 3) == 0) {
+                for (int k = 0; k < n; k += 4) {
+                    const unsigned quad = (bits >> k) & 15u;  // bit b -> byte b
+                    const unsigned spread = (quad & 1u) | (quad & 2u) << 7 | (quad & 4u) << 14 | (quad & 8u) << 21;
+                    *reinterpret_cast<unsigned*>(row + k) = spread * 255u;
+                }
+            } else {
+                for (int k = 0; k < n; ++k) row[k] = (bits >> k) & 1u ? 255 : 0;
+            }
+        }
     }
 }

@@ -187,6 +187,27 @@ def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
     assert len(text_calls) == 2 and not torch.equal(text_calls[0], text_calls[1])
 
 
+def test_the_step_inputs_follow_the_scales_from_call_to_call(tiny_checkpoint):
+    """The control and guidance scales go up only where the buffers hold others: at one size, calls
+    with other strengths, guess mode and guidance, and back, each equal a fresh back-end's result."""
+    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=4,
+                seed=5, eta=0.0, low_threshold=100, high_threshold=200)
+
+    def pipe():
+        return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                            compile=None), TINY)
+
+    kept = pipe()
+    calls = [dict(guess_mode=False, strength=1.0, scale=9.0), dict(guess_mode=False, strength=0.5, scale=9.0),
+             dict(guess_mode=True, strength=0.5, scale=9.0), dict(guess_mode=True, strength=0.5, scale=4.0),
+             dict(guess_mode=False, strength=1.0, scale=9.0)]
+    for call in calls:
+        got = kept.process(photo(), **args, **call)
+        want = pipe().process(photo(), **args, **call)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), call
+    assert len(kept.backend.runs) == 1
+
+
 def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):
     """The step count sizes only buffers read outside the graphs: 6 steps then 4 at one size keep
     one run, and the 4-step result equals a fresh back-end's."""

@@ -107,8 +107,9 @@ def fill_runs_model(seeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def kernel_pass_model(cand: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """One pass of canny.cu's hysteresis word formula over uint32 masks (rows, words), from a copy
-    (the kernel updates in place; both end at the same fixed point)."""
+    """One pass of canny.cu's hysteresis word formula over uint32 masks (rows, words), every word
+    from a copy of the last pass (the kernel updates in place, band by band, in sweeps: any order
+    of updates ends at the same fixed point, edges only growing within it)."""
     rows, words = cand.shape
     padded = np.zeros((rows + 2, words + 2), dtype=np.uint32)
     padded[1:-1, 1:-1] = edges
