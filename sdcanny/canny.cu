@@ -37,9 +37,11 @@ extern "C" __global__ void __launch_bounds__(TILE_ROWS * TILE_COLS) canny_candid
         int best = 0, best_dx = 0, best_dy = 0;
         if (r >= 0 && r < rows && c >= 0 && c < cols) {
             for (int ch = 0; ch < CHANNELS; ++ch) {
-                const int dx = (pixel[ty][tx + 2][ch] - pixel[ty][tx][ch]) + 2 * (pixel[ty + 1][tx + 2][ch] - pixel[ty + 1][tx][ch])
+                const int dx = (pixel[ty][tx + 2][ch] - pixel[ty][tx][ch])
+                             + 2 * (pixel[ty + 1][tx + 2][ch] - pixel[ty + 1][tx][ch])
                              + (pixel[ty + 2][tx + 2][ch] - pixel[ty + 2][tx][ch]);
-                const int dy = (pixel[ty + 2][tx][ch] - pixel[ty][tx][ch]) + 2 * (pixel[ty + 2][tx + 1][ch] - pixel[ty][tx + 1][ch])
+                const int dy = (pixel[ty + 2][tx][ch] - pixel[ty][tx][ch])
+                             + 2 * (pixel[ty + 2][tx + 1][ch] - pixel[ty][tx + 1][ch])
                              + (pixel[ty + 2][tx + 2][ch] - pixel[ty][tx + 2][ch]);
                 const int norm = abs(dx) + abs(dy);
                 if (ch == 0 || norm > best) {

@@ -81,9 +81,10 @@ class GenerationRequest:
 def draw_noise(request: GenerationRequest, device, out: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's random numbers in its order, drawn up front for back-ends that capture their
-    loop, after seeding every generator with the request's seed (seed_everything): the initial latents (into `out` where given, an fp32 tensor of the latent shape on
-    `device`), then (eta > 0 only) one tensor per step from the noisiest step down. Returns (x,
-    step_noise) with step_noise (S, N, 4, h, w) indexed like the schedule."""
+    loop, after seeding every generator with the request's seed (seed_everything): the initial
+    latents (into `out` where given, an fp32 tensor of the latent shape on `device`), then (eta > 0
+    only) one tensor per step from the noisiest step down. Returns (x, step_noise) with step_noise
+    (S, N, 4, h, w) indexed like the schedule."""
     seed_everything(request.seed)
     x = torch.randn(request.latent_shape, device=device) if out is None else torch.randn(request.latent_shape, out=out)
     if not request.has_step_noise:
@@ -98,9 +99,9 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest) -> np.ndarray:
         """uint8 (N, H, W, 3). Seeds every generator with seed_everything(request.seed), then draws
         its initial noise with torch.randn on its own device before any other random number
-        (draw_noise does both; the original seeds after making its canny map). After it, `last_latents` holds the final
-        latents; a back-end may also say in `last_finite` (a bool) whether they are all finite,
-        which then spares the front end its own check."""
+        (draw_noise does both; the original seeds after making its canny map). After it,
+        `last_latents` holds the final latents; a back-end may also say in `last_finite` (a bool)
+        whether they are all finite, which then spares the front end its own check."""
 
 
 def seed_everything(seed: int) -> None:

@@ -140,7 +140,8 @@ def test_off_the_gpu_the_op_adds_the_residual_after_the_convolution():
     assert torch.equal(got, torch.nn.functional.conv2d(x, weight, bias, padding=1) + residual)
 
 
-@pytest.mark.skipif((cuda_kernels.nvrtc_version() or (0, 0)) < (12, 0), reason="needs NVRTC 12+ (sm_90a), found none here")
+@pytest.mark.skipif((cuda_kernels.nvrtc_version() or (0, 0)) < (12, 0),
+                    reason="needs NVRTC 12+ (sm_90a), found none here")
 def test_the_kernel_source_compiles_for_hopper():
     launch = conv3x3.LAUNCH
     options = cuda_kernels.compile_options({"CHUNK": launch.chunk, "STAGES": launch.stages, "TH": launch.rows},

@@ -230,7 +230,8 @@ def test_draw_noise_seeds_from_the_request_and_fills_a_given_tensor_alike(tiny, 
     assert request.seed == 7
     torch.manual_seed(7)
     want_x = torch.randn(request.latent_shape)
-    want_steps = [torch.randn(request.latent_shape) for _ in range(len(request.schedule))][::-1]  # drawn noisiest first, kept by index
+    drawn = [torch.randn(request.latent_shape) for _ in range(len(request.schedule))]  # noisiest step first
+    want_steps = drawn[::-1]  # kept by the schedule's index
     torch.manual_seed(99)
     x, steps = draw_noise(request, "cpu")
     assert torch.equal(x, want_x) and torch.equal(steps, torch.stack(want_steps))
