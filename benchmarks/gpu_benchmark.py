@@ -78,7 +78,9 @@ def graded_photos(count: int) -> dict[str, np.ndarray]:
 # "inductor-softmax" "jit" with the folded cross-attentions' weights from cuBLAS's product and TorchInductor's
 # softmax (what scores_kernel saves), "step-replays" "jit" and "compiled-step-replays" "compiled" with the
 # graded loop as 20 replays of the step's graph (what capture_loop saves), "vae-bias-apart" "jit" with each VAE
-# ResBlock's first convolution adding its own bias (what vae_conv_bias_in_norm saves)
+# ResBlock's first convolution adding its own bias (what vae_conv_bias_in_norm saves), "branch-rows" "jit" with
+# [x, x] from the networks' first layer (what share_first_layers saves), "host-canny" "compiled" with the canny
+# map made on the host (what canny_on_gpu saves; the programs do not depend on it)
 VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit": {"compile": "default"},
             "autotuned": {"compile": "max-autotune"}, "islands": {"compile": "default", "fp32_islands": True},
             "unstacked": {"compile": "default", "stack_time_projections": False},
@@ -109,7 +111,8 @@ VARIANTS = {"eager": {"compile": None}, "compiled": {"compile": "default"}, "jit
             "vae-bias-apart": {"compile": "default", "vae_conv_bias_in_norm": False},
             "cudnn-resblocks": {"compile": "default", "conv_kernel": False},
             "skip-apart": {"compile": "default", "conv_adds_skip": False},
-            "branch-rows": {"compile": "default", "share_first_layers": False}}
+            "branch-rows": {"compile": "default", "share_first_layers": False},
+            "host-canny": {"compile": "default", "canny_on_gpu": False}}
 COMPILED_IN_PROCESS = ("jit", "unstacked", "per-step-kv", "text-every-call", "no-pdl", "unfolded-upsampling",
                        "inductor-group-norm", "unfolded-attention", "unfolded-outputs", "unfolded",
                        "sdpa-attention", "cudnn-convs", "patches-48", "patches-768", "patches-3072",

@@ -75,6 +75,17 @@ def driver() -> ctypes.CDLL:
         raise CudaKernelError(f"no CUDA driver library: {e}") from None
 
 
+def nvrtc_version() -> tuple[int, int] | None:
+    """(major, minor) of the NVRTC library `nvrtc` finds, or None where there is none."""
+    try:
+        lib = nvrtc()
+    except CudaKernelError:
+        return None
+    major, minor = c_int(), c_int()
+    lib.nvrtcVersion(byref(major), byref(minor))
+    return major.value, minor.value
+
+
 def _check_nvrtc(result: int, call: str) -> None:
     if result != 0:
         lib = nvrtc()

@@ -39,10 +39,10 @@ long for a request at a new size, so the other sizes replay the step's graph per
 first size at another step count (which releases its loop graph) or with step noise where it was
 captured without (or the reverse).
 
-A request's host work is ordered so that the GPU waits for it as little as possible: the canny map
-goes up first and the hint (and text) part is launched before the noise is drawn and the other
-inputs go up; no host-to-device copy waits for the GPU; the images and the finiteness flag come
-back in one wait.
+A request's host work is ordered so that the GPU waits for it as little as possible: the work image
+(or the canny map, where it is made on the host) goes up first and the hint (and text) part is
+launched before the generators are seeded, the noise is drawn and the other inputs go up; no
+host-to-device copy waits for the GPU; the images and the finiteness flag come back in one wait.
 docs/benchmarks.md records what each choice costs and buys on the H100.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from . import compat, fp8, fused_attention, fused_conv, fused_norm, fused_scores, programs
+from . import compat, fp8, fused_attention, fused_conv, fused_norm, fused_scores, gpu_canny, programs
 from . import fused_geglu as geglu_op  # not the name of the option that turns it on
 from .checkpoint import Networks, check_checkpoint_path, load_networks
 from .config import CONFIGS, ModelConfig
@@ -101,6 +101,10 @@ class Buffers:
     step_row: torch.Tensor  # fp32 (8,): this step's row of `steps`, copied in before the step
     noise: torch.Tensor  # fp32 (N, 4, h, w): this step's row of `step_noise` (zeros when eta = 0)
     time_row: torch.Tensor | None = None  # (1, columns): this step's row of the schedule's time_rows
+    # where the canny map is made on the GPU (FastTorchBackend.canny_on_gpu): the work image and the
+    # canny thresholds, which the hint part reads to write `edges`
+    image: torch.Tensor | None = None  # uint8 (H, W, 3)
+    canny_thresholds: torch.Tensor | None = None  # int32 (2,): (low, high) as gpu_canny.thresholds
     # Written by text and hint (copied into, once they exist: a step captured before them reads them):
     control_context: torch.Tensor | list | None = None  # the context as each network takes it
     unet_context: torch.Tensor | list | None = None
@@ -114,6 +118,7 @@ class Buffers:
     finite: torch.Tensor | None = None  # bool scalar, written by decode: whether x is all finite
     host_images: torch.Tensor | None = None  # pinned copies of images and finite (on a GPU)
     host_finite: torch.Tensor | None = None
+    host_image: torch.Tensor | None = None  # pinned staging of `image` (uint8 (H, W, 3)), where there is one
 
 
 @dataclass
@@ -131,12 +136,14 @@ class Run:
     first_call_s: float | None = None  # host clock, device synchronised
     capture_s: float = 0.0  # seconds spent capturing, all parts together
     text_tokens: np.ndarray | None = None  # the tokens whose text encoding the buffers hold
+    canny_thresholds: tuple | None = None  # the (low, high) that buffers.canny_thresholds holds
+    step_inputs: tuple | None = None  # the (control scale rows' bytes, guidance) the buffers hold
 
 
 def tensor_sizes(request: GenerationRequest) -> tuple:
     """What the stages' tensor shapes, and so a size's graphs, depend on: (num_samples, height,
     width, tokens). Not the step count: the loop replays one step's graph per step."""
-    return (request.num_samples, *request.edges.shape, request.cond_tokens.shape[1])
+    return (request.num_samples, *request.work_image.shape[:2], request.cond_tokens.shape[1])
 
 
 def copy_into(destination, source) -> None:
@@ -189,7 +196,7 @@ class FastTorchBackend:
                  vae_group_norm: bool = True, pad_output_channels: bool = True, fp8_patch_products: bool = True,
                  fused_geglu: bool = True, scores_kernel: bool = True, capture_loop: bool = True,
                  vae_conv_bias_in_norm: bool = True, conv_kernel: bool = True, conv_adds_skip: bool = True,
-                 share_first_layers: bool = True):
+                 share_first_layers: bool = True, canny_on_gpu: bool = True):
         """`networks`: the networks, or a function that loads them (called when the first size
         needs them, or before any programs load; prepared programs take the stage modules
         as inputs too).
@@ -268,7 +275,10 @@ class FastTorchBackend:
         `share_first_layers`: the ControlNet and the UNet take the step's latents once (N rows), and
         their layers before the first cross-attention run once for both guidance branches, which
         they compute alike (networks.both_branches); off, they take [x, x] (2N rows) from the first
-        layer on; off only to measure what it buys."""
+        layer on; off only to measure what it buys.
+        `canny_on_gpu`: the canny map made in the hint part from the work image, bit for bit as
+        cv2.Canny makes it (sdcanny/gpu_canny.py), where the GPU and NVRTC take its kernels
+        and the image fits it; else on the host, before the call reaches the GPU."""
         if compile not in (None, *self.COMPILE_MODES):
             raise ValueError(f"compile must be None or one of {', '.join(self.COMPILE_MODES)}, got {compile!r}")
         self.device = torch.device(device)
@@ -305,6 +315,7 @@ class FastTorchBackend:
         self.conv_kernel = self._kernel_usable(conv_kernel, fused_conv.unavailable_reason)
         self.conv_adds_skip = conv_adds_skip and self.conv_kernel
         self.share_first_layers = share_first_layers
+        self.canny_on_gpu = self._kernel_usable(canny_on_gpu, gpu_canny.unavailable_reason)
         self.fp8_patch_products = self._kernel_usable(
             fp8_patch_products and self.fused_group_norm and norm_patches and patch_product_rows > 0,
             fp8.unavailable_reason)
@@ -511,6 +522,8 @@ class FastTorchBackend:
             copy_into((b.control_context, b.unet_context), outputs)
 
     def _hint(self, fns: dict, b: Buffers) -> None:
+        if b.image is not None:  # the canny map made here (canny_on_gpu), into every sample's row
+            gpu_canny.canny_into(b.edges, b.image, b.canny_thresholds)
         features = fns["hint"](b.edges)
         if b.hint_features is None:
             b.hint_features = features
@@ -581,7 +594,7 @@ class FastTorchBackend:
         def loop():
             # the loop's own inputs, made while the GPU runs the hint (and text) part
             self._draw_noise(run.buffers, request)
-            self._copy_step_inputs(run.buffers, request)
+            self._copy_step_inputs(run, request)
             self._run_loop(run, parts["step"], request.has_step_noise)
 
         return [encode, loop, parts["decode"]]
@@ -629,9 +642,12 @@ class FastTorchBackend:
     # -- buffers, capture, replay -------------------------------------------------------------
 
     def _new_buffers(self, request: GenerationRequest) -> Buffers:
-        n, (h, w) = request.num_samples, request.edges.shape
+        n, (h, w) = request.num_samples, request.work_image.shape[:2]
         dev, f32 = self.device, torch.float32
+        canny_here = self.canny_on_gpu and gpu_canny.kernel_fits(h, w)
         return Buffers(
+            image=torch.zeros(h, w, 3, dtype=torch.uint8, device=dev) if canny_here else None,
+            canny_thresholds=torch.zeros(2, dtype=torch.int32, device=dev) if canny_here else None,
             tokens=torch.zeros(2 * n, request.cond_tokens.shape[1], dtype=torch.long, device=dev),
             edges=torch.zeros(n, 1, h, w, dtype=torch.uint8, device=dev),
             control_scales=torch.zeros(2 * n, len(request.control_scales), dtype=f32, device=dev),
@@ -685,16 +701,36 @@ class FastTorchBackend:
     # non_blocking: from pageable memory the driver stages the bytes before the call returns, and the
     # copy does not wait for the work queued ahead of it (the hint part, for the step inputs).
 
-    def _copy_edges(self, b: Buffers, request: GenerationRequest) -> None:
-        """The canny map, one row per sample: what the hint part reads, so it goes up first."""
-        edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
-        b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
+    def _copy_canny_input(self, run: Run, request: GenerationRequest) -> None:
+        """What the hint part reads, so it goes up first: where the canny map is made on the GPU
+        (b.image), the work image through the size's pinned buffer (the call before has waited for
+        its copy) and the thresholds where the buffer holds others; else the map, made here, one
+        row per sample."""
+        b = run.buffers
+        if b.image is None:
+            edges = np.repeat(request.edges[None, None], request.num_samples, axis=0)
+            b.edges.copy_(torch.from_numpy(edges), non_blocking=True)
+            return
+        if b.host_image is None:
+            b.host_image = torch.empty(b.image.shape, dtype=torch.uint8, pin_memory=True)
+        np.copyto(b.host_image.numpy(), request.work_image)
+        b.image.copy_(b.host_image, non_blocking=True)
+        thresholds = gpu_canny.thresholds(*request.canny_thresholds)
+        if run.canny_thresholds != thresholds:
+            b.canny_thresholds.copy_(torch.from_numpy(np.array(thresholds, dtype=np.int32)), non_blocking=True)
+            run.canny_thresholds = thresholds
 
-    def _copy_step_inputs(self, b: Buffers, request: GenerationRequest) -> None:
-        """The control scales and the guidance scale, which only the steps read."""
+    def _copy_step_inputs(self, run: Run, request: GenerationRequest) -> None:
+        """The control scales and the guidance scale, which only the steps read, where the buffers
+        hold others."""
         rows = request.control_scale_rows()  # [cond, uncond] -> N cond rows, then N uncond rows
+        held = (rows.tobytes(), request.guidance_scale)
+        if run.step_inputs == held:
+            return
+        b = run.buffers
         b.control_scales.copy_(torch.from_numpy(np.repeat(rows, request.num_samples, axis=0)), non_blocking=True)
         b.guidance.fill_(request.guidance_scale)
+        run.step_inputs = held
 
     def _outputs_to_host(self, b: Buffers) -> tuple[np.ndarray, bool]:
         """The images (a copy the caller owns) and whether the latents are all finite, after one wait
@@ -771,7 +807,7 @@ class FastTorchBackend:
     def _run_request(self, run: Run, request: GenerationRequest) -> None:
         b = run.buffers
         self._fit_step_buffers(run, request)
-        self._copy_edges(b, request)
+        self._copy_canny_input(run, request)
         with self._conv_algorithms(run):  # for the parts that run uncaptured; graphs hold their choice
             self._run_stages(self._stage_calls(run, request))
 

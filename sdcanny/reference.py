@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import Networks
 from .ddim import ddim_step
-from .pipeline import GenerationRequest
+from .pipeline import GenerationRequest, seed_everything
 
 
 def to_uint8_hwc(images: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,7 @@ class ReferenceBackend:
 
     def generate(self, request: GenerationRequest) -> np.ndarray:
         dev, nets, sched = self.device, self.nets, request.schedule
+        seed_everything(request.seed)  # as the original, after its canny map and before its first draw
         x = torch.randn(request.latent_shape, device=dev)
         cond = nets.clip(request.cond_tokens.to(dev))
         uncond = nets.clip(request.uncond_tokens.to(dev))

@@ -1,7 +1,7 @@
 """The `trt` back-end: the sampler of sdcanny/reference.py with the networks run by TensorRT engines.
 
 Per request, on one CUDA stream:
-  1. x = torch.randn(latent_shape) on the GPU, first thing (the caller has just seeded);
+  1. every generator seeded with the request's seed, then x = torch.randn(latent_shape) on the GPU;
   2. the CLIP engine once per image on its [cond, uncond] tokens (a batch of 2);
   3. for each DDIM step, for each image: the union engine (ControlNet + UNet) on [x_i, x_i] with
      control scales [scales, zeros in guess mode else scales], guidance on the GPU; then one
@@ -231,7 +231,7 @@ class TrtBackend:
     def generate(self, request: GenerationRequest) -> np.ndarray:
         height, width = request.hint.shape[2:]
         with self._on_device(), torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-            x, step_noise = draw_noise(request, self.device)  # first thing: the caller has just seeded
+            x, step_noise = draw_noise(request, self.device)  # seeds, then draws: before any other draw
             union, vae = self.engines_for(height, width)
             contexts = encode_prompts(self.clip, request, self.stream_handle)
             self.last_latents = self.run_loop(request, x, step_noise, contexts, union)

@@ -5,24 +5,12 @@ compilation where an NVRTC library is found; the kernel against float64, in a CU
 ResBlock, on a Hopper GPU."""
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sdcanny import compat, conv3x3, cuda_kernels, fused_conv
 from sdcanny.networks import ResBlock
-
-
-def nvrtc_version() -> tuple[int, int] | None:
-    try:
-        lib = cuda_kernels.nvrtc()
-    except cuda_kernels.CudaKernelError:
-        return None
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return major.value, minor.value
 
 
 def channels_last(*shape, device="cpu", scale=1.0, seed=0):
@@ -152,7 +140,8 @@ def test_off_the_gpu_the_op_adds_the_residual_after_the_convolution():
     assert torch.equal(got, torch.nn.functional.conv2d(x, weight, bias, padding=1) + residual)
 
 
-@pytest.mark.skipif((nvrtc_version() or (0, 0)) < (12, 0), reason="needs NVRTC 12+ (sm_90a), found none here")
+@pytest.mark.skipif((cuda_kernels.nvrtc_version() or (0, 0)) < (12, 0),
+                    reason="needs NVRTC 12+ (sm_90a), found none here")
 def test_the_kernel_source_compiles_for_hopper():
     launch = conv3x3.LAUNCH
     options = cuda_kernels.compile_options({"CHUNK": launch.chunk, "STAGES": launch.stages, "TH": launch.rows},

@@ -115,6 +115,29 @@ STAGE_PARTS = ("text", "hint", "step", "decode")
 
 
 @needs_cuda
+def test_gpu_canny_map_gives_the_host_maps_images(tiny_checkpoint):
+    """The canny map made in the hint part (canny_on_gpu) against the host's cv2.Canny: the same
+    latents and images bit for bit, uncaptured, captured, and captured with other thresholds (read
+    from their buffer by the graph); the host never makes the map on that path."""
+    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=2, image_resolution=64, ddim_steps=4,
+                guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.0, low_threshold=100, high_threshold=200)
+    pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cuda", compile=None,
+                                          canny_on_gpu=on_gpu), TINY) for on_gpu in (True, False)]
+    if not pipes[0].backend.canny_on_gpu:
+        pytest.skip(f"the canny map's kernel is not available here: {pipes[0].backend.notes}")
+    for thresholds in ((100, 200), (100, 200), (60.5, 150)):
+        call = {**args, "low_threshold": thresholds[0], "high_threshold": thresholds[1]}
+        with torch.no_grad():  # as process() runs it
+            request = pipes[0].request(photo(), *call.values())
+            on_gpu = pipes[0].backend.generate(request)
+        assert "edges" not in request.__dict__  # not made on the host
+        on_host = pipes[1].process(photo(), **call)
+        torch.testing.assert_close(pipes[0].backend.last_latents, pipes[1].backend.last_latents, rtol=0, atol=0)
+        assert all(np.array_equal(a, b) for a, b in zip(on_gpu, on_host)), thresholds
+    assert "hint" in next(iter(pipes[0].backend.runs.values())).graphs
+
+
+@needs_cuda
 def test_gpu_the_first_size_replays_its_whole_loop_until_its_step_count_changes(tiny_checkpoint):
     """The first size captures its whole loop at its second call and replays it at the third; a call
     with step noise (captured without) runs step by step beside it; another step count releases it,
@@ -162,6 +185,27 @@ def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
         want = pipe().process(photo(), prompt=prompt, **args)
         assert all(np.array_equal(a, b) for a, b in zip(got, want)), prompt
     assert len(text_calls) == 2 and not torch.equal(text_calls[0], text_calls[1])
+
+
+def test_the_step_inputs_follow_the_scales_from_call_to_call(tiny_checkpoint):
+    """The control and guidance scales go up only where the buffers hold others: at one size, calls
+    with other strengths, guess mode and guidance, and back, each equal a fresh back-end's result."""
+    args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=4,
+                seed=5, eta=0.0, low_threshold=100, high_threshold=200)
+
+    def pipe():
+        return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                            compile=None), TINY)
+
+    kept = pipe()
+    calls = [dict(guess_mode=False, strength=1.0, scale=9.0), dict(guess_mode=False, strength=0.5, scale=9.0),
+             dict(guess_mode=True, strength=0.5, scale=9.0), dict(guess_mode=True, strength=0.5, scale=4.0),
+             dict(guess_mode=False, strength=1.0, scale=9.0)]
+    for call in calls:
+        got = kept.process(photo(), **args, **call)
+        want = pipe().process(photo(), **args, **call)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), call
+    assert len(kept.backend.runs) == 1
 
 
 def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):

@@ -183,19 +183,24 @@ def test_the_hint_path_is_the_originals_and_visible_in_the_output(tiny, photo):
     control = torch.from_numpy(np.stack([detected] * 3, axis=-1).copy()).float() / 255.0
     expected = torch.stack([control] * 2).permute(0, 3, 1, 2).contiguous()  # einsum('b h w c -> b c h w')
     request = pipeline.request(*args)
+    assert "edges" not in request.__dict__  # the map is made at first use (the torch back-end may make it on the GPU)
     assert np.array_equal(request.edges, detected) and set(np.unique(detected)) == {0, 255}
     assert torch.equal(request.hint, expected)
     base = backend.generate(request)
 
-    def with_edges(edges):
+    def from_work_image(image):  # the canny map is made of the request's work image
         import dataclasses
-        return backend.generate(dataclasses.replace(pipeline.request(*args), edges=np.ascontiguousarray(edges)))
+        changed = dataclasses.replace(pipeline.request(*args), work_image=np.ascontiguousarray(image))
+        return changed.edges, backend.generate(changed)
 
     from sdcanny.metrics import psnr
-    assert np.array_equal(with_edges(detected.copy()), base)  # same edges, same seed (re-seeded): same image
-    for name, wrong in (("ignored", np.zeros_like(detected)), ("flipped", detected[:, ::-1]),
-                        ("upside down", detected[::-1])):
-        assert psnr(with_edges(wrong)[0], base[0]) < 25, name
+    work = request.work_image
+    edges, same = from_work_image(work.copy())
+    assert np.array_equal(edges, detected) and np.array_equal(same, base)  # same seed (re-seeded): same image
+    for name, image in (("ignored", np.full_like(work, 128)), ("flipped", work[:, ::-1]), ("upside down", work[::-1])):
+        edges, changed = from_work_image(image)
+        assert not np.array_equal(edges, detected), name
+        assert psnr(changed[0], base[0]) < 25, name
 
 
 def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(tiny, photo):
@@ -216,17 +221,37 @@ def test_a_repeated_prompt_is_tokenized_once_and_its_tokens_are_a_fresh_tensor(t
     assert torch.equal(pipe.prompt_tokens(f"a cat, {A_PROMPT}", 1), tokenizer([f"a cat, {A_PROMPT}"]))
 
 
-def test_draw_noise_into_a_given_tensor_draws_the_same_numbers(tiny, photo):
-    """draw_noise with `out` (the fast back-end's latent buffer) fills that tensor with the numbers
-    the seeded generator gives without it, step noise included."""
+def test_draw_noise_seeds_from_the_request_and_fills_a_given_tensor_alike(tiny, photo):
+    """draw_noise seeds every generator with the request's seed first: what torch.manual_seed(seed)
+    then torch.randn give, step noise included, whatever the generators held before; with `out` (the
+    fast back-end's latent buffer) it fills that tensor with the same numbers."""
     from sdcanny.pipeline import draw_noise
     request = tiny.pipeline.request(photo, "a bird", "", "", 1, 64, 4, False, 1.0, 9.0, 7, 0.5, 100, 200)
+    assert request.seed == 7
     torch.manual_seed(7)
+    want_x = torch.randn(request.latent_shape)
+    drawn = [torch.randn(request.latent_shape) for _ in range(len(request.schedule))]  # noisiest step first
+    want_steps = drawn[::-1]  # kept by the schedule's index
+    torch.manual_seed(99)
     x, steps = draw_noise(request, "cpu")
+    assert torch.equal(x, want_x) and torch.equal(steps, torch.stack(want_steps))
     out = torch.empty(request.latent_shape)
-    torch.manual_seed(7)
     x2, steps2 = draw_noise(request, "cpu", out=out)
     assert x2 is out and torch.equal(out, x) and torch.equal(steps2, steps)
+
+
+def test_the_request_leaves_the_generators_alone_and_a_request_gives_one_image(tiny, photo):
+    """request() resolves the seed without seeding (the back-end seeds when it draws), so generating
+    from one request twice, with draws between, gives one image."""
+    pipe = tiny.pipeline
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    request = pipe.request(photo, "a bird", "", "", 1, 64, 4, False, 1.0, 9.0, 5, 0.0, 100, 200)
+    assert torch.equal(torch.rand(3), untouched)
+    first = pipe.backend.generate(request)
+    torch.rand(5)
+    np.testing.assert_array_equal(pipe.backend.generate(request), first)
 
 
 def generator_draws() -> tuple:
