@@ -50,9 +50,8 @@ def _replicated(x: torch.Tensor) -> torch.Tensor:
 
 def candidates(image: torch.Tensor, low, high) -> tuple[torch.Tensor, torch.Tensor]:
     """(candidates, strong), bool (H, W), of a uint8 (H, W, C) image for integer thresholds as
-    `thresholds` gives them (ints, or integer tensors of one value: a CUDA graph then reads them):
-    the pixels that pass non-maximum suppression and the low threshold, and those of them above the
-    high one."""
+    `thresholds` gives them: the pixels that pass non-maximum suppression and the low threshold,
+    and those of them above the high one."""
     x = _replicated(image.permute(2, 0, 1).to(torch.int32))
     across = x[:, :, 2:] - x[:, :, :-2]
     dx = across[:, :-2] + 2 * across[:, 1:-1] + across[:, 2:]
