@@ -10,6 +10,7 @@ results on the device: `griddepcontrol.wait`, compute capability 9.0+, a CUDA 12
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -100,6 +101,29 @@ def _check_driver(result: int, call: str) -> None:
         raise CudaKernelError(f"{call}: CUDA error {result} ({(text.value or b'?').decode()})")
 
 
+@functools.lru_cache(maxsize=None)
+def _uselocale():
+    """libc's uselocale (c_void_p in and out), or None where this libc has none."""
+    function = getattr(ctypes.CDLL(None), "uselocale", None)
+    if function is not None:
+        function.restype, function.argtypes = c_void_p, [c_void_p]
+    return function
+
+
+@contextlib.contextmanager
+def _thread_locale_kept():
+    """NVRTC 11 (11.7 measured) switches the calling thread to a locale of its own (uselocale) and
+    leaves it there: Python's default text encoding in that thread then reads ASCII, and opening a
+    UTF-8 file without an encoding fails. The thread's locale is put back after the block."""
+    uselocale = _uselocale()
+    saved = uselocale(None) if uselocale is not None else None
+    try:
+        yield
+    finally:
+        if uselocale is not None:
+            uselocale(saved)
+
+
 def compile_cubin(source: str, name: str, options: list[str]) -> bytes:
     """NVRTC's machine code for `source` under `options` (which name the real architecture, as
     --gpu-architecture=sm_90); CudaKernelError with the compiler's log where it fails."""
@@ -109,7 +133,8 @@ def compile_cubin(source: str, name: str, options: list[str]) -> bytes:
                  "nvrtcCreateProgram")
     try:
         encoded = [o.encode() for o in options]
-        result = lib.nvrtcCompileProgram(program, len(encoded), (c_char_p * len(encoded))(*encoded))
+        with _thread_locale_kept():
+            result = lib.nvrtcCompileProgram(program, len(encoded), (c_char_p * len(encoded))(*encoded))
         if result != 0:
             size = c_size_t()
             lib.nvrtcGetProgramLogSize(program, byref(size))

@@ -168,6 +168,18 @@ def test_the_kernels_source_compiles(capability, since):
     assert cuda_kernels.compile_cubin(source, gpu_canny.SOURCE, options)[:4] == b"\x7fELF"
 
 
+def test_compiling_leaves_the_threads_text_encoding_alone():
+    """NVRTC 11 leaves the calling thread in a locale of its own (Python's default encoding then
+    ASCII): compile_cubin puts the thread's locale back."""
+    if cuda_kernels.nvrtc_version() is None:
+        pytest.skip("needs an NVRTC library (NVRTC 11.7 in the docker leg's torch 2.0.1)")
+    import locale
+    before = locale.getpreferredencoding()
+    source = (cuda_kernels.SOURCE_DIR / gpu_canny.SOURCE).read_text()
+    cuda_kernels.compile_cubin(source, gpu_canny.SOURCE, cuda_kernels.compile_options({}, (7, 5)))
+    assert locale.getpreferredencoding() == before
+
+
 needs_kernel = pytest.mark.skipif(
     not torch.cuda.is_available() or gpu_canny.unavailable_reason(torch.device("cuda")) is not None,
     reason="needs a CUDA GPU and NVRTC (runs on the H100)")

@@ -334,7 +334,7 @@ def test_every_module_the_programs_compile_code_of_is_in_their_digest():
     package = os.path.dirname(programs.__file__)
     imported = set()
     for name in programs.SOURCE_FILES:
-        with open(os.path.join(package, name)) as f:
+        with open(os.path.join(package, name), encoding="utf-8") as f:
             text = f.read()
         imported |= {f"{m}.py" for m in re.findall(r"^\s*from \.(\w+) import", text, re.M)}
         for names in re.findall(r"^\s*from \. import ([\w, ]+)", text, re.M):
