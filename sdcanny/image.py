@@ -69,9 +69,14 @@ def canny(image: np.ndarray, low_threshold: int, high_threshold: int) -> np.ndar
     return cv2.Canny(image, low_threshold, high_threshold)
 
 
+def work_image(image: np.ndarray, resolution: int) -> np.ndarray:
+    """The original process()'s first step: the input, three channels, at the work size."""
+    return resize_image(hwc3(image), resolution)
+
+
 def work_image_and_edges(image: np.ndarray, resolution: int, low_threshold: float,
                          high_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """The original process()'s first steps: the input at the work size, and its Canny edges, one
-    channel of 0s and 255s (hwc3 of it is the original's three-channel map, the ControlNet's hint)."""
-    work = resize_image(hwc3(image), resolution)
+    """The input at the work size (work_image), and its Canny edges, one channel of 0s and 255s
+    (hwc3 of it is the original's three-channel map, the ControlNet's hint)."""
+    work = work_image(image, resolution)
     return work, canny(work, low_threshold, high_threshold)

@@ -24,6 +24,12 @@ def photo():
     return cv2.resize(photos.photo("coffee", stand_in_shape=(400, 600, 3)), (128, 64))
 
 
+def cpu_pipe(tiny_checkpoint) -> Canny2Image:
+    """The fast back-end on the CPU in fp32, eager: a fresh one for each call of this."""
+    return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
+                                        compile=None), TINY)
+
+
 def generate_both(tiny_checkpoint, fast_device="cpu", ref_device="cpu", backend_kw=None, **kw):
     args = dict(prompt="a cup", a_prompt="best quality", n_prompt="lowres", num_samples=1, image_resolution=64,
                 ddim_steps=5, guess_mode=False, strength=1.0, scale=9.0, seed=11, eta=0.0,
@@ -170,11 +176,7 @@ def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
     args = dict(a_prompt="", n_prompt="low", num_samples=1, image_resolution=64, ddim_steps=4, guess_mode=False,
                 strength=1.0, scale=9.0, seed=5, eta=0.0, low_threshold=100, high_threshold=200)
 
-    def pipe():
-        return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
-                                            compile=None), TINY)
-
-    kept = pipe()
+    kept = cpu_pipe(tiny_checkpoint)
     kept.process(photo(), prompt="a cup", **args)
     run = next(iter(kept.backend.runs.values()))
     text_calls = []
@@ -182,7 +184,7 @@ def test_a_repeated_prompt_pair_keeps_its_text_encoding(tiny_checkpoint):
     run.fns["text"] = lambda tokens: text_calls.append(tokens.clone()) or text(tokens)
     for prompt in ("a cup", "a jug", "a cup"):
         got = kept.process(photo(), prompt=prompt, **args)
-        want = pipe().process(photo(), prompt=prompt, **args)
+        want = cpu_pipe(tiny_checkpoint).process(photo(), prompt=prompt, **args)
         assert all(np.array_equal(a, b) for a, b in zip(got, want)), prompt
     assert len(text_calls) == 2 and not torch.equal(text_calls[0], text_calls[1])
 
@@ -193,17 +195,13 @@ def test_the_step_inputs_follow_the_scales_from_call_to_call(tiny_checkpoint):
     args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=4,
                 seed=5, eta=0.0, low_threshold=100, high_threshold=200)
 
-    def pipe():
-        return Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
-                                            compile=None), TINY)
-
-    kept = pipe()
+    kept = cpu_pipe(tiny_checkpoint)
     calls = [dict(guess_mode=False, strength=1.0, scale=9.0), dict(guess_mode=False, strength=0.5, scale=9.0),
              dict(guess_mode=True, strength=0.5, scale=9.0), dict(guess_mode=True, strength=0.5, scale=4.0),
              dict(guess_mode=False, strength=1.0, scale=9.0)]
     for call in calls:
         got = kept.process(photo(), **args, **call)
-        want = pipe().process(photo(), **args, **call)
+        want = cpu_pipe(tiny_checkpoint).process(photo(), **args, **call)
         assert all(np.array_equal(a, b) for a, b in zip(got, want)), call
     assert len(kept.backend.runs) == 1
 
@@ -213,8 +211,7 @@ def test_a_new_step_count_at_a_known_size_reuses_its_run(tiny_checkpoint):
     one run, and the 4-step result equals a fresh back-end's."""
     args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=6,
                 guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.3, low_threshold=100, high_threshold=200)
-    pipes = [Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
-                                          compile=None), TINY) for _ in range(2)]
+    pipes = [cpu_pipe(tiny_checkpoint) for _ in range(2)]
     pipes[0].process(photo(), **args)
     reused, fresh = [pipe.process(photo(), **{**args, "ddim_steps": 4}) for pipe in pipes]
     assert len(pipes[0].backend.runs) == 1 and len(pipes[0].backend.runs[next(iter(pipes[0].backend.runs))].buffers.steps) == 4
@@ -235,8 +232,7 @@ def test_the_decode_stage_says_whether_the_latents_are_finite(tiny_checkpoint):
     """The fast back-end's own finiteness check (the decode stage's flag): true after a normal call,
     and an overflowing guidance scale is refused by the front end through it, as the reference's
     latents are checked."""
-    pipe = Canny2Image(FastTorchBackend(load_networks(tiny_checkpoint, TINY), "cpu", dtype=torch.float32,
-                                        compile=None), TINY)
+    pipe = cpu_pipe(tiny_checkpoint)
     args = dict(prompt="a cup", a_prompt="", n_prompt="", num_samples=1, image_resolution=64, ddim_steps=4,
                 guess_mode=False, strength=1.0, scale=9.0, seed=5, eta=0.0, low_threshold=100, high_threshold=200)
     pipe.process(photo(), **args)
