@@ -42,6 +42,8 @@ class WorkSizeLimits:
 
 def _number(name: str, value, integer: bool = False) -> float:
     """A real, finite number (bool refused: True is not a step count); integers where asked."""
+    if type(value) is int or (type(value) is float and not integer and math.isfinite(value)):
+        return value  # the usual case, without the abstract classes' slower checks below
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):

@@ -3,10 +3,11 @@ both reached through ctypes: nothing to build ahead and no CUDA toolkit, only th
 that torch's CUDA builds bring (torch/lib or the nvidia-cuda-nvrtc wheel) and the driver.
 
 A kernel is a .cu file beside this module, written without CUDA headers, and a set of macros; each
-(file, macros, GPU architecture) is compiled once per process. Launches go on torch's current
-stream, so they are captured into CUDA graphs like torch's own kernels, optionally with
-programmatic dependent launch (the kernel starts while the one ahead finishes and waits for its
-results on the device: `griddepcontrol.wait`, compute capability 9.0+, a CUDA 12 driver).
+(file, macros, GPU architecture) is compiled once per process and loaded once per device. Launches
+go on torch's current stream, so they are captured into CUDA graphs like torch's own kernels,
+optionally with programmatic dependent launch (the kernel starts while the one ahead finishes and
+waits for its results on the device: `griddepcontrol.wait`, compute capability 9.0+, a CUDA 12
+driver).
 """
 from __future__ import annotations
 
@@ -205,18 +206,39 @@ def _function_attribute(function: c_void_p, attribute: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _cubin(source_file: str, macros: tuple[tuple[str, int], ...], capability: tuple[int, int],
+           arch_specific: bool) -> bytes:
+    """SOURCE_DIR/`source_file` compiled once per process for each (macros, architecture), however
+    many of its entry points are loaded (canny.cu has two)."""
+    source = (SOURCE_DIR / source_file).read_text(encoding="utf-8")
+    return compile_cubin(source, source_file, compile_options(dict(macros), capability, arch_specific))
+
+
+@functools.lru_cache(maxsize=None)
+def _module(cubin: bytes, device_index: int) -> int:
+    """The machine code loaded into the device's primary context (a CUmodule, loaded for the
+    process's life): a function of one context cannot be launched in another's."""
+    _make_current(device_index)
+    module = c_void_p()
+    _check_driver(driver().cuModuleLoadData(byref(module), cubin), "cuModuleLoadData")
+    return module.value
+
+
 def load_kernel(source_file: str, entry: str, macros: tuple[tuple[str, int], ...], capability: tuple[int, int],
                 threads: int, shared_bytes: int, arch_specific: bool = False) -> Kernel:
     """`entry` of SOURCE_DIR/`source_file` compiled with `macros` for `capability`, loaded into the
-    current context, its shared-memory limit raised to `shared_bytes` where that is past the
-    default. Cached per process (the module stays loaded for the process's life)."""
-    source = (SOURCE_DIR / source_file).read_text()
-    cubin = compile_cubin(source, source_file, compile_options(dict(macros), capability, arch_specific))
-    lib = driver()
-    _make_current(torch.cuda.current_device())
-    module, function = c_void_p(), c_void_p()
-    _check_driver(lib.cuModuleLoadData(byref(module), cubin), "cuModuleLoadData")
-    _check_driver(lib.cuModuleGetFunction(byref(function), module, entry.encode()), "cuModuleGetFunction")
+    current device's context, its shared-memory limit raised to `shared_bytes` where that is past
+    the default. Cached per process and device."""
+    return _kernel(source_file, entry, macros, capability, threads, shared_bytes, arch_specific,
+                   torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(source_file: str, entry: str, macros: tuple[tuple[str, int], ...], capability: tuple[int, int],
+            threads: int, shared_bytes: int, arch_specific: bool, device_index: int) -> Kernel:
+    module = _module(_cubin(source_file, macros, capability, arch_specific), device_index)
+    lib, function = driver(), c_void_p()
+    _check_driver(lib.cuModuleGetFunction(byref(function), c_void_p(module), entry.encode()), "cuModuleGetFunction")
     if shared_bytes > MAX_DEFAULT_SHARED:
         _check_driver(lib.cuFuncSetAttribute(function, FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED, shared_bytes),
                       "cuFuncSetAttribute")

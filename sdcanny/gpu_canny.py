@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import math
 
 import torch
@@ -97,8 +96,8 @@ def kernel_fits(height: int, width: int) -> bool:
     return 8 * height * words_per_row(width) <= MAX_SHARED
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels(capability: tuple[int, int]) -> tuple[cuda_kernels.Kernel, cuda_kernels.Kernel]:
+    """The two kernels for the current device (load_kernel caches them per device)."""
     rows, cols = CANDIDATE_TILE
     return (cuda_kernels.load_kernel(SOURCE, "canny_candidates", (), capability, rows * cols, 0),
             cuda_kernels.load_kernel(SOURCE, "canny_hysteresis", (), capability, HYSTERESIS_THREADS, MAX_SHARED))

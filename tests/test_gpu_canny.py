@@ -5,6 +5,8 @@ candidates kernel against the tensor form's masks, the map against cv2.Canny, in
 several samples' planes, and the kernels' refusals."""
 from __future__ import annotations
 
+import ctypes
+
 import cv2
 import numpy as np
 import pytest
@@ -246,3 +248,14 @@ def test_gpu_kernels_refuse_what_they_cannot_take():
         gpu_canny.hysteresis_into(torch.empty(8, 80, dtype=torch.uint8, device="cuda"), words, words)
     with pytest.raises(ValueError, match="uint8 \\(H, W, 3\\)"):
         gpu_canny.candidate_words(torch.zeros(8, 8, 1, dtype=torch.uint8, device="cuda"), gpu_thresholds(1, 2))
+
+
+@needs_kernel
+def test_gpu_kernels_of_one_file_share_one_module():
+    """canny.cu's two entry points come from one compile, loaded once (the driver's own answer)."""
+    modules = []
+    for kernel in gpu_canny._kernels(torch.cuda.get_device_capability()):
+        module = ctypes.c_void_p()
+        assert cuda_kernels.driver().cuFuncGetModule(ctypes.byref(module), ctypes.c_void_p(kernel.function)) == 0
+        modules.append(module.value)
+    assert modules[0] is not None and modules[0] == modules[1]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from photos import photo
-from sdcanny.image import canny, hwc3, resize_image, validate_image, work_image_and_edges
+from sdcanny.image import canny, hwc3, resize_image, validate_image, work_image_and_edges, work_size
 
 
 def bgr(rgb):
@@ -17,6 +17,21 @@ def test_resize_shapes_on_real_photos():
     assert resize_image(photo("astronaut"), 256).shape == (256, 256, 3)
     assert resize_image(photo("coffee"), 512).shape == (512, 768, 3)  # 400x600, enlarged
     assert resize_image(photo("rocket"), 100).shape == (128, 128, 3)  # 427x640 -> 100x149.9 -> 2x64, 2x64
+
+
+def test_work_size_rounds_as_the_originals_numpy_formula():
+    """Against resize_image's formula in the original (np.round: ties to even), over sizes whose
+    scaled sides land on halves (352 / 64 = 5.5 -> 6, 288 / 64 = 4.5 -> 4) and everywhere between."""
+    def original(h, w, resolution):
+        k = float(resolution) / min(h, w)
+        return int(np.round(h * k / 64.0)) * 64, int(np.round(w * k / 64.0)) * 64
+
+    assert work_size(352, 256, 256) == (384, 256) and work_size(288, 256, 256) == (256, 256)
+    for h in range(1, 1200, 7):
+        for w in (h, 96, 300, 451, 1013):
+            for resolution in (64, 100, 256, 512, 768):
+                assert work_size(h, w, resolution) == original(h, w, resolution), (h, w, resolution)
+    assert all(type(side) is int for side in work_size(300, 451, 256))
 
 
 def test_halving_with_area_interpolation_is_the_2x2_block_mean():
