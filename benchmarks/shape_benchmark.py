@@ -5,8 +5,8 @@ finds it (with the programs of `preprocess.sh` in engines/ when they are current
 
     python3 benchmarks/shape_benchmark.py --checkpoint /tmp/sd15.pth --out results/
 
-The input is a 3:2 photograph, so image_resolution r gives an r x 1.5r work image (256 -> the
-graded 256x384). Sizes run largest first, so a run cut short by --budget-s still has the worst
+The input is a 2:3 photograph, so image_resolution r gives an r x 1.5r work image (256 -> the
+graded 256x384), both sides rounded to multiples of 64 as the front end rounds them. Sizes run largest first, so a run cut short by --budget-s still has the worst
 first calls. Writes shapes.md and shapes.json to --out after every size.
 """
 from __future__ import annotations
@@ -25,15 +25,34 @@ sys.path.insert(0, str(ROOT))
 
 from canny2image_TRT import hackathon  # noqa: E402
 from gpu_benchmark import graded_photos  # noqa: E402
+from sdcanny.image import work_size  # noqa: E402
 from sdcanny.paths import DEFAULT_ENGINE_DIR, default_checkpoint  # noqa: E402
-from sdcanny.pipeline import GRADED_CALL  # noqa: E402
+from sdcanny.pipeline import GRADED_CALL, Canny2Image  # noqa: E402
 
 
-def timed_call(h, img, **call) -> float:
-    torch.cuda.synchronize()
+def timed_call(pipeline: Canny2Image, img, **call) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    h.process(img, **call)
+    pipeline.process(img, **call)
     return time.perf_counter() - start
+
+
+def measure_size(pipeline: Canny2Image, img: np.ndarray, call: dict, repeats: int) -> dict:
+    """One size's row (the size `call`'s image_resolution and num_samples make of `img`): its first
+    call, second call and steady state (median of `repeats`) on the torch back-end, the form it ran
+    in and what the back-end said during the first call."""
+    backend, resolution, samples = pipeline.backend, call["image_resolution"], call["num_samples"]
+    said = len(backend.notes)
+    first = timed_call(pipeline, img, **call)
+    run = next(reversed(backend.runs.values()))  # the size just used is the most recent
+    notes = backend.notes[said:]  # e.g. a kind of programs loaded for this size, inside its first call
+    second = timed_call(pipeline, img, **call)
+    steady = [timed_call(pipeline, img, **call) for _ in range(repeats)]
+    work = "x".join(map(str, work_size(*img.shape[:2], resolution)))
+    return {"resolution": resolution, "samples": samples, "work": work, "form": run.form, "first_s": first,
+            "second_s": second, "capture_s": run.capture_s, "steady_ms": float(np.median(steady)) * 1000,
+            "notes": notes}
 
 
 def table(meta: dict, rows: list[dict]) -> str:
@@ -82,7 +101,7 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "commit": args.commit, "command": " ".join(sys.argv), "initialize_s": h.initialize_seconds,
             "startup": backend.startup_summary()}
-    img = next(iter(graded_photos(1).values()))  # 576x384 (3:2)
+    img = next(iter(graded_photos(1).values()))  # 256x384 (2:3)
     sizes = [(int(r), int(n)) for r in args.resolutions.split(",") for n in args.samples.split(",")]
     sizes.sort(key=lambda rn: -rn[0] * rn[0] * rn[1])  # most work first
     rows = []
@@ -91,17 +110,10 @@ def main() -> None:
             print(f"budget reached: {len(sizes) - len(rows)} sizes not run", flush=True)
             break
         call = {**GRADED_CALL, "num_samples": samples, "image_resolution": resolution}
-        said = len(backend.notes)
-        first = timed_call(h, img, **call)
-        run = next(reversed(backend.runs.values()))  # the size just used is the most recent
-        notes = backend.notes[said:]  # e.g. a kind of programs loaded for this size, inside its first call
-        second = timed_call(h, img, **call)
-        steady = [timed_call(h, img, **call) for _ in range(args.repeats)]
-        rows.append({"resolution": resolution, "samples": samples, "work": "x".join(map(str, run.buffers.hint.shape[2:])),
-                     "form": run.form, "first_s": first, "second_s": second, "capture_s": run.capture_s,
-                     "steady_ms": float(np.median(steady)) * 1000, "notes": notes})
-        print(f"{resolution} x{samples}: first {first:.2f} s, second {second:.2f} s, steady {rows[-1]['steady_ms']:.1f} ms "
-              f"({run.form}){''.join('; ' + n for n in notes)}", flush=True)
+        row = measure_size(h.pipeline, img, call, args.repeats)
+        rows.append(row)
+        print(f"{resolution} x{samples}: first {row['first_s']:.2f} s, second {row['second_s']:.2f} s, steady "
+              f"{row['steady_ms']:.1f} ms ({row['form']}){''.join('; ' + n for n in row['notes'])}", flush=True)
         (args.out / "shapes.md").write_text(table(meta, rows))
         (args.out / "shapes.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table(meta, rows))
