@@ -184,7 +184,7 @@ def test_compiling_leaves_the_threads_text_encoding_alone():
 
 needs_kernel = pytest.mark.skipif(
     not torch.cuda.is_available() or gpu_canny.unavailable_reason(torch.device("cuda")) is not None,
-    reason="needs a CUDA GPU and NVRTC (runs on the H100)")
+    reason="needs a CUDA GPU and NVRTC (runs on the device machine: H100, H200)")
 
 
 def gpu_thresholds(low, high) -> torch.Tensor:
