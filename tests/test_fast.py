@@ -17,7 +17,8 @@ from sdcanny.pipeline import Canny2Image
 from sdcanny.reference import ReferenceBackend
 from sdcanny.stages import Stages, step_inputs
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine: H100, H200)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (runs on the device machine: H100, H200)")
 
 
 def photo():
