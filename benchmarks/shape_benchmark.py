@@ -6,8 +6,9 @@ finds it (with the programs of `preprocess.sh` in engines/ when they are current
     python3 benchmarks/shape_benchmark.py --checkpoint /tmp/sd15.pth --out results/
 
 The input is a 2:3 photograph, so image_resolution r gives an r x 1.5r work image (256 -> the
-graded 256x384), both sides rounded to multiples of 64 as the front end rounds them. Sizes run largest first, so a run cut short by --budget-s still has the worst
-first calls. Writes shapes.md and shapes.json to --out after every size.
+graded 256x384), both sides rounded to multiples of 64 as the front end rounds them. Sizes run
+largest first, so a run cut short by --budget-s still has the worst first calls. Writes shapes.md
+and shapes.json to --out after every size.
 """
 from __future__ import annotations
 
