@@ -10,7 +10,6 @@ The machine code is sm_90a (Hopper's wgmma), which runs on compute capability 9.
 from __future__ import annotations
 
 import ctypes
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +85,8 @@ def stage_layout(weight: torch.Tensor, chunk: int = LAUNCH.chunk) -> torch.Tenso
     return w.permute(0, 3, 2, 4, 1, 5).contiguous()
 
 
-@functools.lru_cache(maxsize=None)
 def kernel(capability: tuple[int, int], launch: Launch) -> cuda_kernels.Kernel:
+    """The kernel for the current device (load_kernel caches it per device)."""
     macros = (("CHUNK", launch.chunk), ("STAGES", launch.stages), ("TH", launch.rows))
     return cuda_kernels.load_kernel(SOURCE, ENTRY, macros, capability, launch.threads, launch.shared_bytes,
                                     arch_specific=True)
